@@ -1,0 +1,203 @@
+"""The ``dice`` command line: thin wrappers that load a config, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="dice-influence: data influence cascades in decentralized learning (DICE).\n\n"
+    "Sign convention: influence = loss with the data - loss without it; positive = harmful.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write their numbers to JSON.")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: config in, run dir out.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(experiment_app, name="experiment")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .topology import TopologyError
+
+    return (ConfigError, DataError, ModelError, TopologyError, FileNotFoundError)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's user-facing errors into one red message and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+SET_HELP = "Override a config value, e.g. --set train.lr=0.05 (repeatable)."
+
+
+@app.command()
+@friendly
+def train(
+    config: Path = typer.Argument(..., help="YAML run config."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory to write."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+) -> None:
+    """Train decentralized SGD and write a run directory (config, metrics, CSVs, checkpoints)."""
+    from .rundir import write_run_dir
+    from .simulator import train as run_train
+
+    cfg = _load(config, set_)
+    traj = run_train(cfg, progress=not quiet)
+    write_run_dir(traj, out)
+    if not quiet:
+        _print_nodes(traj)
+    console.print(f"run directory: [bold]{out}[/]")
+
+
+def _print_nodes(traj: Any, title: str | None = None) -> None:
+    final = traj.final_metrics
+    table = Table(title=title or f"round {traj.rounds_done}: per-node test accuracy")
+    table.add_column("node", justify="right")
+    table.add_column("test acc", justify="right")
+    table.add_column("test loss", justify="right")
+    for k, (a, lo) in enumerate(zip(final["acc"], final["loss"], strict=True)):
+        table.add_row(str(k), f"{a:.3f}", f"{lo:.3f}")
+    console.print(table)
+    console.print(
+        f"mean node accuracy [bold]{final['mean_acc']:.3f}[/], averaged model "
+        f"{final['avg_model_acc']:.3f}, consensus distance {final['consensus_distance']:.3g}"
+    )
+
+
+@app.command()
+@friendly
+def topology(
+    name: str = typer.Argument(..., help="ring, exponential, directed-ring, star, grid, torus, "
+                               "complete, erdos-renyi, random-regular, watts-strogatz, isolated"),
+    n: int = typer.Option(16, "-n", help="Number of nodes."),
+    weights: str = typer.Option("uniform", help="uniform or metropolis"),
+    seed: int = typer.Option(0, help="Seed for random graphs."),
+    p: float = typer.Option(None, help="Edge probability (erdos-renyi, watts-strogatz)."),
+    degree: int = typer.Option(None, help="Degree (random-regular)."),
+    k: int = typer.Option(None, help="Ring neighbours (watts-strogatz)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: Path = typer.Option(None, "--plot", help="Draw the graph to this PNG file."),
+) -> None:
+    """Print a mixing matrix's properties (W[k][j] = weight receiver k puts on sender j)."""
+    from . import topology as T
+
+    if n < 1:
+        raise T.TopologyError(f"-n must be >= 1, got {n}")
+    kw = {key: v for key, v in (("p", p), ("degree", degree), ("k", k)) if v is not None}
+    W = T.mixing_matrix(name, n, weights=weights, seed=seed, **kw)
+    info = T.describe(W)
+    if plot is not None:
+        T.plot_topology(W, plot, title=f"{name} (n={n})")
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    table = Table(title=f"{name}, n={n}, {weights} weights")
+    table.add_column("property")
+    table.add_column("value")
+    for key in ("spectral_gap", "symmetric", "doubly_stochastic", "strongly_connected",
+                "diameter"):
+        table.add_row(key, str(info[key]))
+    table.add_row("in-degree (min/max)", f"{min(info['in_degree'])}/{max(info['in_degree'])}")
+    ow = info["out_weight"]
+    table.add_row("out-weight (min/max)", f"{min(ow):.3f}/{max(ow):.3f}")
+    console.print(table)
+    if n <= 16:
+        console.print("W (rows = receivers, columns = senders):")
+        for row in info["W"]:
+            console.print("  " + " ".join(f"{v:5.3f}" if v else "  .  " for v in row))
+    if plot is not None:
+        console.print(f"graph drawn to [bold]{plot}[/]")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory to write."),
+    rounds: int = typer.Option(150, help="Training rounds."),
+) -> None:
+    """End to end on the embedded digits data: 16 nodes, exponential graph, MLP."""
+    from .config import load_config
+    from .rundir import write_run_dir
+    from .simulator import train as run_train
+
+    cfg = load_config({
+        "seed": 0,
+        "data": {"dataset": "digits", "partition": "iid"},
+        "topology": {"name": "exponential", "n": 16},
+        "model": {"name": "mlp", "hidden": [64, 32]},
+        "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 25},
+    })
+    console.rule("[bold]dice demo: decentralized SGD on digits")
+    traj = run_train(cfg, progress=True)
+    write_run_dir(traj, out / "train")
+    _print_nodes(traj)
+    console.print(f"run directory: [bold]{out / 'train'}[/]")
+
+
+@bench_app.command("train")
+@friendly
+def bench_train(
+    json_path: Path = typer.Option(Path("bench-train.json"), "--json", help="Output JSON file."),
+    nodes: str = typer.Option("4,16,64,256", help="Comma-separated node counts."),
+    rounds: int = typer.Option(20, help="Timed rounds per measurement."),
+    loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
+    data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
+) -> None:
+    """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
+    from .bench import bench_train as run
+
+    ns = [int(v) for v in nodes.split(",") if v.strip()]
+    res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
+              log=console.print)
+    table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
+    for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
+                "speed-up vs loop", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for r in res["results"]:
+        loop = r["loop_s_per_round"]
+        table.add_row(str(r["n"]), f"{r['vectorized_s_per_round']:.4f}",
+                      f"{r['floor_s_per_round']:.4f}", f"{r['ratio_to_floor']:.2f}",
+                      "-" if loop is None else f"{loop:.4f}",
+                      "-" if loop is None else f"{loop / r['vectorized_s_per_round']:.1f}x",
+                      f"{r['peak_rss_mb']:.0f}")
+    console.print(table)
+    console.print(f"wrote [bold]{json_path}[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,205 @@
+"""Model zoo and the functional view of a model used by the vectorized simulator.
+
+Every node's parameters are one row of a flat matrix ``theta`` of shape ``(n_nodes, d)``;
+:class:`FunctionalModel` maps a flat row back to named parameter views and evaluates the
+model with :func:`torch.func.functional_call`, so that per-node computations can be
+``vmap``-ed over nodes and differentiated with ``grad`` / ``jvp`` / ``vjp``.
+
+Models carry no buffers (the small ResNet uses GroupNorm, not BatchNorm), so one round of
+training is a pure function of the stacked parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+MODELS = ("logreg", "mlp", "cnn", "resnet")
+
+
+class ModelError(ValueError):
+    """A model name or shape that cannot be built."""
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; the paper's 3-layer MLP is ``hidden=(128, 64)``."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (128, 64)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_dim
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """The paper's 3-layer CNN: two conv+ReLU+max-pool blocks and a linear classifier."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (16, 32)):
+        super().__init__()
+        c, h, w = _image_shape(input_shape)
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(c2 * (h // 4) * (w // 4), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.GroupNorm(groups, cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.skip(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet (one basic block per stage) with GroupNorm, so it has no buffers."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 16, groups: int = 4):
+        super().__init__()
+        c, _, _ = _image_shape(input_shape)
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1, bias=False), nn.GroupNorm(groups, width), nn.ReLU()
+        )
+        self.stages = nn.Sequential(
+            _Block(width, width, 1, groups),
+            _Block(width, 2 * width, 2, groups),
+            _Block(2 * width, 4 * width, 2, groups),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ModelError(
+            f"this model needs image inputs of shape (C, H, W), got {tuple(input_shape)}; "
+            "use model 'mlp' or 'logreg' for flat features"
+        )
+    c, h, w = input_shape
+    return int(c), int(h), int(w)
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (128, 64),
+    channels: Sequence[int] = (16, 32),
+    width: int = 16,
+) -> nn.Module:
+    """Build a model by name (one of :data:`MODELS`)."""
+    in_dim = math.prod(input_shape)
+    if name == "logreg":
+        return MLP(in_dim, num_classes, hidden=())
+    if name == "mlp":
+        return MLP(in_dim, num_classes, hidden=hidden)
+    if name == "cnn":
+        return CNN(input_shape, num_classes, channels=channels)
+    if name == "resnet":
+        return ResNet(input_shape, num_classes, width=width)
+    raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+class FunctionalModel:
+    """A model seen as a function of one flat parameter vector.
+
+    ``loss(flat, x, y, w)`` is the batch loss ``sum_i w_i * CE(f(x_i), y_i) / B`` (``B`` = batch
+    size, so ``w = 1`` is the ordinary mean and zeroing ``w_i`` removes sample ``i`` while keeping
+    the denominator, SPEC §3).
+    """
+
+    def __init__(self, module: nn.Module):
+        if list(module.buffers()):
+            raise ModelError(
+                "models with buffers (e.g. BatchNorm running statistics) are not supported by the "
+                "functional core; use GroupNorm (as the built-in 'resnet' does)"
+            )
+        self.module = module
+        slots, offset = [], 0
+        for name, p in module.named_parameters():
+            slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
+            offset += p.numel()
+        self.slots: tuple[ParamSlot, ...] = tuple(slots)
+        self.dim = offset
+
+    def flat_init(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The module's current parameters as a flat vector of length ``dim``."""
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).to(dtype)
+
+    def init_params(
+        self, n_nodes: int, seed: int, *, same_init: bool = True, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Initial stacked parameters ``(n_nodes, dim)`` from the module's default initialiser."""
+        rows = []
+        for k in range(n_nodes if not same_init else 1):
+            torch.manual_seed(seed * 100_003 + k)
+            for m in self.module.modules():
+                if hasattr(m, "reset_parameters") and m is not self.module:
+                    m.reset_parameters()
+            rows.append(self.flat_init(dtype))
+        theta = torch.stack(rows)
+        return theta.expand(n_nodes, -1).clone() if same_init else theta
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots
+        }
+
+    def forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.unflatten(flat), (x,))
+
+    def per_sample_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.forward(flat, x), y, reduction="none")
+
+    def loss(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weighted batch loss ``sum_i w_i l_i / B`` (``w=None``: plain mean)."""
+        losses = self.per_sample_loss(flat, x, y)
+        if w is None:
+            return losses.mean()
+        return (losses * w).sum() / losses.shape[0]
