@@ -195,6 +195,30 @@ def bench_train(
     console.print(f"wrote [bold]{json_path}[/]")
 
 
+EXTENSIONS = (
+    "dice_influence.experiments.alignment",
+    "dice_influence.experiments.anomaly",
+    "dice_influence.distributed.cli",
+)
+
+
+def _register_extensions() -> None:
+    """Feature modules add their commands through ``register(app, experiment_app, bench_app)``."""
+    import importlib
+
+    for name in EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        mod.register(app, experiment_app, bench_app)
+
+
+_register_extensions()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
