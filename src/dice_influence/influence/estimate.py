@@ -179,9 +179,7 @@ def _tangent_chunk(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, 
         r = t + s - 1  # the round whose gossip brings the tangent to round t+s
         mix = p.mixer(r) if paths == "exact" else _off_diagonal(p, r)
         with torch.no_grad():
-            dtheta = mix(dtheta)
-            if dstate is not None:
-                dstate = p.mixer(r)(dstate) if paths == "exact" else torch.zeros_like(dstate)
+            dtheta = mix(dtheta)  # optimizer state is local: it is not gossiped
             theta, state = run_rounds(p, theta, state, r, r + 1)
             res[:, s, :] = _readout(p, theta, dtheta, readout, per_node_test)
         if s < hops:
