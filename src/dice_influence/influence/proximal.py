@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -30,3 +33,89 @@ def proximal_matrix(
     P = q.to(G.dtype)[:, None] * W * S
     mask = (W != 0) & ~torch.eye(n, dtype=torch.bool, device=G.device)
     return torch.where(mask, P, torch.zeros_like(P))
+
+
+READOUTS = ("pre", "post", "midpoint")
+
+
+def dot_matrix(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``S[k, j] = G_k · u_j`` (n, n) in float64; non-finite entries (a diverged sender or
+    receiver) become ``+inf``: a malformed update is treated as maximally harmful."""
+    S = (G @ U.T).to(torch.float64)
+    return torch.where(torch.isfinite(S), S, torch.full_like(S, math.inf))
+
+
+class ProximalTracker:
+    """Online proximal influence on every edge (receiver ``k`` ← sender ``j``), SPEC §5.
+
+    Each recorded round adds ``q_k W^t[k, j] G_kᵀ u_j^t`` where ``G_k`` is receiver ``k``'s
+    gradient on its own test split ``z'_k`` (read-out ``pre`` = ``∇L(θ_k^t)``, ``post`` =
+    ``∇L(θ_k^{t+1})`` as in the paper's Def. 4, or their ``midpoint``). Sign: positive = ``j``'s
+    update raised ``k``'s test loss (harmful). Units: loss (per-sample mean cross-entropy).
+
+    Two sums are kept, both (n, n) float64:
+
+    - ``cum``: the proximal influence proper, with the weight ``W^t`` actually used (0 after
+      ``k`` pruned ``j``);
+    - ``score``: the same with the *nominal* weight of the unpruned schedule, so a pruned
+      neighbour (whose messages ``k`` still receives but puts weight 0 on) keeps being scored,
+      which is what re-admission needs.
+
+    ``window`` keeps the last ``window`` recorded rounds of ``score`` increments
+    (``window_score``); ``history`` optionally keeps every recorded round's increments.
+    ``seen[k, j]`` marks pairs that were ever in-neighbours (the edges).
+    """
+
+    def __init__(self, n: int, q: torch.Tensor | None = None, *, readout: str = "pre",
+                 window: int = 10, history: bool = True) -> None:
+        if readout not in READOUTS:
+            raise ValueError(f"readout {readout!r}: choose one of {', '.join(READOUTS)}")
+        self.n = n
+        self.readout = readout
+        self.q = (torch.full((n,), 1.0 / n, dtype=torch.float64) if q is None
+                  else q.to(torch.float64).cpu())
+        self.window = max(1, int(window))
+        self.keep_history = history
+        self.cum = torch.zeros(n, n, dtype=torch.float64)
+        self.score = torch.zeros(n, n, dtype=torch.float64)
+        self._ring = torch.zeros(self.window, n, n, dtype=torch.float64)
+        self.seen = torch.zeros(n, n, dtype=torch.bool)
+        self.rounds: list[int] = []
+        self.history_score: list[torch.Tensor] = []  # per recorded round, (n, n) float32
+        self.history_actual: list[torch.Tensor] = []
+
+    @property
+    def window_score(self) -> torch.Tensor:
+        """Sum of the last ``window`` recorded rounds of nominal-weight increments (n, n)."""
+        return self._ring.sum(0)
+
+    def record(self, t: int, G: torch.Tensor, U: torch.Tensor, W_actual: torch.Tensor,
+               W_nominal: torch.Tensor | None = None) -> torch.Tensor:
+        """Add round ``t``: read-out gradients ``G`` (n, d), sent updates ``U`` (n, d), weights
+        used ``W_actual`` and nominal weights ``W_nominal`` (n, n; default = actual). Returns
+        the round's nominal-weight increments (n, n)."""
+        Wa = torch.as_tensor(W_actual, dtype=torch.float64).cpu()
+        Wn = Wa if W_nominal is None else torch.as_tensor(W_nominal, dtype=torch.float64).cpu()
+        S = dot_matrix(G, U).cpu()
+        eye = torch.eye(self.n, dtype=torch.bool)
+        qk = self.q[:, None]
+        edges_n = (Wn != 0) & ~eye
+        edges_a = (Wa != 0) & ~eye
+        inc_n = torch.where(edges_n, qk * Wn * S, torch.zeros_like(S))
+        inc_a = torch.where(edges_a, qk * Wa * S, torch.zeros_like(S))
+        self.seen |= edges_n
+        self.cum += inc_a
+        self.score += inc_n
+        self._ring[len(self.rounds) % self.window] = inc_n
+        self.rounds.append(int(t))
+        if self.keep_history:
+            self.history_score.append(inc_n.to(torch.float32))
+            self.history_actual.append(inc_a.to(torch.float32))
+        return inc_n
+
+    def history(self, which: str = "score") -> np.ndarray:
+        """Per-round increments as an array (rounds, n, n); ``which`` = score | actual."""
+        h = self.history_score if which == "score" else self.history_actual
+        if not h:
+            return np.zeros((0, self.n, self.n), dtype=np.float32)
+        return torch.stack(h).numpy()

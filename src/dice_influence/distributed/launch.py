@@ -1,0 +1,202 @@
+"""``dice launch``: start N local peers (loopback only) and gather what they wrote.
+
+Every peer is its own process (``python -m dice_influence.distributed``) with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, a fresh ``file://`` rendezvous, ``GLOO_SOCKET_IFNAME=lo`` and
+``MASTER_ADDR=127.0.0.1``. When a peer fails its neighbours stop within the configured timeout;
+the launcher then gives the others a grace period and kills whatever is left, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._util import atomic_write_text, write_json
+from ..config import ConfigError, RunConfig, dump_config, load_config
+from .settings import distributed_settings
+
+
+@dataclass
+class LaunchResult:
+    """What the peers left: per-peer metrics, stacked final ``theta`` (n, d) when every peer
+    finished, the proximal-influence matrix ``P`` (n, n) (row k = receiver k; positive =
+    harmful), exit codes and the failure messages."""
+
+    out: Path
+    n: int
+    returncodes: list[int | None]
+    metrics: list[dict[str, Any] | None]
+    P: np.ndarray | None
+    theta: Any = None
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(rc == 0 for rc in self.returncodes)
+
+
+def common_checkpoint(out: str | Path, n: int) -> int | None:
+    """Largest round for which every peer in ``out`` has a checkpoint (None if there is none)."""
+    sets = []
+    for k in range(n):
+        d = Path(out) / f"peer-{k}" / "checkpoints"
+        sets.append({int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors")}
+                    if d.is_dir() else set())
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def _clear_outputs(out: Path, n: int) -> None:
+    """Remove a previous run's results (not its checkpoints) so nothing stale is collected."""
+    for name in ("final.safetensors", "summary.json", "proximal.csv"):
+        (out / name).unlink(missing_ok=True)
+    for k in range(n):
+        for name in ("metrics.json", "proximal.json", "proximal.csv", "params.safetensors"):
+            (out / f"peer-{k}" / name).unlink(missing_ok=True)
+
+
+def _peer_env(rank: int, n: int, init: str) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", DICE_INIT_METHOD=init,
+               GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def launch(config: str | Path | RunConfig, peers: int, out: str | Path = "runs/p2p", *,
+           overrides: list[str] | None = None, resume: bool = False,
+           wall_timeout: float | None = None, grace: float | None = None,
+           quiet: bool = True) -> LaunchResult:
+    """Run ``peers`` local peers of ``config`` and collect their outputs under ``out``.
+
+    ``resume``: continue from the latest round every peer has a checkpoint of.
+    ``wall_timeout``: kill everything after this many seconds (default: none)."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
+    if isinstance(config, RunConfig) and overrides:
+        cfg = load_config(cfg.model_dump(mode="json"), overrides)
+    if peers != cfg.topology.n:
+        raise ConfigError(f"--peers {peers} but topology.n={cfg.topology.n}; one peer per node "
+                          f"(or pass --set topology.n={peers})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        r = common_checkpoint(out, peers)
+        if r is None:
+            raise ConfigError(f"--resume: no round that every peer has a checkpoint of in {out}")
+        raw = cfg.model_dump(mode="json")
+        raw["experiment"].setdefault("distributed", {}).update(resume=True, resume_round=r)
+        cfg = load_config(raw)
+    s = distributed_settings(cfg)
+    _clear_outputs(out, peers)
+    cfg_path = out / "config.yaml"
+    atomic_write_text(cfg_path, dump_config(cfg))
+    grace = grace if grace is not None else 2 * s.timeout_s + 10
+    rdv = tempfile.mkdtemp(prefix="dice-rdv-")
+    init = f"file://{rdv}/rendezvous"
+    procs: list[subprocess.Popen] = []
+    logs = []
+    t0 = time.perf_counter()
+    try:
+        for k in range(peers):
+            log = open(out / f"peer-{k}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "dice_influence.distributed", str(cfg_path),
+                 "--out", str(out)],
+                env=_peer_env(k, peers, init), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL))
+        first_fail: float | None = None
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            now = time.perf_counter()
+            if first_fail is None and any(c not in (None, 0) for c in codes):
+                first_fail = now
+            if (first_fail is not None and now - first_fail > grace) or (
+                    wall_timeout is not None and now - t0 > wall_timeout):
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:  # anything still running is stalled or orphaned: kill it
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in logs:
+            log.close()
+        for f in Path(rdv).glob("*"):
+            f.unlink(missing_ok=True)
+        os.rmdir(rdv)
+    return collect(out, peers, [p.returncode for p in procs], time.perf_counter() - t0)
+
+
+def collect(out: str | Path, n: int, returncodes: list[int | None] | None = None,
+            seconds: float = 0.0) -> LaunchResult:
+    """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv`` and (when all
+    finished) ``final.safetensors`` with the stacked parameters."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    metrics: list[dict[str, Any] | None] = []
+    rows: list[list[float] | None] = []
+    thetas = []
+    errors = []
+    for k in range(n):
+        d = out / f"peer-{k}"
+        m = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else None
+        metrics.append(m)
+        prox = d / "proximal.json"
+        rows.append(json.loads(prox.read_text())["row"] if prox.is_file() else None)
+        if m is not None and m["status"] == "ok":
+            thetas.append(load_file(str(d / "params.safetensors"))["theta"])
+        if m is None:
+            log = out / f"peer-{k}.log"
+            tail = log.read_text()[-400:].strip() if log.is_file() else ""
+            errors.append(f"peer {k}: no metrics written (killed or crashed) {tail}".strip())
+        elif m["error"] is not None:
+            errors.append(f"peer {k} stopped: {m['error']['message']}")
+    P = np.array(rows) if all(r is not None for r in rows) else None
+    theta = torch.stack(thetas) if len(thetas) == n else None
+    codes = returncodes if returncodes is not None else [None] * n
+    if theta is not None:
+        tmp = out / ".final.safetensors.tmp"
+        save_file({"theta": theta.contiguous()}, str(tmp))
+        os.replace(tmp, out / "final.safetensors")
+    if P is not None:
+        atomic_write_text(out / "proximal.csv", "receiver," + ",".join(
+            f"from_{j}" for j in range(n)) + "\n" + "".join(
+            f"{k}," + ",".join(repr(float(v)) for v in row) + "\n" for k, row in enumerate(P)))
+    ok = [m for m in metrics if m is not None]
+    summary = {
+        "n": n, "seconds": seconds, "returncodes": codes, "errors": errors,
+        "sign": "P[k][j]: influence of sender j on receiver k; positive = harmful",
+        "status": ["missing" if m is None else m["status"] for m in metrics],
+        "rounds_done": [None if m is None else m["rounds_done"] for m in metrics],
+        "mean_final_acc": float(np.mean([m["final"]["acc"] for m in ok])) if ok else None,
+        "bytes_sent_per_peer_per_round": float(np.mean([m["bytes_sent_per_round"] for m in ok]))
+        if ok else None,
+        "events": [{"peer": m["peer"], **e} for m in ok for e in m["events"]],
+        "proximal": None if P is None else P.tolist(),
+    }
+    write_json(out / "summary.json", summary)
+    return LaunchResult(out=out, n=n, returncodes=list(codes), metrics=metrics, P=P,
+                        theta=theta, errors=errors, seconds=seconds)

@@ -1,0 +1,357 @@
+"""One peer of a real decentralized network: ATC-DSGD round by round over torch.distributed.
+
+Each round ``t`` peer ``k`` (SPEC §2, §5):
+
+1. takes the simulator's local step on its own batch: ``θ_k^{t+½} = θ_k^t + u_k^t``;
+2. sends ``[θ_k^{t+½}, u_k^t]`` to its out-neighbours of ``W^t`` and receives the same from its
+   in-neighbours (point-to-point only; ``W^t`` is recomputed locally from the shared seed);
+3. mixes with its row of ``W^t``: ``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (row renormalised
+   over the neighbours it still uses);
+4. adds each in-neighbour's proximal influence ``P[k, j] += q_k W^t[k, j] G_k · u_j^t`` with
+   ``G_k = ∇L(θ_k^t; z'_k)`` (read-out ``pre``) or ``∇L(θ_k^{t+1}; z'_k)`` (``post``).
+   Sign: positive = ``j``'s update raised ``k``'s test loss (harmful);
+5. with detection on, drops in-neighbours whose cumulative ``P[k, j]`` exceeds the threshold
+   after the warm-up, and tells every in-neighbour of this round (a control flag) whether it
+   was dropped, so that a dropped sender stops sending. No coordinator is involved.
+
+Outputs go to ``OUT/peer-<k>/``: ``params.safetensors``, ``proximal.json``/``proximal.csv``,
+``metrics.json`` (written also when the run fails, with the error naming peer and round) and
+``checkpoints/round-<t>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .._util import atomic_write_text, write_json
+from ..config import ConfigError, RunConfig, dump_config
+from ..gossip import loss_grads, node_grads
+from .local import LocalProblem, build_local
+from .settings import DistributedSettings, distributed_settings
+from .transport import FLAG_DROP, FLAG_KEEP, PeerFailure, Transport
+
+SIGN = "influence = loss with the data - loss without it; positive = harmful"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class PeerState:
+    """Everything a peer carries from round to round (and into a checkpoint)."""
+
+    t: int
+    theta: torch.Tensor  # (1, d)
+    opt_state: torch.Tensor | None
+    P: np.ndarray  # (n,) cumulative proximal influence of each sender on this peer
+    dropped_in: set[int] = field(default_factory=set)  # in-neighbours this peer dropped
+    dropped_by: set[int] = field(default_factory=set)  # out-neighbours that dropped this peer
+    events: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per-round proximal entries
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Peer:
+    """Peer ``rank`` of ``cfg``; call :meth:`run` inside an initialised process group."""
+
+    def __init__(self, cfg: RunConfig, rank: int, out: str | Path,
+                 settings: DistributedSettings | None = None,
+                 device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.s = settings or distributed_settings(cfg)
+        self.k = rank
+        self.out = Path(out) / f"peer-{rank}"
+        self.lp: LocalProblem = build_local(cfg, rank, test_set=self.s.test_set, device=device)
+        self.n = self.lp.n
+        self.q = 1.0 / self.n if self.s.q == "uniform" else 1.0
+        self.transport = Transport(rank, self.lp.d, self.lp.dtype, self.lp.device,
+                                   self.s.timeout_s, poll=self.lp.device.type == "cuda")
+        self.state: PeerState | None = None
+        self.seconds = 0.0
+        self.rounds_run = 0
+
+    # ------------------------------------------------------------------------------ the round
+
+    def _test_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        x, y = self.lp.test_x, self.lp.test_y
+        return loss_grads(self.lp.fm, theta, x, y)[1][0]
+
+    def neighbours(self, t: int, W: np.ndarray, st: PeerState) -> tuple[list[int], list[int]]:
+        """(in-neighbours this peer still uses, out-neighbours that still use it) at round t."""
+        k = self.k
+        ins = [j for j in np.flatnonzero(W[k] > 0).tolist() if j != k and j not in st.dropped_in]
+        outs = [j for j in np.flatnonzero(W[:, k] > 0).tolist()
+                if j != k and j not in st.dropped_by]
+        return ins, outs
+
+    def step(self, st: PeerState) -> None:
+        """Run round ``st.t`` and advance ``st`` to ``t + 1``."""
+        lp, k, t = self.lp, self.k, st.t
+        W = lp.W(t)
+        ins, outs = self.neighbours(t, W, st)
+        x, y = lp.batch(t)
+        with torch.no_grad():
+            with torch.enable_grad():
+                g = node_grads(lp.fm, st.theta, x, y)
+            u, new_opt = lp.opt.update(st.theta, st.opt_state, g, lp.lr(t))
+            half = st.theta + u
+            packet = self.transport.pack(t, half, u)
+        bufs, work = self.transport.exchange_packets(t, packet, outs, ins)
+        G = self._test_grad(st.theta) if self.s.readout == "pre" else None  # overlaps the wait
+        deadline = time.monotonic() + self.s.timeout_s
+        self.transport.wait(t, [w for w in work if w[1].startswith("receive")], deadline)
+        recv = {j: self.transport.unpack(bufs[j], j, t) for j in ins}
+        # mixing with this peer's row of W^t, in sender order (as W @ Θ in the simulator)
+        row = W[k]
+        lost = any(row[j] > 0 for j in st.dropped_in)
+        senders = sorted([k, *ins])
+        w = np.array([row[j] for j in senders], dtype=np.float64)
+        if lost:
+            w = w / w.sum() if w.sum() > 0 else np.array([1.0 if j == k else 0.0 for j in senders])
+        with torch.no_grad():
+            rows = torch.cat([half if j == k else recv[j][0] for j in senders])
+            wt = torch.as_tensor(w, dtype=lp.dtype, device=lp.device)
+            theta_new = (wt[None] @ rows)
+        if G is None:
+            G = self._test_grad(theta_new)
+        contrib: dict[int, float] = {}
+        for i, j in enumerate(senders):
+            if j != k:
+                val = self.q * float(wt[i]) * float(G @ recv[j][1][0])
+                contrib[j] = val
+                st.P[j] += val
+        self.transport.wait(t, [wk for wk in work if wk[1].startswith("send")], deadline)
+        if self.s.record_rounds:
+            st.rounds.append({"round": t, "influence": {str(j): v for j, v in contrib.items()}})
+        if self.s.detection.enabled:
+            self._detect_and_tell(t, st, ins, outs)
+        st.theta, st.opt_state, st.t = theta_new, new_opt, t + 1
+
+    def _detect_and_tell(self, t: int, st: PeerState, ins: list[int], outs: list[int]) -> None:
+        det = self.s.detection
+        flags = {}
+        for j in ins:
+            drop = t + 1 >= det.warmup and st.P[j] > det.threshold
+            flags[j] = FLAG_DROP if drop else FLAG_KEEP
+            if drop:
+                st.dropped_in.add(j)
+                st.events.append({"round": t, "event": "dropped", "peer": j,
+                                  "cumulative_influence": float(st.P[j])})
+        got = self.transport.exchange_control(t, flags, outs)
+        for j, flag in got.items():
+            if flag == FLAG_DROP:
+                st.dropped_by.add(j)
+                st.events.append({"round": t, "event": "dropped_by", "peer": j})
+
+    # ------------------------------------------------------------------------------ running
+
+    def initial_state(self) -> PeerState:
+        theta = self.lp.init_theta()
+        return PeerState(t=0, theta=theta, opt_state=self.lp.opt.init_state(theta),
+                         P=np.zeros(self.n))
+
+    def run(self) -> PeerState:
+        """Train ``cfg.train.rounds`` rounds (resuming from a checkpoint if asked). Outputs are
+        written at the end and, on a :class:`PeerFailure`, with what was measured so far."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+        st = self.initial_state()
+        if self.s.resume:
+            st = self.load_checkpoint(self.s.resume_round)
+        self.state = st
+        total = self.cfg.train.rounds
+        eval_every = self.cfg.train.eval_every
+        ck = self.s.checkpoint_every
+        fault = self.s.fault
+        if st.t == 0 and not st.history:
+            st.history.append({"round": 0, **self.lp.evaluate(st.theta)})
+        t0 = time.perf_counter()
+        try:
+            while st.t < total:
+                if fault is not None and fault.peer == self.k and fault.round == st.t:
+                    _inject(fault.kind)
+                self.step(st)
+                self.rounds_run += 1
+                if st.t % eval_every == 0 or st.t == total:
+                    st.history.append({"round": st.t, **self.lp.evaluate(st.theta)})
+                if ck is not None and st.t % ck == 0:
+                    self.save_checkpoint(st)
+        except PeerFailure as exc:
+            self.seconds = time.perf_counter() - t0
+            self.write_outputs(st, error=exc)
+            raise
+        self.seconds = time.perf_counter() - t0
+        self.write_outputs(st)
+        return st
+
+    # ------------------------------------------------------------------------------ files
+
+    def write_outputs(self, st: PeerState, error: PeerFailure | None = None) -> None:
+        """Write params, proximal row and metrics (atomically)."""
+        from safetensors.torch import save_file
+
+        tensors = {"theta": st.theta[0].contiguous().cpu()}
+        if st.opt_state is not None:
+            tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
+        tmp = self.out / ".params.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k)})
+        os.replace(tmp, self.out / "params.safetensors")
+        prox = {"sign": SIGN, "receiver": self.k, "readout": self.s.readout, "q": self.q,
+                "rounds_done": st.t, "row": st.P.tolist(),
+                "dropped": sorted(st.dropped_in), "dropped_by": sorted(st.dropped_by),
+                "per_round": st.rounds}
+        write_json(self.out / "proximal.json", prox)
+        atomic_write_text(self.out / "proximal.csv", "sender,receiver,influence\n" + "".join(
+            f"{j},{self.k},{v!r}\n" for j, v in enumerate(st.P.tolist()) if j != self.k))
+        tp = self.transport
+        rounds = max(self.rounds_run, 1)
+        metrics = {
+            "peer": self.k, "n": self.n, "d": self.lp.d,
+            "status": "ok" if error is None else "failed",
+            "error": None if error is None else {"peer": error.peer, "round": error.round,
+                                                 "reason": error.reason,
+                                                 "message": str(error)},
+            "rounds_done": st.t, "rounds_target": self.cfg.train.rounds,
+            "rounds_run": self.rounds_run, "seconds": self.seconds,
+            "rounds_per_s": self.rounds_run / self.seconds if self.seconds > 0 else None,
+            "bytes_sent": tp.bytes_sent, "bytes_received": tp.bytes_received,
+            "bytes_sent_per_round": tp.bytes_sent / rounds, "packet_bytes": tp.packet_bytes,
+            "events": st.events, "history": st.history,
+            "final": st.history[-1] if st.history else None,
+            "checkpoints": self.checkpoint_rounds(),
+        }
+        write_json(self.out / "metrics.json", metrics)
+
+    def checkpoint_rounds(self) -> list[int]:
+        d = self.out / "checkpoints"
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors"))
+
+    def save_checkpoint(self, st: PeerState) -> None:
+        """``checkpoints/round-<t>.safetensors``: θ, optimizer state, and (as metadata) the
+        proximal row, drops, events and history; keeps the last ``keep_checkpoints``."""
+        from safetensors.torch import save_file
+
+        d = self.out / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {"theta": st.theta[0].contiguous().cpu(),
+                   "P": torch.from_numpy(st.P.copy())}
+        if st.opt_state is not None:
+            tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
+        meta = {"round": str(st.t), "peer": str(self.k), "n": str(self.n),
+                "state": json.dumps({"dropped_in": sorted(st.dropped_in),
+                                     "dropped_by": sorted(st.dropped_by), "events": st.events,
+                                     "rounds": st.rounds, "history": st.history})}
+        tmp = d / f".round-{st.t}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, d / f"round-{st.t}.safetensors")
+        for old in self.checkpoint_rounds()[: -self.s.keep_checkpoints]:
+            (d / f"round-{old}.safetensors").unlink(missing_ok=True)
+
+    def load_checkpoint(self, rnd: int | None) -> PeerState:
+        """The state saved at round ``rnd`` (default: this peer's latest checkpoint)."""
+        from safetensors import safe_open
+
+        have = self.checkpoint_rounds()
+        if rnd is None:
+            if not have:
+                raise ConfigError(f"resume: peer {self.k} has no checkpoint in "
+                                  f"{self.out / 'checkpoints'}")
+            rnd = have[-1]
+        path = self.out / "checkpoints" / f"round-{rnd}.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"resume: peer {self.k} has no checkpoint of round {rnd} "
+                              f"(it has {have}); pick a round every peer has")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            theta = f.get_tensor("theta")
+            P = f.get_tensor("P").numpy().copy()
+            opt = f.get_tensor("opt_state") if "opt_state" in f.keys() else None  # noqa: SIM118
+        if int(meta["peer"]) != self.k or int(meta["n"]) != self.n or theta.numel() != self.lp.d:
+            raise ConfigError(f"resume: {path} belongs to another peer or another model")
+        extra = json.loads(meta["state"])
+        dev, dt = self.lp.device, self.lp.dtype
+        return PeerState(
+            t=int(meta["round"]), theta=theta.to(device=dev, dtype=dt)[None],
+            opt_state=None if opt is None else opt.to(device=dev, dtype=dt)[None], P=P,
+            dropped_in=set(extra["dropped_in"]), dropped_by=set(extra["dropped_by"]),
+            events=extra["events"], rounds=extra["rounds"], history=extra["history"])
+
+
+def _inject(kind: str) -> None:
+    if kind == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # stall: alive, connections open, no progress
+        time.sleep(3600)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def _guard_network(s: DistributedSettings, init_method: str) -> None:
+    """Keep traffic on loopback unless ``allow_network`` is set."""
+    if s.allow_network:
+        return
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if iface not in (None, "lo"):
+        raise ConfigError(
+            f"GLOO_SOCKET_IFNAME={iface!r} is not loopback; set "
+            "experiment.distributed.allow_network=true to run across machines"
+        )
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    if init_method.startswith("env://"):
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if addr not in LOOPBACK:
+            raise ConfigError(
+                f"MASTER_ADDR={addr!r} is not loopback; set "
+                "experiment.distributed.allow_network=true to run across machines"
+            )
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    elif init_method.startswith("tcp://"):
+        host = init_method[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host not in LOOPBACK:
+            raise ConfigError(
+                f"init_method {init_method!r} is not loopback; set "
+                "experiment.distributed.allow_network=true to run across machines"
+            )
+
+
+def run_peer(cfg: RunConfig, out: str | Path, *, rank: int | None = None,
+             world_size: int | None = None) -> PeerState:
+    """Join the process group (rank/world size from the torch.distributed environment, as set
+    by torchrun or ``dice launch``), run this peer, and leave. Raises :class:`PeerFailure`."""
+    s = distributed_settings(cfg)
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    world = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    if world != cfg.topology.n:
+        raise ConfigError(f"WORLD_SIZE={world} but topology.n={cfg.topology.n}: run one peer "
+                          "per node (e.g. dice launch CONFIG --peers N with N = topology.n)")
+    init = os.environ.get("DICE_INIT_METHOD") or s.init_method or "env://"
+    _guard_network(s, init)
+    use_cuda = cfg.train.device.startswith("cuda") and torch.cuda.is_available()
+    backend = s.backend if s.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    device = None
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    elif cfg.train.device.startswith("cuda"):
+        device = torch.device("cpu")
+    peer = Peer(cfg, rank, out, s, device=device)  # build before joining: data loading is slow
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s)))
+    try:
+        st = peer.run()
+    except PeerFailure:
+        raise  # caller exits hard: torch.distributed cannot cancel a pending receive
+    dist.destroy_process_group()
+    return st

@@ -1,0 +1,178 @@
+"""Point-to-point messages between neighbouring peers over torch.distributed.
+
+Only plain tensors travel (``isend``/``irecv``; nothing is ever pickled). A parameter packet is
+one flat tensor in the model dtype: a small int64 header (bit-cast into the first slots) followed
+by the sender's half-step parameters ``θ_j^{t+½}`` and its update ``u_j^t``. A control message is
+an int64 tensor (header + one flag per edge). Receives are posted only for a peer's configured
+in-neighbours (``src`` is always explicit), into buffers of the expected size and dtype; the
+header (magic, round, sender, kind) is checked on arrival.
+
+torch.distributed has no per-operation timeout for point-to-point work, so every wait runs
+against a deadline; a neighbour that died (connection reset) or stalled (deadline passed) raises
+:class:`PeerFailure` naming the peer and the round.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x44494345  # "DICE"
+HEADER = 4  # int64 slots: magic, round, sender, kind
+KIND_PACKET = 1
+KIND_CONTROL = 2
+TAG_PACKET = 1
+TAG_CONTROL = 2
+FLAG_KEEP = 0
+FLAG_DROP = 1
+
+
+class PeerFailure(RuntimeError):
+    """A neighbour died, stalled or sent something malformed. ``peer`` is that neighbour's rank,
+    ``round`` the round in which it was noticed."""
+
+    def __init__(self, peer: int, round: int, reason: str):
+        self.peer, self.round, self.reason = peer, round, reason
+        super().__init__(f"peer {peer} at round {round}: {reason}")
+
+
+@dataclass
+class Transport:
+    """Neighbour-to-neighbour messaging for peer ``rank`` with a ``timeout_s`` deadline."""
+
+    rank: int
+    d: int
+    dtype: torch.dtype
+    device: torch.device
+    timeout_s: float
+    poll: bool = False  # NCCL: poll is_completed() instead of wait(timeout)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    _slots: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if (HEADER * 8) % itemsize:
+            raise ValueError(f"unsupported dtype {self.dtype} for the packet header")
+        self._slots = HEADER * 8 // itemsize
+
+    @property
+    def packet_numel(self) -> int:
+        return self._slots + 2 * self.d
+
+    @property
+    def packet_bytes(self) -> int:
+        return self.packet_numel * torch.empty((), dtype=self.dtype).element_size()
+
+    # ------------------------------------------------------------------------------ packing
+
+    def _header(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[: self._slots].view(torch.int64)
+
+    def pack(self, t: int, half: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One packet ``[header | θ^{t+½} | u^t]`` for round ``t``."""
+        buf = torch.empty(self.packet_numel, dtype=self.dtype, device=self.device)
+        self._header(buf).copy_(torch.tensor([MAGIC, t, self.rank, KIND_PACKET]))
+        buf[self._slots : self._slots + self.d] = half.reshape(-1)
+        buf[self._slots + self.d :] = u.reshape(-1)
+        return buf
+
+    def unpack(self, buf: torch.Tensor, src: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a received packet's header and finiteness; return ``(half, u)`` views (1, d)."""
+        self._check(self._header(buf), src, t, KIND_PACKET)
+        body = buf[self._slots :]
+        if not bool(torch.isfinite(body).all()):
+            raise PeerFailure(src, t, "sent non-finite parameters or update")
+        return body[: self.d].view(1, -1), body[self.d :].view(1, -1)
+
+    def _check(self, header: torch.Tensor, src: int, t: int, kind: int) -> None:
+        magic, rnd, sender, knd = (int(v) for v in header.cpu().tolist())
+        if magic != MAGIC or knd != kind:
+            raise PeerFailure(src, t, f"malformed message (magic {magic:#x}, kind {knd})")
+        if sender != src:
+            raise PeerFailure(src, t, f"message claims sender {sender}")
+        if rnd != t:
+            raise PeerFailure(src, t, f"is at round {rnd}, expected {t} (inconsistent resume?)")
+
+    # ------------------------------------------------------------------------------ exchange
+
+    def exchange_packets(
+        self, t: int, packet: torch.Tensor, to: list[int], frm: list[int]
+    ) -> tuple[dict[int, torch.Tensor], list[tuple[int, str, dist.Work]]]:
+        """Post receives from ``frm`` and sends of ``packet`` to ``to``. Returns the receive
+        buffers and the pending work; call :meth:`wait` on the work to complete it."""
+        bufs = {j: torch.empty(self.packet_numel, dtype=self.dtype, device=self.device)
+                for j in frm}
+        work: list[tuple[int, str, dist.Work]] = []
+        for j in frm:
+            work.append((j, "receive its parameters", dist.irecv(bufs[j], src=j, tag=TAG_PACKET)))
+        for j in to:
+            work.append((j, "send it our parameters", dist.isend(packet, dst=j, tag=TAG_PACKET)))
+        self.bytes_sent += len(to) * self.packet_bytes
+        self.bytes_received += len(frm) * self.packet_bytes
+        self.messages_sent += len(to)
+        return bufs, work
+
+    def exchange_control(
+        self, t: int, flags: dict[int, int], frm: list[int]
+    ) -> dict[int, int]:
+        """Send one flag to each peer in ``flags`` and receive one from each peer in ``frm``."""
+        bufs = {j: torch.empty(HEADER + 1, dtype=torch.int64, device=self.device) for j in frm}
+        work: list[tuple[int, str, dist.Work]] = []
+        for j in frm:
+            work.append((j, "receive its control flag",
+                         dist.irecv(bufs[j], src=j, tag=TAG_CONTROL)))
+        sends = []
+        for j, flag in flags.items():
+            msg = torch.tensor([MAGIC, t, self.rank, KIND_CONTROL, flag], dtype=torch.int64,
+                               device=self.device)
+            sends.append(msg)
+            work.append((j, "send it our control flag",
+                         dist.isend(msg, dst=j, tag=TAG_CONTROL)))
+        self.bytes_sent += len(flags) * (HEADER + 1) * 8
+        self.bytes_received += len(frm) * (HEADER + 1) * 8
+        self.messages_sent += len(flags)
+        self.wait(t, work)
+        out = {}
+        for j, buf in bufs.items():
+            self._check(buf[:HEADER], j, t, KIND_CONTROL)
+            flag = int(buf[HEADER])
+            if flag not in (FLAG_KEEP, FLAG_DROP):
+                raise PeerFailure(j, t, f"sent an unknown control flag {flag}")
+            out[j] = flag
+        return out
+
+    def wait(self, t: int, work: list[tuple[int, str, dist.Work]],
+             deadline: float | None = None) -> None:
+        """Complete ``work`` before ``deadline`` (default: now + timeout) or raise PeerFailure."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
+        for peer, what, w in work:
+            remaining = deadline - time.monotonic()
+            try:
+                if self.poll:
+                    while not w.is_completed():
+                        if time.monotonic() > deadline:
+                            raise TimeoutError
+                        time.sleep(1e-4)
+                    w.wait()
+                else:
+                    w.wait(timeout=datetime.timedelta(seconds=max(remaining, 1e-3)))
+            except TimeoutError:
+                raise self._stalled(peer, t, what) from None
+            except RuntimeError as exc:
+                msg = str(exc)
+                if "Timed out" in msg or "timed out" in msg:
+                    raise self._stalled(peer, t, what) from None
+                raise PeerFailure(peer, t, f"connection lost while waiting to {what} (the peer "
+                                  f"died or closed its connection): {msg.splitlines()[0][:200]}"
+                                  ) from None
+
+    def _stalled(self, peer: int, t: int, what: str) -> PeerFailure:
+        return PeerFailure(peer, t, f"stalled: no progress within timeout_s={self.timeout_s:g} "
+                           f"while waiting to {what}")
