@@ -20,6 +20,7 @@ node level (a node is flagged when a majority of its honest out-neighbours flag 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ def robust_z(S: np.ndarray, E: np.ndarray) -> np.ndarray:
     ``+inf`` scores (non-finite updates) get ``z = +inf``; a receiver whose neighbours all score
     alike (MAD = 0) uses a scale floor of 1e-12·max|S|."""
     M = _masked(np.where(np.isinf(S), np.nan, S), E)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(M, axis=1, keepdims=True)
         mad = MAD_SCALE * np.nanmedian(np.abs(M - med), axis=1, keepdims=True)
         floor = 1e-12 * np.nanmax(np.abs(M), axis=1, keepdims=True)
@@ -69,7 +71,8 @@ def normalized_scores(S: np.ndarray, E: np.ndarray) -> np.ndarray:
     """Scale-free ranking score per edge: ``S[k, j] / median_j |S[k, j]|`` (NaN off edges;
     ``+inf`` stays ``+inf``)."""
     M = _masked(np.where(np.isinf(S), np.nan, S), E)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         scale = np.nanmedian(np.abs(M), axis=1, keepdims=True)
         out = S / (np.nan_to_num(scale, nan=1.0) + 1e-300)
     return np.where(E, out, np.nan)
@@ -142,7 +145,8 @@ def node_flags(F: np.ndarray, judged: np.ndarray) -> np.ndarray:
 def node_scores(S: np.ndarray, judged: np.ndarray) -> np.ndarray:
     """Node ranking score: mean over judging out-neighbours of the normalized edge score."""
     N = normalized_scores(S, judged)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         N = np.where(np.isposinf(N), 1e300, N)
         return np.nanmean(np.where(judged, N, np.nan), axis=0)
 

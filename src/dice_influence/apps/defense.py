@@ -142,8 +142,8 @@ class GuardOptions:
     margin: float = 0.0
     score: str = "cumulative"  # or "window"
     check_every: int = 1
-    start: int = 2  # first round (index) at which a node may prune
-    readmit: bool = False
+    start: int = 1  # first round (index) at which a node may prune
+    readmit: bool = True
     clip_delta: float = 0.2
     trim: float = 0.2
     eval_every: int = 10
@@ -186,18 +186,22 @@ def guarded_train(
     opts: GuardOptions | None = None,
     *,
     rounds: int | None = None,
+    malicious: np.ndarray | None = None,
     progress: bool = False,
 ) -> GuardResult:
     """Train ``problem`` under ``plan`` with optional tracking and defence (module docstring).
 
     ``problem`` must already contain the data-level attacks (build it from
-    :func:`dice_influence.attacks.with_data_attacks`)."""
+    :func:`dice_influence.attacks.with_data_attacks`). ``malicious`` (n,) bool overrides which
+    nodes count as attackers for the honest-accuracy read-out (default: the plan's)."""
     opts = opts or GuardOptions()
     if opts.defense not in DEFENSES:
         raise ValueError(f"defense {opts.defense!r}: choose one of {DEFENSES}")
     n, fm = problem.n, problem.fm
     R = problem.cfg.train.rounds if rounds is None else rounds
-    malicious = plan.mask if plan is not None else np.zeros(n, dtype=bool)
+    if malicious is None:
+        malicious = plan.mask if plan is not None else np.zeros(n, dtype=bool)
+    malicious = np.asarray(malicious, dtype=bool)
     honest = ~malicious
     update_attack = plan is not None and plan.has_update_attacks
     tracking = opts.track_every > 0 or opts.defense == "dice"
@@ -223,8 +227,8 @@ def guarded_train(
     state = problem.opt.init_state(theta)
     state_views = None if state is None else param_views(fm, state)
     spare = torch.empty_like(theta)
-    evals = [_eval(problem, theta, honest, 0)]
-    eval_every = opts.eval_every
+    eval_every = opts.eval_every  # <= 0: no evaluation at all (benchmarks)
+    evals = [_eval(problem, theta, honest, 0)] if eval_every > 0 else []
     mixers: dict[Any, Mixer] = {}
     G_next: torch.Tensor | None = None  # ∇L(θ^{t}) computed at the end of round t-1
     W_used = problem.W(0)
@@ -312,7 +316,7 @@ def guarded_train(
                     G_next = G_post
                 if opts.defense == "dice" and t >= opts.start and t % opts.check_every == 0:
                     decide(t)
-            if (t + 1) % eval_every == 0 or t + 1 == R:
+            if eval_every > 0 and ((t + 1) % eval_every == 0 or t + 1 == R):
                 evals.append(_eval(problem, theta, honest, t + 1))
             advance()
     honest_idx = torch.as_tensor(np.flatnonzero(honest))

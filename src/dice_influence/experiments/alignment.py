@@ -20,6 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .._util import atomic_savefig, atomic_write_text, write_json
 from ..config import ConfigError, RunConfig, load_config
 
+DEMO_ALIGNMENT: dict[str, Any] = {
+    "seed": 0,
+    "data": {"dataset": "digits", "samples_per_node": 80, "validation_samples": 300},
+    "topology": {"name": "ring", "n": 16},
+    "model": {"name": "mlp", "hidden": [128, 64]},
+    "train": {"rounds": 40, "batch_size": 16, "lr": 0.1, "dtype": "float64",
+              "checkpoint_every": 5, "eval_every": 10},
+    "experiment": {"alignment": {"events": 20, "hops": 2, "first_round": 0,
+                                 "readouts": ["linear", "midpoint"], "curvature": [True]}},
+}
+"""The small digits alignment run of ``dice demo`` (configs/alignment-digits.yaml, smaller)."""
+
 
 class AlignmentSettings(BaseModel):
     """``experiment.alignment`` keys."""

@@ -1,0 +1,104 @@
+"""``dice bench influence``: cost of DICE-GT and DICE-E per event, and of all-sample attribution.
+
+Setting: the paper's MLP (784-128-64-10) on Fashion-MNIST, 16 nodes, exponential graph, 512
+samples per node, batch 64, lr 0.1, float32. Numbers go to JSON; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._util import write_json
+
+
+def _config(rounds: int, data_dir: str | None):
+    from .config import load_config
+
+    return load_config({
+        "seed": 0,
+        "data": {"dataset": "fashion-mnist", "data_dir": data_dir, "samples_per_node": 512,
+                 "validation_samples": 256},
+        "topology": {"name": "exponential", "n": 16},
+        "model": {"name": "mlp", "hidden": [128, 64]},
+        "train": {"rounds": rounds, "batch_size": 64, "lr": 0.1, "checkpoint_every": 5,
+                  "eval_every": rounds},
+    })
+
+
+def bench_influence(*, max_hops: int = 8, batched: int = 32, window: int = 5,
+                    out: str | Path | None = None, data_dir: str | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time GT and E per event for hops 1..max_hops (single and batched), and the adjoint
+    attribution of every sample in a ``window``-round window against training and replay."""
+    from .influence import Event, estimate, ground_truth
+    from .influence.adjoint import attribute
+    from .simulator import run_rounds, train
+
+    rounds = 10 + max_hops + window
+    traj = train(_config(rounds, data_dir))
+    p = traj.problem
+    t_ev = 10
+    single = [Event(3, t_ev)]
+    many = [Event(k % p.n, t_ev, None) for k in range(batched)]
+    many = [Event(e.node, t_ev, None if i < p.n else (i % 64,)) for i, e in enumerate(many)]
+    per_hop = []
+    for h in range(1, max_hops + 1):
+        log(f"bench influence: hops={h}")
+        rec: dict[str, Any] = {"hops": h}
+        rec["gt_single"] = _per_event(lambda ev: ground_truth(traj, ev, hops=h), single)
+        rec["gt_batched"] = _per_event(lambda ev: ground_truth(traj, ev, hops=h), many)
+        rec["e_linear_single"] = _per_event(
+            lambda ev: estimate(traj, ev, hops=h, readout="linear"), single)
+        rec["e_linear_batched"] = _per_event(
+            lambda ev: estimate(traj, ev, hops=h, readout="linear"), many)
+        rec["e_midpoint_batched"] = _per_event(
+            lambda ev: estimate(traj, ev, hops=h, readout="midpoint"), many)
+        per_hop.append(rec)
+    # all-sample attribution of a window vs training the same rounds vs replaying each sample
+    t0, t1 = 10, 10 + window
+    theta, state = traj.params_at(t0)
+    t_train = min(_time(lambda: run_rounds(p, theta, state, t0, t1)) for _ in range(3))
+    t_attr = min(_time(lambda: attribute(traj, (t0, t1), readout="horizon")) for _ in range(2))
+    samples = window * p.n * p.cfg.train.batch_size
+    # replay cost per sample: batched GT of single-sample events over the mean horizon
+    mean_h = max(1, round((window + 1) / 2))
+    ev = [Event(k % p.n, t0, (k % 64,)) for k in range(batched)]
+    t_replay_each = _per_event(lambda e: ground_truth(traj, e, hops=mean_h), ev)
+    attribution = {
+        "rounds": window, "samples": samples, "seconds": t_attr,
+        "training_seconds": t_train, "ratio_to_training": t_attr / t_train,
+        "replay_seconds_per_sample": t_replay_each,
+        "replay_all_seconds_estimate": t_replay_each * samples,
+        "speedup_vs_replay": t_replay_each * samples / t_attr,
+    }
+    doc = {
+        "benchmark": "influence",
+        "setting": "MLP 784-128-64-10, Fashion-MNIST, 16 nodes exponential, 512/node, "
+                   "batch 64, lr 0.1, float32; events at round 10; batched = "
+                   f"{batched} events per call",
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform()},
+        "per_hop": per_hop,
+        "attribution": attribution,
+    }
+    if out is not None:
+        write_json(out, doc)
+    return doc
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _per_event(fn: Callable[[list], Any], events: list) -> float:
+    fn(events[:1])  # warm-up
+    return min(_time(lambda: fn(events)) for _ in range(2)) / len(events)

@@ -1,0 +1,612 @@
+"""Experiment: malicious-neighbour detection and self-healing with online proximal influence.
+
+``dice experiment anomaly CONFIG --out DIR [--set key=value ...] [--seeds 0,1,2]``
+
+The config is a run config (data, topology, model, train) plus an ``experiment:`` mapping
+validated by :class:`AnomalyConfig` (attacks, tracking, detection, defense, baseline, arms).
+Arms, each a full training run on the same seed:
+
+- ``no_attack``: clean data, plain gossip (the reference);
+- ``no_attack_defended``: clean data with the DICE defence on (its cost when nobody attacks);
+- ``attack``: attacks on, no defence; proximal influence is tracked and detection is *scored*
+  here (nothing is pruned, so the measurement is not disturbed by the defence);
+- ``attack_defended``: attacks on, honest nodes prune flagged neighbours;
+- ``attack_baseline``: attacks on, robust aggregation baseline (ClippedGossip by default).
+
+Writes ``metrics.json`` (``detection``, ``defense``; mean and worst over seeds), CSVs, plots
+and a README. Sign convention: influence = loss with the data − loss without it; positive =
+harmful.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .._util import atomic_savefig, atomic_write_text, write_json
+from ..apps import anomaly as A
+from ..apps import reciprocity as REC
+from ..apps.defense import GuardOptions, GuardResult, guarded_train, honest_connected
+from ..attacks import AttackPlan, AttackSpec, with_data_attacks
+from ..config import ConfigError, RunConfig, dump_config, load_config
+
+ARMS = ("no_attack", "no_attack_defended", "attack", "attack_defended", "attack_baseline")
+
+
+class _S(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrackingConfig(_S):
+    """Online proximal influence: record every ``every``-th round with read-out ``readout``."""
+
+    every: int = Field(1, ge=1)
+    readout: Literal["pre", "post", "midpoint"] = "pre"
+    window: int = Field(10, ge=1)
+    history: bool = True
+    q: Literal["uniform", "one"] = "uniform"
+    test_batch: int | None = Field(None, ge=1)
+
+
+class DetectionConfig(_S):
+    """Local decision rule (see :mod:`dice_influence.apps.anomaly`) and the rounds scored."""
+
+    rule: Literal["sign", "zscore", "sign_and_zscore", "sign_or_zscore"] = "sign"
+    score: Literal["cumulative", "window"] = "cumulative"
+    z_threshold: float = Field(3.0, gt=0)
+    margin: float = 0.0
+    from_round: int = Field(3, ge=1)
+    to_round: int = Field(100, ge=1)
+
+
+class DefenseConfig(_S):
+    """Self-healing: check every ``check_every`` rounds from round index ``start``."""
+
+    check_every: int = Field(1, ge=1)
+    start: int = Field(1, ge=0)
+    readmit: bool = True
+
+
+class BaselineConfig(_S):
+    """Robust aggregation baseline arm."""
+
+    kind: Literal["clipped_gossip", "trimmed_mean"] = "clipped_gossip"
+    delta: float = Field(0.2, ge=0.0, lt=1.0)
+    trim: float = Field(0.2, ge=0.0, lt=0.5)
+
+
+class AnomalyConfig(_S):
+    """The ``experiment:`` mapping of an anomaly config."""
+
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    tracking: TrackingConfig = TrackingConfig()
+    detection: DetectionConfig = DetectionConfig()
+    defense: DefenseConfig = DefenseConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    arms: list[Literal[ARMS]] = list(ARMS)  # type: ignore[valid-type]
+    focus_node: int | None = None
+    plots: bool = True
+
+
+def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
+    """Validate ``cfg.experiment``; raise :class:`ConfigError` naming the bad key."""
+    try:
+        ex = AnomalyConfig.model_validate(cfg.experiment)
+    except ValidationError as err:
+        lines = ["invalid experiment settings:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
+            msg = ("unknown key (check the spelling)" if e["type"] == "extra_forbidden"
+                   else e["msg"])
+            got = e.get("input")
+            lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
+        raise ConfigError("\n".join(lines)) from None
+    n = cfg.topology.n
+    for i, a in enumerate(ex.attacks):
+        if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
+            raise ConfigError(f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range 0..{n - 1}")
+        if a.count is not None and a.count > n:
+            raise ConfigError(f"experiment.attacks.{i}.count={a.count} exceeds topology.n={n}")
+    if ex.focus_node is not None and not 0 <= ex.focus_node < n:
+        raise ConfigError(f"experiment.focus_node={ex.focus_node} out of range 0..{n - 1}")
+    if not cfg.data.test_samples_per_node:
+        raise ConfigError("data.test_samples_per_node must be set: each node reads proximal "
+                          "influence on its own test split z'_k (e.g. 64)")
+    return ex
+
+
+def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
+    tr, de, df, bl = ex.tracking, ex.detection, ex.defense, ex.baseline
+    defense = {"no_attack_defended": "dice", "attack_defended": "dice",
+               "attack_baseline": bl.kind}.get(arm)
+    track = arm in ("attack", "no_attack", "no_attack_defended", "attack_defended")
+    return GuardOptions(
+        track_every=tr.every if track else 0, readout=tr.readout, window=tr.window,
+        history=tr.history, q=tr.q, defense=defense, rule=de.rule, z_threshold=de.z_threshold,
+        margin=de.margin, score=de.score, check_every=df.check_every, start=df.start,
+        readmit=df.readmit, clip_delta=bl.delta, trim=bl.trim, eval_every=eval_every,
+        test_batch=tr.test_batch,
+    )
+
+
+# ------------------------------------------------------------------------------------ one seed
+
+
+def _defense_metrics(res: GuardResult, W0: np.ndarray, malicious: np.ndarray) -> dict[str, Any]:
+    honest = ~malicious
+    E = (W0 > 0) & ~np.eye(len(W0), dtype=bool)
+    hh = E & honest[:, None] & honest[None, :]
+    hm = E & honest[:, None] & malicious[None, :]
+    pruned = res.blocked & E
+    first_all = None
+    if hm.any() and res.prune_log:
+        got = np.zeros_like(hm)
+        for t, k, j, s in res.prune_log:
+            got[k, j] = s > 0
+            if (got[hm]).all():
+                first_all = t + 1
+                break
+    f = res.final
+    return {
+        "honest_acc_mean": f["honest_acc_mean"],
+        "honest_acc_worst": f["honest_acc_worst"],
+        "honest_edges_pruned": float(pruned[hh].mean()) if hh.any() else 0.0,
+        "malicious_edges_pruned": float(pruned[hm].mean()) if hm.any() else None,
+        "rounds_to_isolate": first_all,
+        "honest_graph_connected": honest_connected(res.W_final, honest),
+        "honest_params_finite": not res.nonfinite_honest,
+    }
+
+
+def run_seed(cfg: RunConfig, ex: AnomalyConfig, *, progress: bool = False,
+             log: Any = None) -> dict[str, Any]:
+    """All arms of one seed; returns plain results plus the raw runs under ``"_runs"``."""
+    from ..simulator import build_problem
+
+    n = cfg.topology.n
+    plan = AttackPlan.resolve(ex.attacks, n, cfg.seed)
+    malicious = plan.mask
+    clean = attacked = None
+    out: dict[str, Any] = {"seed": cfg.seed, "malicious": plan.malicious, "arms": {},
+                           "_runs": {}}
+    W0 = None
+    for arm in ex.arms:
+        attack = arm.startswith("attack")
+        if attack and attacked is None:
+            attacked = build_problem(with_data_attacks(cfg, plan))
+        if not attack and clean is None:
+            clean = build_problem(cfg)
+        problem = attacked if attack else clean
+        W0 = problem.W(0)
+        t0 = time.perf_counter()
+        res = guarded_train(problem, plan if attack else None,
+                            _options(ex, arm, cfg.train.eval_every), malicious=malicious,
+                            progress=progress)
+        secs = time.perf_counter() - t0
+        if log:
+            log(f"  seed {cfg.seed} arm {arm}: honest acc {res.final['honest_acc_mean']:.4f} "
+                f"({secs:.1f} s)")
+        m = _defense_metrics(res, W0, malicious)
+        m["seconds"] = secs
+        out["arms"][arm] = m
+        out["_runs"][arm] = res
+    if "attack" in out["_runs"]:
+        out.update(_detection(out["_runs"]["attack"], ex, malicious))
+    out["W0"] = W0
+    return out
+
+
+def _detection(res: GuardResult, ex: AnomalyConfig, malicious: np.ndarray) -> dict[str, Any]:
+    tk = res.tracker
+    assert tk is not None
+    de = ex.detection
+    E = tk.seen.numpy()
+    S = (tk.score if de.score == "cumulative" else tk.window_score).numpy()
+    final = A.evaluate(S, E, malicious, rule=de.rule, z_threshold=de.z_threshold, margin=de.margin)
+    series: list[dict[str, Any]] = []
+    if tk.keep_history:
+        series = A.over_rounds(tk.history(), tk.rounds, E, malicious, rule=de.rule,
+                               z_threshold=de.z_threshold, margin=de.margin,
+                               window=tk.window if de.score == "window" else None)
+    summ = A.summarize_rounds(series, from_round=de.from_round, to_round=de.to_round)
+    rec = REC.node_reciprocity(tk.cum.numpy())
+    det = {k: final[k] for k in ("auroc_edge", "auroc_node", "precision", "recall", "f1",
+                                 "honest_edges_flagged", "node_precision", "node_recall")}
+    det.update({k: v for k, v in summ.items() if k != "checks"})
+    det["caught"] = final["caught"]
+    return {"detection": det, "series": series, "reciprocity": rec}
+
+
+# ------------------------------------------------------------------------------------ aggregate
+
+_WORST_MAX = ("rounds_to_90pct", "honest_edges_flagged", "max_honest_edges_flagged",
+              "honest_edges_pruned", "rounds_to_isolate", "seconds")
+
+
+def _agg(dicts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean and worst over seeds of numeric / boolean entries (worst = max for counts of
+    rounds and flagged honest edges, min otherwise; a missing round count is worst)."""
+    mean: dict[str, Any] = {}
+    worst: dict[str, Any] = {}
+    for k in dicts[0]:
+        vals = [d.get(k) for d in dicts]
+        if all(isinstance(v, bool) for v in vals):
+            mean[k] = float(np.mean(vals))
+            worst[k] = all(vals)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) or v is None
+                 for v in vals):
+            if any(v is None for v in vals):
+                nums = [v for v in vals if v is not None]
+                mean[k] = float(np.mean(nums)) if nums else None
+                worst[k] = None
+                continue
+            arr = np.asarray(vals, dtype=float)
+            mean[k] = float(np.nanmean(arr)) if np.isfinite(arr).any() else None
+            worst[k] = float(np.nanmax(arr) if k in _WORST_MAX else np.nanmin(arr))
+    return mean, worst
+
+
+def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
+                   progress: bool = False, log: Any = None) -> dict[str, Any]:
+    """Run every arm for every seed, write the run directory, return ``metrics``."""
+    ex = parse_experiment(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = seeds if seeds else [cfg.seed]
+    per_seed = []
+    for s in seeds:
+        c = cfg.model_copy(update={"seed": int(s)})
+        if log:
+            log(f"seed {s}:")
+        per_seed.append(run_seed(c, ex, progress=progress, log=log))
+    metrics: dict[str, Any] = {
+        "sign_convention": "influence = loss with the data - loss without it; positive = harmful",
+        "seeds": seeds,
+        "n_nodes": cfg.topology.n,
+        "attacks": [a.model_dump() for a in ex.attacks],
+        "malicious": {str(r["seed"]): r["malicious"] for r in per_seed},
+    }
+    if all("detection" in r for r in per_seed):
+        mean, worst = _agg([r["detection"] for r in per_seed])
+        metrics["detection"] = mean
+        metrics["detection_worst"] = worst
+        metrics["detection_rule"] = {"rule": ex.detection.rule, "score": ex.detection.score,
+                                     "readout": ex.tracking.readout}
+    metrics["defense"], metrics["defense_worst"] = {}, {}
+    for arm in ex.arms:
+        mean, worst = _agg([r["arms"][arm] for r in per_seed])
+        metrics["defense"][arm] = mean
+        metrics["defense_worst"][arm] = worst
+    metrics["per_seed"] = [{"seed": r["seed"], "malicious": r["malicious"],
+                            "detection": r.get("detection"), "defense": r["arms"]}
+                           for r in per_seed]
+    write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    _write_tables(per_seed, out)
+    if ex.plots:
+        _plots(per_seed[0], ex, out)
+    atomic_write_text(out / "README.md", _readme(cfg, metrics))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_tables(per_seed: list[dict[str, Any]], out: Path) -> None:
+    det_rows, edge_rows, acc_rows, rec_rows, arm_rows = [], [], [], [], []
+    for r in per_seed:
+        s = r["seed"]
+        mal = set(r["malicious"])
+        for row in r.get("series", []):
+            det_rows.append({"seed": s, **row})
+        runs = r["_runs"]
+        for arm, res in runs.items():
+            for e in res.evals:
+                acc_rows.append({"seed": s, "arm": arm, **e})
+            arm_rows.append({"seed": s, "arm": arm, **r["arms"][arm]})
+        if "attack" in runs and runs["attack"].tracker is not None:
+            tk = runs["attack"].tracker
+            E = tk.seen.numpy()
+            cum, score = tk.cum.numpy(), tk.score.numpy()
+            N = A.normalized_scores(score, E)
+            pruned = runs["attack_defended"].blocked if "attack_defended" in runs else None
+            for k, j in zip(*np.nonzero(E), strict=True):
+                edge_rows.append({
+                    "seed": s, "receiver": int(k), "sender": int(j),
+                    "receiver_malicious": int(k) in mal, "sender_malicious": int(j) in mal,
+                    "weight": float(r["W0"][k, j]), "proximal_influence": float(cum[k, j]),
+                    "normalized_score": float(N[k, j]),
+                    "pruned_by_defense": None if pruned is None else bool(pruned[k, j]),
+                })
+            rec = r["reciprocity"]
+            for j in range(len(rec["R"])):
+                rec_rows.append({"seed": s, "node": j, "malicious": j in mal,
+                                 "outflow": float(rec["outflow"][j]),
+                                 "inflow": float(rec["inflow"][j]), "R": float(rec["R"][j])})
+    atomic_write_text(out / "detection_rounds.csv", _csv(det_rows))
+    atomic_write_text(out / "edges.csv", _csv(edge_rows))
+    atomic_write_text(out / "accuracy.csv", _csv(acc_rows))
+    atomic_write_text(out / "reciprocity.csv", _csv(rec_rows))
+    atomic_write_text(out / "defense.csv", _csv(arm_rows))
+
+
+def _focus_node(E: np.ndarray, malicious: np.ndarray, want: int | None) -> int:
+    if want is not None:
+        return want
+    for k in range(len(E)):
+        if not malicious[k] and (E[k] & malicious).any():
+            return k
+    return int(np.flatnonzero(~malicious)[0]) if (~malicious).any() else 0
+
+
+def _plots(r: dict[str, Any], ex: AnomalyConfig, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    runs = r["_runs"]
+    mal = np.zeros(len(r["W0"]), dtype=bool)
+    mal[r["malicious"]] = True
+    if "attack" in runs and runs["attack"].tracker is not None and runs["attack"].tracker.rounds:
+        tk = runs["attack"].tracker
+        E = tk.seen.numpy()
+        k = _focus_node(E, mal, ex.focus_node)
+        H = tk.history("actual")
+        rounds = np.asarray(tk.rounds) + 1
+        fig = Figure(figsize=(9, 3.6), dpi=110)
+        ax1, ax2 = fig.subplots(1, 2)
+        for j in np.flatnonzero(E[k]):
+            bad = bool(mal[j])
+            kw = {"color": "tab:red", "lw": 2.0} if bad else {"lw": 1.0, "alpha": 0.8}
+            lab = f"node {j}" + (" (attacker)" if bad else "")
+            ax1.plot(rounds, H[:, k, j], label=lab, **kw)
+            ax2.plot(rounds, np.cumsum(H[:, k, j]), label=lab, **kw)
+        for ax, title in ((ax1, "per round"), (ax2, "cumulative")):
+            ax.axhline(0, color="0.3", lw=0.6)
+            ax.set_xlabel("round")
+            ax.set_title(f"I_prox(j → {k}), {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+        ax1.set_ylabel("proximal influence (+ = harmful)")
+        ax2.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        atomic_savefig(fig, out / "fig4_neighbours.png")
+
+        judged, bad = A.edge_sets(E, mal)
+        N = A.normalized_scores(tk.score.numpy(), E)
+        fig = Figure(figsize=(4.2, 4), dpi=110)
+        ax = fig.add_subplot()
+        if bad[judged].any() and (~bad[judged]).any():
+            fpr, tpr = A.roc_curve(N[judged], bad[judged])
+            auc = A.auroc(N[judged], bad[judged])
+            ax.plot(fpr, tpr, label=f"edges (AUROC {auc:.3f})")
+            ns = A.node_scores(tk.score.numpy(), judged)
+            has = judged.sum(0) > 0
+            fpr, tpr = A.roc_curve(ns[has], mal[has])
+            ax.plot(fpr, tpr, ls="--", label=f"nodes (AUROC {A.auroc(ns[has], mal[has]):.3f})")
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.6)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("ROC, cumulative proximal influence", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        atomic_savefig(fig, out / "roc.png")
+
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    ax = fig.add_subplot()
+    for i, (arm, res) in enumerate(runs.items()):
+        rr = [e["round"] for e in res.evals]
+        ax.plot(rr, [e["honest_acc_mean"] for e in res.evals], color=f"C{i}", label=arm)
+        ax.plot(rr, [e["honest_acc_worst"] for e in res.evals], color=f"C{i}", ls=":", lw=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("honest test accuracy (— mean, ··· worst)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, out / "accuracy.png")
+
+    if "attack_defended" in runs:
+        _plot_graph(r["W0"], runs["attack_defended"].blocked, mal, out / "graph_pruned.png")
+
+
+def _plot_graph(W0: np.ndarray, blocked: np.ndarray, mal: np.ndarray, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    n = len(W0)
+    ang = np.pi / 2 - 2 * np.pi * np.arange(n) / n
+    pos = np.stack([np.cos(ang), np.sin(ang)], 1)
+    fig = Figure(figsize=(6, 6), dpi=110)
+    ax = fig.add_subplot()
+    E = (W0 > 0) & ~np.eye(n, dtype=bool)
+    for k, j in zip(*np.nonzero(E), strict=True):
+        if k < j and E[j, k] and blocked[k, j] == blocked[j, k]:
+            pr = blocked[k, j]
+        elif not blocked[k, j]:
+            if E[j, k] and not blocked[j, k]:
+                continue  # drawn once as a kept undirected edge
+            pr = False
+        else:
+            pr = True
+        xs, ys = [pos[j, 0], pos[k, 0]], [pos[j, 1], pos[k, 1]]
+        if pr:
+            ax.plot(xs, ys, color="tab:red", lw=1.0, ls="--", alpha=0.8, zorder=1)
+        else:
+            ax.plot(xs, ys, color="0.6", lw=0.6, zorder=0)
+    ax.scatter(pos[~mal, 0], pos[~mal, 1], s=60, c="tab:blue", zorder=2, label="honest")
+    ax.scatter(pos[mal, 0], pos[mal, 1], s=90, c="tab:red", marker="X", zorder=2,
+               label="attacker")
+    for i in range(n):
+        ax.annotate(str(i), tuple(pos[i] * 1.08), ha="center", va="center", fontsize=6)
+    ax.plot([], [], color="tab:red", ls="--", label="pruned edge")
+    ax.plot([], [], color="0.6", label="kept edge")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("graph after self-healing (attack + DICE defence)", fontsize=10)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+DET_KEYS = ("auroc_edge", "auroc_node", "precision", "recall", "f1", "min_precision",
+            "min_recall", "rounds_to_90pct", "honest_edges_flagged")
+ARM_KEYS = ("honest_acc_mean", "honest_acc_worst", "honest_edges_pruned",
+            "malicious_edges_pruned", "honest_graph_connected")
+
+
+def markdown_tables(metrics: dict[str, Any]) -> str:
+    """Detection and defence tables (mean and worst over seeds) as Markdown."""
+    lines = []
+    if "detection" in metrics:
+        lines += ["| detection | " + " | ".join(DET_KEYS) + " |",
+                  "|---|" + "---|" * len(DET_KEYS)]
+        for lab, d in (("mean", metrics["detection"]), ("worst", metrics["detection_worst"])):
+            lines.append(f"| {lab} | " + " | ".join(_fmt(d.get(k)) for k in DET_KEYS) + " |")
+        lines.append("")
+    lines += ["| arm | " + " | ".join(f"{k} (mean / worst)" for k in ARM_KEYS) + " |",
+              "|---|" + "---|" * len(ARM_KEYS)]
+    for arm, d in metrics["defense"].items():
+        w = metrics["defense_worst"][arm]
+        lines.append(f"| {arm} | " + " | ".join(f"{_fmt(d.get(k))} / {_fmt(w.get(k))}"
+                                                 for k in ARM_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _readme(cfg: RunConfig, metrics: dict[str, Any]) -> str:
+    return (
+        "# dice experiment anomaly\n\n"
+        f"- {cfg.topology.n} nodes, topology `{cfg.topology.name}`, data `{cfg.data.dataset}` "
+        f"({cfg.data.partition}), {cfg.train.rounds} rounds, seeds {metrics['seeds']}\n"
+        f"- attackers per seed: {metrics['malicious']}\n\n"
+        + markdown_tables(metrics)
+        + "\nWorst = min over seeds (max for rounds and flagged/pruned honest edges). "
+        "Files: `metrics.json`, `detection_rounds.csv` (rule evaluated at every round), "
+        "`edges.csv` (per-edge cumulative proximal influence), `accuracy.csv`, "
+        "`reciprocity.csv`, `defense.csv`, `fig4_neighbours.png`, `roc.png`, `accuracy.png`, "
+        "`graph_pruned.png`.\n\nSign convention: influence = loss with the data − loss without "
+        "it; positive = harmful.\n"
+    )
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+def demo_config() -> dict[str, Any]:
+    """The small digits attack + defence used by ``dice demo`` (= configs/anomaly-digits.yaml)."""
+    return {
+        "seed": 0,
+        "data": {"dataset": "digits", "samples_per_node": 80, "test_samples_per_node": 20,
+                 "validation_samples": 360},
+        "topology": {"name": "random-regular", "n": 16, "degree": 4, "weights": "metropolis"},
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"rounds": 40, "batch_size": 16, "lr": 0.1, "eval_every": 10},
+        "experiment": {"attacks": [{"kind": "label_flip", "count": 2}],
+                       "arms": ["no_attack", "attack", "attack_defended"]},
+    }
+
+
+def demo_anomaly(out: Path, console: Any) -> dict[str, Any]:
+    """Small digits attack + defence (< 40 s on 2 cores): prints who was caught and the honest
+    accuracy with and without the defence; writes the run directory under ``out``."""
+    from rich.table import Table
+
+    cfg = load_config(demo_config())
+    console.rule("[bold]dice demo: label-flip attackers, caught by proximal influence")
+    m = run_experiment(cfg, out, progress=False)
+    det = m["detection"]
+    caught = m["per_seed"][0]["detection"]["caught"]
+    bad = m["malicious"][str(cfg.seed)]
+    console.print(f"attackers: {bad}; caught by their neighbours: [bold]{caught}[/] "
+                  f"(edge AUROC {det['auroc_edge']:.3f}, precision {det['precision']:.2f}, "
+                  f"recall {det['recall']:.2f})")
+    t = Table(title="honest nodes' test accuracy")
+    for c in ("arm", "mean", "worst", "honest edges pruned"):
+        t.add_column(c, justify="right")
+    for arm, d in m["defense"].items():
+        t.add_row(arm, f"{d['honest_acc_mean']:.3f}", f"{d['honest_acc_worst']:.3f}",
+                  f"{d['honest_edges_pruned']:.3f}")
+    console.print(t)
+    console.print(f"run directory: [bold]{out}[/]")
+    return m
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
+    """Add ``dice experiment anomaly`` and ``dice bench proximal``."""
+    import typer
+    from rich.console import Console
+
+    console, err = Console(), Console(stderr=True)
+    set_help = "Override a config value, e.g. --set train.rounds=50 (repeatable)."
+
+    def _fail(exc: BaseException) -> None:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+    @experiment_app.command("anomaly")
+    def anomaly_cmd(
+        config: Path = typer.Argument(..., help="YAML config with an experiment: mapping."),
+        out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+        set_: list[str] = typer.Option(None, "--set", help=set_help),
+        seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
+        quiet: bool = typer.Option(False, "--quiet", "-q"),
+    ) -> None:
+        """Malicious-neighbour detection and self-healing with proximal influence."""
+        from ..data import DataError
+        from ..topology import TopologyError
+
+        try:
+            cfg = load_config(config, set_ or [])
+            parse_experiment(cfg)
+            seed_list = ([int(s) for s in seeds.split(",") if s.strip()] if seeds else None)
+        except (ConfigError, ValueError) as exc:
+            _fail(exc)
+        try:
+            m = run_experiment(cfg, out, seeds=seed_list, progress=not quiet,
+                               log=None if quiet else console.print)
+        except (ConfigError, DataError, TopologyError, FileNotFoundError) as exc:
+            _fail(exc)
+        console.print(markdown_tables(m))
+        console.print(f"run directory: [bold]{out}[/]")
+
+    @bench_app.command("proximal")
+    def bench_cmd(
+        json_path: Path = typer.Option(Path("bench-proximal.json"), "--json"),
+        config: Path = typer.Option(None, help="Config to time (default: anomaly-blog)."),
+        rounds: int = typer.Option(30, help="Timed rounds per measurement."),
+        repeats: int = typer.Option(3, help="Repetitions (the minimum is kept)."),
+    ) -> None:
+        """Overhead of online proximal influence vs plain training (s/round, ratios)."""
+        from ..bench_proximal import bench_proximal
+
+        try:
+            res = bench_proximal(config, rounds=rounds, repeats=repeats, out=json_path)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            _fail(exc)
+        for row in res["results"]:
+            console.print(f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
+                          f"(× {row['ratio']:.2f} of plain training)")
+        console.print(f"wrote [bold]{json_path}[/]")
