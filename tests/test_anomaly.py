@@ -56,9 +56,15 @@ def test_attack_specs_select_nodes_deterministically():
 
 
 def test_update_attacks_transform_sent_update():
-    plan = AttackPlan.resolve([AttackSpec(kind="sign_flip", scale=-5, nodes=[0]),
-                               AttackSpec(kind="free_rider", nodes=[1]),
-                               AttackSpec(kind="update_noise", sigma=0.5, nodes=[2])], 4, 0)
+    plan = AttackPlan.resolve(
+        [
+            AttackSpec(kind="sign_flip", scale=-5, nodes=[0]),
+            AttackSpec(kind="free_rider", nodes=[1]),
+            AttackSpec(kind="update_noise", sigma=0.5, nodes=[2]),
+        ],
+        4,
+        0,
+    )
     U = torch.ones(4, 3)
     rows = plan.apply_updates(U, 0)
     assert rows == [0, 1, 2]
@@ -67,8 +73,10 @@ def test_update_attacks_transform_sent_update():
     V = torch.ones(4, 3)
     plan.apply_updates(V, 0)
     assert torch.equal(U, V)  # seeded noise: replay is exact
-    cfg = with_data_attacks(digits_cfg(), AttackPlan.resolve(
-        [AttackSpec(kind="label_flip", count=2, fraction=0.5)], 16, 0))
+    cfg = with_data_attacks(
+        digits_cfg(),
+        AttackPlan.resolve([AttackSpec(kind="label_flip", count=2, fraction=0.5)], 16, 0),
+    )
     assert cfg.data.corruptions[0].fraction == 0.5 and len(cfg.data.corruptions[0].nodes) == 2
 
 
@@ -98,18 +106,23 @@ def test_sign_flip_caught_in_first_rounds_and_defence_heals():
     res = guarded_train(problem, plan, GuardOptions(defense="dice"))
     judged, bad = A.edge_sets(res.tracker.seen.numpy(), plan.mask)
     first = {}
-    for t, k, j, s in res.prune_log:
+    for t, k, j, _s in res.prune_log:
         first.setdefault((k, j), t)
     assert all(first.get((k, j), 99) <= 1 for k, j in zip(*np.nonzero(bad), strict=True))
     assert not (res.blocked & judged & ~bad).any()  # no honest edge pruned
     assert honest_connected(res.W_final, ~plan.mask)
-    assert res.final["honest_acc_mean"] > 0.8
+    clean = guarded_train(
+        build_problem(cfg), None, GuardOptions(track_every=0), malicious=plan.mask
+    )
+    undefended = guarded_train(problem, plan, GuardOptions(track_every=0))
+    acc = res.final["honest_acc_mean"]
+    assert acc >= clean.final["honest_acc_mean"] - 0.05
+    assert acc > undefended.final["honest_acc_mean"] + 0.05
 
 
 def test_rules_and_metrics_on_hand_made_scores():
     E = ~np.eye(4, dtype=bool)
-    S = np.array([[0, -1.0, -1.2, 5.0], [-1, 0, -1.1, 4.0], [-1, -0.9, 0, 3.0],
-                  [-1, -1, -1, 0]])
+    S = np.array([[0, -1.0, -1.2, 5.0], [-1, 0, -1.1, 4.0], [-1, -0.9, 0, 3.0], [-1, -1, -1, 0]])
     mal = np.array([False, False, False, True])
     F = A.flags(S, E, "sign")
     assert F[:3, 3].all() and not F[:3, :3].any()
@@ -165,23 +178,41 @@ def test_exploding_attacker_does_not_poison_defended_network(defense):
 
 
 def test_experiment_writes_metrics_and_plots(tmp_path):
-    cfg = digits_cfg(rounds=12, arms=["no_attack", "attack", "attack_defended",
-                                      "attack_baseline"])
-    m = run_experiment(cfg, tmp_path, seeds=[0, 1])
+    cfg = digits_cfg(rounds=12, arms=["no_attack", "attack", "attack_defended", "attack_baseline"])
+    m = run_experiment(cfg, tmp_path, seeds=[0])
     det = m["detection"]
-    for key in ("auroc_edge", "auroc_node", "precision", "recall", "f1", "rounds_to_90pct",
-                "honest_edges_flagged"):
+    for key in (
+        "auroc_edge",
+        "auroc_node",
+        "precision",
+        "recall",
+        "f1",
+        "rounds_to_90pct",
+        "honest_edges_flagged",
+    ):
         assert key in det and key in m["detection_worst"]
     for arm in ("no_attack", "attack", "attack_defended", "attack_baseline"):
-        for key in ("honest_acc_mean", "honest_acc_worst", "honest_edges_pruned",
-                    "honest_graph_connected"):
+        for key in (
+            "honest_acc_mean",
+            "honest_acc_worst",
+            "honest_edges_pruned",
+            "honest_graph_connected",
+        ):
             assert key in m["defense"][arm]
     assert det["auroc_edge"] >= 0.95
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["defense"]["attack_defended"]["honest_graph_connected"] == 1.0
-    for f in ("edges.csv", "detection_rounds.csv", "accuracy.csv", "reciprocity.csv",
-              "fig4_neighbours.png", "roc.png", "accuracy.png", "graph_pruned.png",
-              "README.md"):
+    for f in (
+        "edges.csv",
+        "detection_rounds.csv",
+        "accuracy.csv",
+        "reciprocity.csv",
+        "fig4_neighbours.png",
+        "roc.png",
+        "accuracy.png",
+        "graph_pruned.png",
+        "README.md",
+    ):
         assert (tmp_path / f).is_file(), f
 
 
@@ -198,11 +229,32 @@ def test_cli(tmp_path):
     from dice_influence.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["experiment", "anomaly", "configs/anomaly-digits.yaml", "--out",
-                            str(tmp_path / "run"), "--set", "train.rounds=6", "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "experiment",
+            "anomaly",
+            "configs/anomaly-digits.yaml",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.rounds=6",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "metrics.json").is_file()
-    r = runner.invoke(app, ["experiment", "anomaly", "configs/anomaly-digits.yaml", "--out",
-                            str(tmp_path / "bad"), "--set", "experiment.tracking.readout=late"])
+    r = runner.invoke(
+        app,
+        [
+            "experiment",
+            "anomaly",
+            "configs/anomaly-digits.yaml",
+            "--out",
+            str(tmp_path / "bad"),
+            "--set",
+            "experiment.tracking.readout=late",
+        ],
+    )
     assert r.exit_code == 2
     assert "experiment.tracking.readout" in r.output

@@ -9,9 +9,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from dice_influence.config import ConfigError, load_config
+from dice_influence.cli import app
+from dice_influence.config import ConfigError, dump_config, load_config
 from dice_influence.distributed import build_local, distributed_settings, launch, simulate
+from dice_influence.distributed.launch import collect
 from dice_influence.distributed.transport import PeerFailure, Transport
 from dice_influence.simulator import build_problem, train
 
@@ -20,15 +23,21 @@ WALL = 150  # hard limit per launch: the launcher kills every peer after this
 
 
 def cfg_for(n: int, time_varying: str | None = None, rounds: int = 6, **dist) -> object:
-    return load_config({
-        "seed": 1,
-        "data": {"dataset": "digits", "samples_per_node": 40, "test_samples_per_node": 20,
-                 "validation_samples": 60},
-        "topology": {"name": "exponential", "n": n, "time_varying": time_varying},
-        "model": {"name": "mlp", "hidden": [16]},
-        "train": {"rounds": rounds, "batch_size": 8, "lr": 0.1, "eval_every": 3},
-        "experiment": {"distributed": {"timeout_s": 20, **dist}},
-    })
+    return load_config(
+        {
+            "seed": 1,
+            "data": {
+                "dataset": "digits",
+                "samples_per_node": 40,
+                "test_samples_per_node": 20,
+                "validation_samples": 60,
+            },
+            "topology": {"name": "exponential", "n": n, "time_varying": time_varying},
+            "model": {"name": "mlp", "hidden": [16]},
+            "train": {"rounds": rounds, "batch_size": 8, "lr": 0.1, "eval_every": 3},
+            "experiment": {"distributed": {"timeout_s": 20, **dist}},
+        }
+    )
 
 
 def assert_matches(res, cfg) -> None:
@@ -54,20 +63,28 @@ def test_settings_are_validated():
 
 
 def test_peer_holds_exactly_its_simulator_partition():
-    cfg = load_config({
-        "seed": 2,
-        "data": {"dataset": "digits", "samples_per_node": 30, "test_samples_per_node": 10,
-                 "corruptions": [{"kind": "label_flip", "nodes": [1], "fraction": 0.5}]},
-        "topology": {"name": "ring", "n": 4},
-        "model": {"name": "mlp", "hidden": [8]},
-        "train": {"batch_size": 5, "same_init": False},
-    })
+    cfg = load_config(
+        {
+            "seed": 2,
+            "data": {
+                "dataset": "digits",
+                "samples_per_node": 30,
+                "test_samples_per_node": 10,
+                "corruptions": [{"kind": "label_flip", "nodes": [1], "fraction": 0.5}],
+            },
+            "topology": {"name": "ring", "n": 4},
+            "model": {"name": "mlp", "hidden": [8]},
+            "train": {"batch_size": 5, "same_init": False},
+        }
+    )
     p = build_problem(cfg)
     theta0 = p.init_theta()
     for k in (0, 1, 3):
         lp = build_local(cfg, k)
         size = int(p.node_data.sizes[k])
-        assert torch.equal(lp.x, p.node_data.x[k, :size]) and torch.equal(lp.y, p.node_data.y[k, :size])
+        assert torch.equal(lp.x, p.node_data.x[k, :size]) and torch.equal(
+            lp.y, p.node_data.y[k, :size]
+        )
         assert torch.equal(lp.test_x, p.node_test.x[k]) and torch.equal(lp.test_y, p.node_test.y[k])
         assert torch.equal(lp.init_theta()[0], theta0[k])
         for t in (0, 7):
@@ -78,8 +95,9 @@ def test_peer_holds_exactly_its_simulator_partition():
 
 def test_packets_are_checked_not_trusted():
     tp = Transport(rank=0, d=3, dtype=torch.float32, device=torch.device("cpu"), timeout_s=1)
-    buf = Transport(rank=2, d=3, dtype=torch.float32, device=torch.device("cpu"),
-                    timeout_s=1).pack(5, torch.ones(1, 3), torch.zeros(1, 3))
+    buf = Transport(rank=2, d=3, dtype=torch.float32, device=torch.device("cpu"), timeout_s=1).pack(
+        5, torch.ones(1, 3), torch.zeros(1, 3)
+    )
     half, u = tp.unpack(buf, src=2, t=5)
     assert torch.equal(half, torch.ones(1, 3)) and torch.equal(u, torch.zeros(1, 3))
     with pytest.raises(PeerFailure, match="claims sender 2"):
@@ -95,11 +113,32 @@ def test_packets_are_checked_not_trusted():
 # ------------------------------------------------------------------------------ real peers
 
 
-@pytest.mark.parametrize("n,tv", [(4, None), (4, "random-matching"), (8, None),
-                                  (8, "one-peer-exponential")])
+@pytest.mark.parametrize(
+    "n,tv", [(4, None), (4, "random-matching"), (8, None), (8, "one-peer-exponential")]
+)
 def test_peers_match_simulator(tmp_path, n, tv):
     cfg = cfg_for(n, tv)
-    res = launch(cfg, n, tmp_path, wall_timeout=WALL)
+    if tv == "random-matching":  # through the command line: `dice launch CONFIG --peers N`
+        path = tmp_path / "cfg.yaml"
+        path.write_text(dump_config(cfg))
+        cli = CliRunner().invoke(
+            app,
+            [
+                "launch",
+                str(path),
+                "--peers",
+                str(n),
+                "--out",
+                str(tmp_path),
+                "--timeout",
+                str(WALL),
+            ],
+        )
+        assert cli.exit_code == 0, cli.output
+        res = collect(tmp_path, n)
+        res.returncodes = [0] * n
+    else:
+        res = launch(cfg, n, tmp_path, wall_timeout=WALL)
     assert_matches(res, cfg)
     m = json.loads((tmp_path / "peer-0" / "metrics.json").read_text())
     assert m["status"] == "ok" and m["bytes_sent"] > 0
@@ -142,9 +181,12 @@ def test_detection_drops_harmful_neighbour_like_the_simulator(tmp_path):
     assert res.ok, res.errors
     assert torch.allclose(res.theta, ref.theta, atol=TOL, rtol=0)
     assert np.allclose(res.P, ref.P, atol=TOL, rtol=0)
-    got = sorted((e["round"], e["peer_k"], e["peer"]) for m in res.metrics
-                 for e in ({**e, "peer_k": m["peer"]} for e in m["events"])
-                 if e["event"] == "dropped")
+    got = sorted(
+        (e["round"], e["peer_k"], e["peer"])
+        for m in res.metrics
+        for e in ({**e, "peer_k": m["peer"]} for e in m["events"])
+        if e["event"] == "dropped"
+    )
     assert got == sorted(ref.drops)
     for m in res.metrics:  # every drop was told to the sender, who stopped sending
         for e in m["events"]:

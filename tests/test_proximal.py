@@ -17,8 +17,12 @@ from dice_influence.simulator import build_problem, train
 def cfg(**over):
     base = {
         "seed": 1,
-        "data": {"dataset": "digits", "samples_per_node": 40, "test_samples_per_node": 20,
-                 "validation_samples": 100},
+        "data": {
+            "dataset": "digits",
+            "samples_per_node": 40,
+            "test_samples_per_node": 20,
+            "validation_samples": 100,
+        },
         "topology": {"name": "ring", "n": 6},
         "model": {"name": "mlp", "hidden": [16]},
         "train": {"rounds": 8, "batch_size": 8, "lr": 0.1, "eval_every": 4},
@@ -45,8 +49,9 @@ def test_tracker_matches_proximal_matrix_and_readouts():
     c = cfg(train__rounds=3)
     p = build_problem(c)
     x, y = p.test_set(per_node=True)
-    res = {ro: guarded_train(p, None, GuardOptions(readout=ro)) for ro in ("pre", "post",
-                                                                           "midpoint")}
+    res = {
+        ro: guarded_train(p, None, GuardOptions(readout=ro)) for ro in ("pre", "post", "midpoint")
+    }
     th0 = p.init_theta()
     th1, _ = p.round(th0, None, 0)
     half, _ = p.local_step(th0, None, 0)
@@ -62,8 +67,7 @@ def test_tracker_matches_proximal_matrix_and_readouts():
     assert torch.allclose(h["midpoint"], 0.5 * (pre + post), atol=1e-7)
     # cumulative = sum of the per-round history
     tk = res["pre"].tracker
-    assert torch.allclose(tk.cum, torch.from_numpy(tk.history("actual")).double().sum(0),
-                          atol=1e-6)
+    assert torch.allclose(tk.cum, torch.from_numpy(tk.history("actual")).double().sum(0), atol=1e-6)
 
 
 def test_sign_convention_matches_counterfactual_loss_difference():

@@ -49,7 +49,12 @@ class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal[
-        "label_flip", "random_labels", "gaussian_noise", "scale", "sign_flip", "update_noise",
+        "label_flip",
+        "random_labels",
+        "gaussian_noise",
+        "scale",
+        "sign_flip",
+        "update_noise",
         "free_rider",
     ]
     nodes: list[int] | None = None
@@ -131,9 +136,16 @@ class AttackPlan:
         out = []
         for spec, ks in zip(self.specs, self.nodes, strict=True):
             if spec.level == "data" and ks:
-                out.append(CorruptionConfig(kind=spec.kind, nodes=list(ks), fraction=spec.fraction,
-                                            sigma=spec.sigma, permutation=spec.permutation,
-                                            seed=spec.seed))
+                out.append(
+                    CorruptionConfig(
+                        kind=spec.kind,
+                        nodes=list(ks),
+                        fraction=spec.fraction,
+                        sigma=spec.sigma,
+                        permutation=spec.permutation,
+                        seed=spec.seed,
+                    )
+                )
         return out
 
     def apply_updates(self, U: torch.Tensor, t: int) -> list[int]:
@@ -150,7 +162,8 @@ class AttackPlan:
                 U[idx] = 0.0
             else:  # update_noise
                 gen = torch.Generator(device="cpu").manual_seed(
-                    (self.seed * 1_000_003 + spec.seed * 7919 + i) * 100_003 + t)
+                    (self.seed * 1_000_003 + spec.seed * 7919 + i) * 100_003 + t
+                )
                 noise = torch.randn((len(ks), U.shape[1]), generator=gen, dtype=U.dtype)
                 U[idx] += spec.sigma * noise.to(U.device)
             changed.extend(ks)

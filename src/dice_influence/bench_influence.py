@@ -52,14 +52,14 @@ def bench_influence(*, max_hops: int = 8, batched: int = 32, window: int = 5,
     for h in range(1, max_hops + 1):
         log(f"bench influence: hops={h}")
         rec: dict[str, Any] = {"hops": h}
-        rec["gt_single"] = _per_event(lambda ev: ground_truth(traj, ev, hops=h), single)
-        rec["gt_batched"] = _per_event(lambda ev: ground_truth(traj, ev, hops=h), many)
+        rec["gt_single"] = _per_event(lambda ev, h=h: ground_truth(traj, ev, hops=h), single)
+        rec["gt_batched"] = _per_event(lambda ev, h=h: ground_truth(traj, ev, hops=h), many)
         rec["e_linear_single"] = _per_event(
-            lambda ev: estimate(traj, ev, hops=h, readout="linear"), single)
+            lambda ev, h=h: estimate(traj, ev, hops=h, readout="linear"), single)
         rec["e_linear_batched"] = _per_event(
-            lambda ev: estimate(traj, ev, hops=h, readout="linear"), many)
+            lambda ev, h=h: estimate(traj, ev, hops=h, readout="linear"), many)
         rec["e_midpoint_batched"] = _per_event(
-            lambda ev: estimate(traj, ev, hops=h, readout="midpoint"), many)
+            lambda ev, h=h: estimate(traj, ev, hops=h, readout="midpoint"), many)
         per_hop.append(rec)
     # all-sample attribution of a window vs training the same rounds vs replaying each sample
     t0, t1 = 10, 10 + window

@@ -33,8 +33,13 @@ def _time(fn: Any, repeats: int) -> float:
     return best
 
 
-def bench_proximal(config: str | Path | None = None, *, rounds: int = 30, repeats: int = 3,
-                   out: str | Path | None = None) -> dict[str, Any]:
+def bench_proximal(
+    config: str | Path | None = None,
+    *,
+    rounds: int = 30,
+    repeats: int = 3,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
     """Time each mode for ``rounds`` rounds (best of ``repeats``); write and return the JSON."""
     from .apps.defense import GuardOptions, guarded_train
     from .config import load_config
@@ -47,14 +52,10 @@ def bench_proximal(config: str | Path | None = None, *, rounds: int = 30, repeat
     modes = {
         "plain (guarded loop, no tracking)": GuardOptions(track_every=0, eval_every=0),
         "track every round, pre": GuardOptions(track_every=1, readout="pre", eval_every=0),
-        "track every 5th round, pre": GuardOptions(track_every=5, readout="pre",
-                                                   eval_every=0),
-        "track every round, post": GuardOptions(track_every=1, readout="post",
-                                                eval_every=0),
-        "track every 5th round, post": GuardOptions(track_every=5, readout="post",
-                                                    eval_every=0),
-        "track every round + defence": GuardOptions(track_every=1, defense="dice",
-                                                    eval_every=0),
+        "track every 5th round, pre": GuardOptions(track_every=5, readout="pre", eval_every=0),
+        "track every round, post": GuardOptions(track_every=1, readout="post", eval_every=0),
+        "track every 5th round, post": GuardOptions(track_every=5, readout="post", eval_every=0),
+        "track every round + defence": GuardOptions(track_every=1, defense="dice", eval_every=0),
     }
     results = []
     core = _time(lambda: run_rounds(problem, theta, None, 0, rounds), repeats) / rounds
@@ -63,16 +64,19 @@ def bench_proximal(config: str | Path | None = None, *, rounds: int = 30, repeat
         s = _time(lambda o=opts: guarded_train(problem, None, o, rounds=rounds), repeats) / rounds
         base = base or s
         results.append({"mode": name, "s_per_round": s, "ratio": s / base})
-    results.append({"mode": "core simulator run_rounds", "s_per_round": core,
-                    "ratio": core / base})
+    results.append({"mode": "core simulator run_rounds", "s_per_round": core, "ratio": core / base})
     doc = {
         "benchmark": "proximal",
         "config": str(path),
         "setting": f"n={cfg.topology.n}, {cfg.data.dataset}, model {cfg.model.name} "
-                   f"{cfg.model.hidden}, batch {cfg.train.batch_size}, per-node test split "
-                   f"{cfg.data.test_samples_per_node}, {rounds} rounds, best of {repeats}",
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        f"{cfg.model.hidden}, batch {cfg.train.batch_size}, per-node test split "
+        f"{cfg.data.test_samples_per_node}, {rounds} rounds, best of {repeats}",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "results": results,
     }
     if out is not None:

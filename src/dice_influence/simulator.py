@@ -143,47 +143,80 @@ class Problem:
         return loss_grads(self.fm, theta, x, y)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[name]
+def run_dtype(cfg: RunConfig) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
+
+
+def build_schedule(cfg: RunConfig) -> T.Schedule:
+    """The mixing schedule of ``cfg`` (a pure function of the config and its seed)."""
+    tc = cfg.topology
+    if tc.matrix is not None:
+        return T.StaticSchedule(T.from_matrix(np.array(tc.matrix, dtype=float)))
+    kw = {k: v for k, v in (("p", tc.p), ("degree", tc.degree), ("k", tc.k)) if v is not None}
+    return T.make_schedule(tc.name, tc.n, weights=tc.weights, seed=cfg.seed,
+                           time_varying=tc.time_varying, **kw)
+
+
+def build_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
+    """Every node's training indices (fixed for the run)."""
+    dc = cfg.data
+    return D.partition(ds.y_train, cfg.topology.n, scheme=dc.partition,
+                       samples_per_node=dc.samples_per_node, alpha=dc.alpha,
+                       classes_per_node=dc.classes_per_node, seed=cfg.seed)
+
+
+def build_test_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
+    """Every node's own test split (needs ``data.test_samples_per_node``)."""
+    return D.partition(ds.y_test, cfg.topology.n, scheme="iid",
+                       samples_per_node=cfg.data.test_samples_per_node, seed=cfg.seed)
+
+
+def build_corruptions(cfg: RunConfig) -> list[D.Corruption]:
+    return [D.Corruption(kind=c.kind, nodes=tuple(c.nodes), fraction=c.fraction, sigma=c.sigma,
+                         seed=c.seed,
+                         permutation=None if c.permutation is None else tuple(c.permutation))
+            for c in cfg.data.corruptions]
+
+
+def build_functional_model(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
+                           device: torch.device) -> FunctionalModel:
+    mc = cfg.model
+    module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
+                         channels=tuple(mc.channels), width=mc.width)
+    return FunctionalModel(module.to(device=device, dtype=dtype))
+
+
+def build_optimizer(cfg: RunConfig) -> Optimizer:
+    trc = cfg.train
+    return Optimizer(momentum=trc.momentum, weight_decay=trc.weight_decay, nesterov=trc.nesterov)
+
+
+def build_validation(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared test set ``z'`` (the first ``data.validation_samples`` test samples)."""
+    nval = cfg.data.validation_samples or len(ds.y_test)
+    return ds.x_test[:nval].to(device=device, dtype=dtype), ds.y_test[:nval].to(device)
 
 
 def build_problem(cfg: RunConfig) -> Problem:
     """Load data, partition it, build topology, model and optimizer from ``cfg``."""
-    dc, tc, mc, trc = cfg.data, cfg.topology, cfg.model, cfg.train
-    dtype = _dtype(trc.dtype)
-    device = torch.device(trc.device)
+    dc, _tc = cfg.data, cfg.topology
+    dtype = run_dtype(cfg)
+    device = torch.device(cfg.train.device)
     ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    parts = D.partition(
-        ds.y_train, tc.n, scheme=dc.partition, samples_per_node=dc.samples_per_node,
-        alpha=dc.alpha, classes_per_node=dc.classes_per_node, seed=cfg.seed,
-    )
-    corruptions = [D.Corruption(kind=c.kind, nodes=tuple(c.nodes), fraction=c.fraction,
-                                sigma=c.sigma, seed=c.seed,
-                                permutation=None if c.permutation is None else tuple(c.permutation))
-                   for c in dc.corruptions]
-    nd = D.make_node_data(ds, parts, split="train", corruptions=corruptions)
+    nd = D.make_node_data(ds, build_partition(cfg, ds), split="train",
+                          corruptions=build_corruptions(cfg))
     nd = _cast(nd, dtype, device)
     node_test = None
     if dc.test_samples_per_node:
-        node_test = _cast(D.node_test_splits(ds, tc.n, samples_per_node=dc.test_samples_per_node,
-                                             seed=cfg.seed), dtype, device)
-    if tc.matrix is not None:
-        schedule: T.Schedule = T.StaticSchedule(T.from_matrix(np.array(tc.matrix, dtype=float)))
-    else:
-        kw = {k: v for k, v in (("p", tc.p), ("degree", tc.degree), ("k", tc.k)) if v is not None}
-        schedule = T.make_schedule(tc.name, tc.n, weights=tc.weights, seed=cfg.seed,
-                                   time_varying=tc.time_varying, **kw)
-    batches = D.BatchSchedule(nd.sizes, trc.batch_size, seed=cfg.seed)
-    module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
-                         channels=tuple(mc.channels), width=mc.width)
-    fm = FunctionalModel(module.to(device=device, dtype=dtype))
-    nval = dc.validation_samples or len(ds.y_test)
-    val_x = ds.x_test[:nval].to(device=device, dtype=dtype)
-    val_y = ds.y_test[:nval].to(device)
-    opt = Optimizer(momentum=trc.momentum, weight_decay=trc.weight_decay, nesterov=trc.nesterov)
-    return Problem(cfg=cfg, fm=fm, dataset=ds, node_data=nd, batches=batches, schedule=schedule,
-                   opt=opt, val_x=val_x, val_y=val_y, node_test=node_test, dtype=dtype,
-                   device=device)
+        node_test = _cast(D.make_node_data(ds, build_test_partition(cfg, ds), split="test"),
+                          dtype, device)
+    batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
+    val_x, val_y = build_validation(cfg, ds, dtype, device)
+    return Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
+                   node_data=nd, batches=batches, schedule=build_schedule(cfg),
+                   opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
+                   dtype=dtype, device=device)
 
 
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:

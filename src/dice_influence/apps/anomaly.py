@@ -51,8 +51,9 @@ def robust_z(S: np.ndarray, E: np.ndarray) -> np.ndarray:
     return np.where(E, z, np.nan)
 
 
-def flags(S: np.ndarray, E: np.ndarray, rule: str = "sign", z_threshold: float = 3.0,
-          margin: float = 0.0) -> np.ndarray:
+def flags(
+    S: np.ndarray, E: np.ndarray, rule: str = "sign", z_threshold: float = 3.0, margin: float = 0.0
+) -> np.ndarray:
     """Boolean flags ``F[k, j]`` (only on edges) for the given rule (see module docstring).
     ``margin`` raises the sign rule's threshold to ``S > margin``."""
     if rule not in RULES:
@@ -211,8 +212,9 @@ def over_rounds(
     return out
 
 
-def summarize_rounds(series: list[dict[str, Any]], *, from_round: int = 3,
-                     to_round: int = 100) -> dict[str, Any]:
+def summarize_rounds(
+    series: list[dict[str, Any]], *, from_round: int = 3, to_round: int = 100
+) -> dict[str, Any]:
     """Worst precision / recall over checks in ``[from_round, to_round]`` and the first round
     at which ≥ 90 % of malicious edges are flagged (None if never)."""
     sel = [r for r in series if from_round <= r["round"] <= to_round]

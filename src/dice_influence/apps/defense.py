@@ -10,6 +10,8 @@
 3. **defence**: ``"dice"`` — every ``check_every`` rounds each node applies a detection rule
    (:mod:`dice_influence.apps.anomaly`) to its own row and prunes flagged in-neighbours
    (:func:`prune`: ``W[k, j] = 0``, the weight moves to the diagonal, rows stay stochastic);
+   it also refuses, for good, senders whose update norm exceeds ``max_norm_ratio`` × the median
+   norm it sees (first-order influence calls a scaled-up helpful update "helpful");
    ``"clipped_gossip"`` — the robust-aggregation baseline of He, Karimireddy & Jaggi (2022)
    (:func:`clipped_gossip`); ``"trimmed_mean"`` — coordinate-wise trimmed mean over
    in-neighbours.
@@ -23,6 +25,7 @@ from the next round. Non-finite senders never leak: pruned weights are exact zer
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +147,7 @@ class GuardOptions:
     check_every: int = 1
     start: int = 1  # first round (index) at which a node may prune
     readmit: bool = True
+    max_norm_ratio: float | None = 10.0  # also flag ‖u_j‖ > ratio · median of k's view
     clip_delta: float = 0.2
     trim: float = 0.2
     eval_every: int = 10
@@ -175,9 +179,13 @@ def _eval(problem: Any, theta: torch.Tensor, honest: np.ndarray, t: int) -> dict
         idx = torch.as_tensor(np.flatnonzero(honest), device=theta.device)
         loss, acc = node_losses(problem.fm, theta[idx], problem.val_x, problem.val_y)
     acc = torch.nan_to_num(acc, nan=0.0)
-    return {"round": t, "honest_acc_mean": float(acc.mean()),
-            "honest_acc_worst": float(acc.min()), "honest_loss_mean": float(loss.mean()),
-            "honest_finite": bool(torch.isfinite(theta[idx]).all())}
+    return {
+        "round": t,
+        "honest_acc_mean": float(acc.mean()),
+        "honest_acc_worst": float(acc.min()),
+        "honest_loss_mean": float(loss.mean()),
+        "honest_finite": bool(torch.isfinite(theta[idx]).all()),
+    }
 
 
 def guarded_train(
@@ -209,10 +217,14 @@ def guarded_train(
     tracker = None
     test_x = test_y = None
     if tracking:
-        q = (torch.full((n,), 1.0 / n, dtype=torch.float64) if opts.q == "uniform"
-             else torch.ones(n, dtype=torch.float64))
-        tracker = ProximalTracker(n, q, readout=opts.readout, window=opts.window,
-                                  history=opts.history)
+        q = (
+            torch.full((n,), 1.0 / n, dtype=torch.float64)
+            if opts.q == "uniform"
+            else torch.ones(n, dtype=torch.float64)
+        )
+        tracker = ProximalTracker(
+            n, q, readout=opts.readout, window=opts.window, history=opts.history
+        )
         test_x, test_y = problem.test_set(per_node=True)
         if opts.test_batch is not None and opts.test_batch < test_y.shape[1]:
             test_x, test_y = test_x[:, : opts.test_batch], test_y[:, : opts.test_batch]
@@ -248,13 +260,33 @@ def guarded_train(
         if bool(torch.isfinite(th.sum(1)).all()):
             torch.mm(m.W, th, out=out)
         else:
-            m(th, out=out)
+            res = m(th, out=out)
+            if res is not out:  # the core Mixer's masked path returns a new tensor
+                out.copy_(res)
+
+    norm_blocked = np.zeros((n, n), dtype=bool)
+
+    def norm_check(U: torch.Tensor, W_nom: np.ndarray) -> None:
+        # First-order influence calls a positively scaled-up update "helpful"; a node also
+        # refuses updates far larger than those it sees (sticky: a malformed sender).
+        if opts.max_norm_ratio is None:
+            return
+        norms = U.norm(dim=1).double().cpu().numpy()
+        norms = np.where(np.isfinite(norms), norms, np.inf)
+        view = (W_nom > 0) | np.eye(n, dtype=bool)
+        M = np.where(view, norms[None, :], np.nan)
+        M = np.where(np.isinf(M), np.nan, M)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(M, axis=1)
+        big = norms[None, :] > opts.max_norm_ratio * np.nan_to_num(med, nan=0.0)[:, None]
+        norm_blocked[...] |= big & view & ~np.eye(n, dtype=bool)
 
     def decide(t: int) -> None:
         assert tracker is not None
         S = (tracker.score if opts.score == "cumulative" else tracker.window_score).numpy()
         E = tracker.seen.numpy()
-        F = A.flags(S, E, opts.rule, opts.z_threshold, opts.margin)
+        F = A.flags(S, E, opts.rule, opts.z_threshold, opts.margin) | norm_blocked
         new = F & ~blocked
         for k, j in zip(*np.nonzero(new), strict=True):
             prune_log.append((t, int(k), int(j), 1))
@@ -290,6 +322,8 @@ def guarded_train(
                 G_pre = G_next if G_next is not None else test_grad(prev)
             G_next = None
             W_t = prune(W_nom, blocked) if blocked.any() else W_nom
+            if opts.defense == "dice" and U is not None:
+                norm_check(U, W_nom)
             if track and opts.readout == "pre":
                 tracker.record(t, G_pre, U, W_t, W_nom)
                 if opts.defense == "dice" and t >= opts.start and t % opts.check_every == 0:
@@ -321,8 +355,12 @@ def guarded_train(
             advance()
     honest_idx = torch.as_tensor(np.flatnonzero(honest))
     return GuardResult(
-        theta=theta, tracker=tracker, blocked=blocked.copy(),
+        theta=theta,
+        tracker=tracker,
+        blocked=blocked.copy(),
         W_final=prune(problem.W(max(R - 1, 0)), blocked) if blocked.any() else W_used,
-        malicious=malicious, evals=evals, prune_log=prune_log,
+        malicious=malicious,
+        evals=evals,
+        prune_log=prune_log,
         nonfinite_honest=not bool(torch.isfinite(theta[honest_idx]).all()),
     )

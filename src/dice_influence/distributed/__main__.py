@@ -13,18 +13,26 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dice_influence.distributed",
-                                 description="Run one DICE peer (rank from RANK/WORLD_SIZE).")
+    ap = argparse.ArgumentParser(
+        prog="python -m dice_influence.distributed",
+        description="Run one DICE peer (rank from RANK/WORLD_SIZE).",
+    )
     ap.add_argument("config", help="YAML run config (the same file the simulator trains)")
     ap.add_argument("--out", default="runs/p2p", help="output directory (peer-<rank>/ inside)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a config value, e.g. --set train.lr=0.05 (repeatable)",
+    )
     args = ap.parse_args(argv)
     return run_cli(args.config, args.out, args.overrides)
 
 
 def run_cli(config: str, out: str, overrides: list[str]) -> int:
-    """Run one peer; print one line; exit code 0 ok, 1 peer failure, 2 bad configuration.
+    """Run one peer; print one line; returns 0 when done, else exits with 1 (peer failure,
+    crash) or 2 (bad configuration).
 
     After a failure the process exits at once (``os._exit``): torch.distributed cannot cancel a
     pending receive, and tearing the process group down could wait on the failed neighbour."""
@@ -38,12 +46,13 @@ def run_cli(config: str, out: str, overrides: list[str]) -> int:
         st = run_peer(cfg, out)
     except ConfigError as exc:
         print(f"peer {rank}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        sys.stdout.flush()
+        os._exit(2)
     except PeerFailure as exc:
         print(f"peer {rank}: stopped: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
-    except Exception as exc:  # noqa: BLE001 - any crash must not leave neighbours hanging
+    except Exception as exc:  # any crash must not leave neighbours hanging
         print(f"peer {rank}: crashed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
     print(f"peer {rank}: done, {st.t} rounds", flush=True)

@@ -31,11 +31,14 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
     @friendly
     def launch(
         config: Path = typer.Argument(..., help="YAML run config (same as the simulator's)."),
-        peers: int = typer.Option(..., "--peers", "-n", help="Number of local peers (= topology.n)."),
+        peers: int = typer.Option(
+            ..., "--peers", "-n", help="Number of local peers (= topology.n)."
+        ),
         out: Path = typer.Option(Path("runs/p2p"), "--out", "-o", help="Output directory."),
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-        resume: bool = typer.Option(False, "--resume",
-                                    help="Continue from the last checkpoint all peers share."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the last checkpoint all peers share."
+        ),
         timeout: float = typer.Option(None, "--timeout", help="Kill everything after SECONDS."),
     ) -> None:
         """Start N local peers on loopback (one process each) and collect their outputs."""
@@ -44,11 +47,11 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         from .launch import launch as run_launch
 
         console.print(f"launching {peers} peers on loopback -> [bold]{out}[/]")
-        res = run_launch(config, peers, out, overrides=set_ or [], resume=resume,
-                         wall_timeout=timeout)
+        res = run_launch(
+            config, peers, out, overrides=set_ or [], resume=resume, wall_timeout=timeout
+        )
         table = Table(title=f"{peers} peers, {res.seconds:.1f} s")
-        for col in ("peer", "status", "rounds", "test acc", "rounds/s", "bytes/round",
-                    "dropped"):
+        for col in ("peer", "status", "rounds", "test acc", "rounds/s", "bytes/round", "dropped"):
             table.add_column(col, justify="right")
         for k, m in enumerate(res.metrics):
             if m is None:
@@ -57,24 +60,31 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
             fin = m["final"] or {}
             rps = m["rounds_per_s"]
             dropped = [e["peer"] for e in m["events"] if e["event"] == "dropped"]
-            table.add_row(str(k), m["status"], str(m["rounds_done"]),
-                          f"{fin.get('acc', float('nan')):.3f}",
-                          "-" if rps is None else f"{rps:.1f}",
-                          f"{m['bytes_sent_per_round']:.0f}",
-                          ",".join(map(str, dropped)) or "-")
+            table.add_row(
+                str(k),
+                m["status"],
+                str(m["rounds_done"]),
+                f"{fin.get('acc', float('nan')):.3f}",
+                "-" if rps is None else f"{rps:.1f}",
+                f"{m['bytes_sent_per_round']:.0f}",
+                ",".join(map(str, dropped)) or "-",
+            )
         console.print(table)
         for e in res.errors:
             console.print(f"[bold red]{e}[/]")
-        console.print(f"outputs: [bold]{out}[/] (summary.json, proximal.csv, final.safetensors, "
-                      "peer-<k>/); proximal influence sign: positive = harmful")
+        console.print(
+            f"outputs: [bold]{out}[/] (summary.json, proximal.csv, final.safetensors, "
+            "peer-<k>/); proximal influence sign: positive = harmful"
+        )
         if not res.ok:
             raise typer.Exit(1)
 
     @bench_app.command("distributed")
     @friendly
     def bench_distributed(
-        json_path: Path = typer.Option(Path("bench-distributed.json"), "--json",
-                                       help="Output JSON file."),
+        json_path: Path = typer.Option(
+            Path("bench-distributed.json"), "--json", help="Output JSON file."
+        ),
         peers: str = typer.Option("4,8,16", help="Comma-separated peer counts."),
         rounds: int = typer.Option(30, help="Rounds per measurement."),
     ) -> None:
@@ -86,13 +96,15 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         ns = [int(v) for v in peers.split(",") if v.strip()]
         res = run(ns, rounds=rounds, out=json_path, log=console.print)
         table = Table(title=f"dice bench distributed ({res['setting']})")
-        for col in ("peers", "p2p rounds/s", "simulator rounds/s", "slowdown",
-                    "bytes/peer/round"):
+        for col in ("peers", "p2p rounds/s", "simulator rounds/s", "slowdown", "bytes/peer/round"):
             table.add_column(col, justify="right")
         for r in res["results"]:
-            table.add_row(str(r["n"]), f"{r['p2p_rounds_per_s']:.1f}",
-                          f"{r['simulator_rounds_per_s']:.1f}",
-                          f"{r['simulator_rounds_per_s'] / r['p2p_rounds_per_s']:.1f}x",
-                          f"{r['bytes_sent_per_peer_per_round']:.0f}")
+            table.add_row(
+                str(r["n"]),
+                f"{r['p2p_rounds_per_s']:.1f}",
+                f"{r['simulator_rounds_per_s']:.1f}",
+                f"{r['simulator_rounds_per_s'] / r['p2p_rounds_per_s']:.1f}x",
+                f"{r['bytes_sent_per_peer_per_round']:.0f}",
+            )
         console.print(table)
         console.print(f"wrote [bold]{json_path}[/]")

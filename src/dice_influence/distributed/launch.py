@@ -1,18 +1,20 @@
 """``dice launch``: start N local peers (loopback only) and gather what they wrote.
 
-Every peer is its own process (``python -m dice_influence.distributed``) with ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, a fresh ``file://`` rendezvous, ``GLOO_SOCKET_IFNAME=lo`` and
-``MASTER_ADDR=127.0.0.1``. When a peer fails its neighbours stop within the configured timeout;
+Every peer is its own process, started from a multiprocessing fork server that has imported
+torch and the package once (the same code path as ``python -m dice_influence.distributed``), with
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, a fresh ``file://`` rendezvous,
+``GLOO_SOCKET_IFNAME=lo`` and ``MASTER_ADDR=127.0.0.1``. When a peer fails its neighbours stop within the configured timeout;
 the launcher then gives the others a grace period and kills whatever is left, so nothing hangs.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,11 @@ def common_checkpoint(out: str | Path, n: int) -> int | None:
     sets = []
     for k in range(n):
         d = Path(out) / f"peer-{k}" / "checkpoints"
-        sets.append({int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors")}
-                    if d.is_dir() else set())
+        sets.append(
+            {int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors")}
+            if d.is_dir()
+            else set()
+        )
     common = set.intersection(*sets) if sets else set()
     return max(common) if common else None
 
@@ -64,21 +69,60 @@ def _clear_outputs(out: Path, n: int) -> None:
             (out / f"peer-{k}" / name).unlink(missing_ok=True)
 
 
-def _peer_env(rank: int, n: int, init: str) -> dict[str, str]:
-    env = os.environ.copy()
-    env.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", DICE_INIT_METHOD=init,
-               GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+# imported once by the fork server, so that each peer starts in milliseconds, not seconds
+PRELOAD = ["dice_influence.distributed._preload"]
 
 
-def launch(config: str | Path | RunConfig, peers: int, out: str | Path = "runs/p2p", *,
-           overrides: list[str] | None = None, resume: bool = False,
-           wall_timeout: float | None = None, grace: float | None = None,
-           quiet: bool = True) -> LaunchResult:
+def _start_without_main(proc: Any) -> None:
+    """Start ``proc`` without multiprocessing re-running the caller's ``__main__`` in the child
+    (the peer needs nothing from it, and a script without a main guard would run again)."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        proc.start()
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+def _peer_main(rank: int, n: int, init: str, config: str, out: str, log: str) -> None:
+    """Body of one local peer process (forked from a clean fork server, never from the
+    launcher): its own environment, output to ``log``, then ``run_cli``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(n),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(n),
+        GROUP_RANK="0",
+        DICE_INIT_METHOD=init,
+        GLOO_SOCKET_IFNAME="lo",
+        MASTER_ADDR="127.0.0.1",
+    )
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # N peers share cores
+    from .__main__ import run_cli
+
+    code = run_cli(config, out, [])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def launch(
+    config: str | Path | RunConfig,
+    peers: int,
+    out: str | Path = "runs/p2p",
+    *,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    wall_timeout: float | None = None,
+    grace: float | None = None,
+    quiet: bool = True,
+) -> LaunchResult:
     """Run ``peers`` local peers of ``config`` and collect their outputs under ``out``.
 
     ``resume``: continue from the latest round every peer has a checkpoint of.
@@ -87,8 +131,10 @@ def launch(config: str | Path | RunConfig, peers: int, out: str | Path = "runs/p
     if isinstance(config, RunConfig) and overrides:
         cfg = load_config(cfg.model_dump(mode="json"), overrides)
     if peers != cfg.topology.n:
-        raise ConfigError(f"--peers {peers} but topology.n={cfg.topology.n}; one peer per node "
-                          f"(or pass --set topology.n={peers})")
+        raise ConfigError(
+            f"--peers {peers} but topology.n={cfg.topology.n}; one peer per node "
+            f"(or pass --set topology.n={peers})"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -105,49 +151,48 @@ def launch(config: str | Path | RunConfig, peers: int, out: str | Path = "runs/p
     grace = grace if grace is not None else 2 * s.timeout_s + 10
     rdv = tempfile.mkdtemp(prefix="dice-rdv-")
     init = f"file://{rdv}/rendezvous"
-    procs: list[subprocess.Popen] = []
-    logs = []
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    procs = []
     t0 = time.perf_counter()
     try:
         for k in range(peers):
-            log = open(out / f"peer-{k}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dice_influence.distributed", str(cfg_path),
-                 "--out", str(out)],
-                env=_peer_env(k, peers, init), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL))
+            proc = ctx.Process(
+                target=_peer_main,
+                name=f"dice-peer-{k}",
+                daemon=False,
+                args=(k, peers, init, str(cfg_path), str(out), str(out / f"peer-{k}.log")),
+            )
+            _start_without_main(proc)
+            procs.append(proc)
         first_fail: float | None = None
         while True:
-            codes = [p.poll() for p in procs]
+            codes = [p.exitcode for p in procs]
             if all(c is not None for c in codes):
                 break
             now = time.perf_counter()
             if first_fail is None and any(c not in (None, 0) for c in codes):
                 first_fail = now
             if (first_fail is not None and now - first_fail > grace) or (
-                    wall_timeout is not None and now - t0 > wall_timeout):
+                wall_timeout is not None and now - t0 > wall_timeout
+            ):
                 break
             time.sleep(0.05)
     finally:
         for p in procs:  # anything still running is stalled or orphaned: kill it
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
         for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        for log in logs:
-            log.close()
+            p.join(timeout=10)
         for f in Path(rdv).glob("*"):
             f.unlink(missing_ok=True)
         os.rmdir(rdv)
-    return collect(out, peers, [p.returncode for p in procs], time.perf_counter() - t0)
+    return collect(out, peers, [p.exitcode for p in procs], time.perf_counter() - t0)
 
 
-def collect(out: str | Path, n: int, returncodes: list[int | None] | None = None,
-            seconds: float = 0.0) -> LaunchResult:
+def collect(
+    out: str | Path, n: int, returncodes: list[int | None] | None = None, seconds: float = 0.0
+) -> LaunchResult:
     """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv`` and (when all
     finished) ``final.safetensors`` with the stacked parameters."""
     import json
@@ -182,21 +227,39 @@ def collect(out: str | Path, n: int, returncodes: list[int | None] | None = None
         save_file({"theta": theta.contiguous()}, str(tmp))
         os.replace(tmp, out / "final.safetensors")
     if P is not None:
-        atomic_write_text(out / "proximal.csv", "receiver," + ",".join(
-            f"from_{j}" for j in range(n)) + "\n" + "".join(
-            f"{k}," + ",".join(repr(float(v)) for v in row) + "\n" for k, row in enumerate(P)))
+        atomic_write_text(
+            out / "proximal.csv",
+            "receiver,"
+            + ",".join(f"from_{j}" for j in range(n))
+            + "\n"
+            + "".join(
+                f"{k}," + ",".join(repr(float(v)) for v in row) + "\n" for k, row in enumerate(P)
+            ),
+        )
     ok = [m for m in metrics if m is not None]
     summary = {
-        "n": n, "seconds": seconds, "returncodes": codes, "errors": errors,
+        "n": n,
+        "seconds": seconds,
+        "returncodes": codes,
+        "errors": errors,
         "sign": "P[k][j]: influence of sender j on receiver k; positive = harmful",
         "status": ["missing" if m is None else m["status"] for m in metrics],
         "rounds_done": [None if m is None else m["rounds_done"] for m in metrics],
         "mean_final_acc": float(np.mean([m["final"]["acc"] for m in ok])) if ok else None,
         "bytes_sent_per_peer_per_round": float(np.mean([m["bytes_sent_per_round"] for m in ok]))
-        if ok else None,
+        if ok
+        else None,
         "events": [{"peer": m["peer"], **e} for m in ok for e in m["events"]],
         "proximal": None if P is None else P.tolist(),
     }
     write_json(out / "summary.json", summary)
-    return LaunchResult(out=out, n=n, returncodes=list(codes), metrics=metrics, P=P,
-                        theta=theta, errors=errors, seconds=seconds)
+    return LaunchResult(
+        out=out,
+        n=n,
+        returncodes=list(codes),
+        metrics=metrics,
+        P=P,
+        theta=theta,
+        errors=errors,
+        seconds=seconds,
+    )

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .. import data as D
+from .. import simulator as S
 from .. import topology as T
 from ..config import ConfigError, RunConfig
 from ..gossip import Optimizer, lr_at, node_losses
-from ..models import FunctionalModel, build_model
+from ..models import FunctionalModel
 
 
 @dataclass
@@ -51,8 +52,9 @@ class LocalProblem:
 
     def lr(self, t: int) -> float:
         tc = self.cfg.train
-        return lr_at(t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size,
-                     gamma=tc.lr_gamma)
+        return lr_at(
+            t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size, gamma=tc.lr_gamma
+        )
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This node's batch of round ``t``: ``x`` (1, B, ...), ``y`` (1, B)."""
@@ -61,8 +63,9 @@ class LocalProblem:
 
     def init_theta(self) -> torch.Tensor:
         """This node's row ``(1, d)`` of the simulator's initial parameters."""
-        theta = self.fm.init_params(self.n, self.cfg.seed, same_init=self.cfg.train.same_init,
-                                    dtype=self.dtype)
+        theta = self.fm.init_params(
+            self.n, self.cfg.seed, same_init=self.cfg.train.same_init, dtype=self.dtype
+        )
         return theta[self.k : self.k + 1].clone().to(self.device)
 
     def evaluate(self, theta: torch.Tensor) -> dict[str, float]:
@@ -87,55 +90,48 @@ def _row(nd: D.NodeData, k: int, dtype: torch.dtype, device: torch.device):
     return x, nd.y[k, :size].clone().to(device)
 
 
-def build_schedule(cfg: RunConfig) -> T.Schedule:
-    """The mixing schedule of ``cfg``, as :func:`~dice_influence.simulator.build_problem` builds
-    it (a pure function of the config and its seed)."""
-    tc = cfg.topology
-    if tc.matrix is not None:
-        return T.StaticSchedule(T.from_matrix(np.array(tc.matrix, dtype=float)))
-    kw = {k: v for k, v in (("p", tc.p), ("degree", tc.degree), ("k", tc.k)) if v is not None}
-    return T.make_schedule(tc.name, tc.n, weights=tc.weights, seed=cfg.seed,
-                           time_varying=tc.time_varying, **kw)
-
-
-def build_local(cfg: RunConfig, k: int, *, test_set: str = "auto",
-                device: torch.device | str | None = None) -> LocalProblem:
+def build_local(
+    cfg: RunConfig, k: int, *, test_set: str = "auto", device: torch.device | str | None = None
+) -> LocalProblem:
     """Node ``k``'s :class:`LocalProblem` (same data, batches and init as the simulator's)."""
-    dc, tc, mc, trc = cfg.data, cfg.topology, cfg.model, cfg.train
-    n = tc.n
+    dc = cfg.data
+    n = cfg.topology.n
     if not 0 <= k < n:
         raise ConfigError(f"peer rank {k} out of range for topology.n={n}")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[trc.dtype]
-    dev = torch.device(device if device is not None else trc.device)
+    dtype = S.run_dtype(cfg)
+    dev = torch.device(device if device is not None else cfg.train.device)
     ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    parts = D.partition(ds.y_train, n, scheme=dc.partition, samples_per_node=dc.samples_per_node,
-                        alpha=dc.alpha, classes_per_node=dc.classes_per_node, seed=cfg.seed)
-    corruptions = [D.Corruption(kind=c.kind, nodes=tuple(c.nodes), fraction=c.fraction,
-                                sigma=c.sigma, seed=c.seed,
-                                permutation=None if c.permutation is None else tuple(c.permutation))
-                   for c in dc.corruptions]
-    nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=corruptions)
+    parts = S.build_partition(cfg, ds)
+    nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=S.build_corruptions(cfg))
     x, y = _row(nd, k, dtype, dev)
     del nd
     own = test_set == "own" or (test_set == "auto" and dc.test_samples_per_node is not None)
-    nval = dc.validation_samples or len(ds.y_test)
-    val_x = ds.x_test[:nval].to(device=dev, dtype=dtype)
-    val_y = ds.y_test[:nval].to(dev)
+    val_x, val_y = S.build_validation(cfg, ds, dtype, dev)
     if own:
         if dc.test_samples_per_node is None:
-            raise ConfigError("experiment.distributed.test_set=own needs "
-                              "data.test_samples_per_node in the config")
-        tparts = D.partition(ds.y_test, n, scheme="iid",
-                             samples_per_node=dc.test_samples_per_node, seed=cfg.seed)
-        tnd = D.make_node_data(ds, _only(tparts, k), split="test")
+            raise ConfigError(
+                "experiment.distributed.test_set=own needs data.test_samples_per_node in the config"
+            )
+        tnd = D.make_node_data(ds, _only(S.build_test_partition(cfg, ds), k), split="test")
         test_x, test_y = _row(tnd, k, dtype, dev)
     else:
         test_x, test_y = val_x, val_y
-    batches = D.BatchSchedule([len(p) for p in parts], trc.batch_size, seed=cfg.seed)
-    module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
-                         channels=tuple(mc.channels), width=mc.width)
-    fm = FunctionalModel(module.to(device=dev, dtype=dtype))
-    opt = Optimizer(momentum=trc.momentum, weight_decay=trc.weight_decay, nesterov=trc.nesterov)
-    return LocalProblem(cfg=cfg, k=k, n=n, fm=fm, x=x, y=y, batches=batches,
-                        schedule=build_schedule(cfg), opt=opt, test_x=test_x, test_y=test_y,
-                        own_test=own, val_x=val_x, val_y=val_y, dtype=dtype, device=dev)
+    batches = D.BatchSchedule([len(p) for p in parts], cfg.train.batch_size, seed=cfg.seed)
+    return LocalProblem(
+        cfg=cfg,
+        k=k,
+        n=n,
+        fm=S.build_functional_model(cfg, ds, dtype, dev),
+        x=x,
+        y=y,
+        batches=batches,
+        schedule=S.build_schedule(cfg),
+        opt=S.build_optimizer(cfg),
+        test_x=test_x,
+        test_y=test_y,
+        own_test=own,
+        val_x=val_x,
+        val_y=val_y,
+        dtype=dtype,
+        device=dev,
+    )

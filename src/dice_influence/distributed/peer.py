@@ -63,9 +63,14 @@ class PeerState:
 class Peer:
     """Peer ``rank`` of ``cfg``; call :meth:`run` inside an initialised process group."""
 
-    def __init__(self, cfg: RunConfig, rank: int, out: str | Path,
-                 settings: DistributedSettings | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rank: int,
+        out: str | Path,
+        settings: DistributedSettings | None = None,
+        device: torch.device | str | None = None,
+    ):
         self.cfg = cfg
         self.s = settings or distributed_settings(cfg)
         self.k = rank
@@ -73,11 +78,29 @@ class Peer:
         self.lp: LocalProblem = build_local(cfg, rank, test_set=self.s.test_set, device=device)
         self.n = self.lp.n
         self.q = 1.0 / self.n if self.s.q == "uniform" else 1.0
-        self.transport = Transport(rank, self.lp.d, self.lp.dtype, self.lp.device,
-                                   self.s.timeout_s, poll=self.lp.device.type == "cuda")
+        self.transport = Transport(
+            rank,
+            self.lp.d,
+            self.lp.dtype,
+            self.lp.device,
+            self.s.timeout_s,
+            poll=self.lp.device.type == "cuda",
+        )
         self.state: PeerState | None = None
         self.seconds = 0.0
+        self.first_round_s: float | None = None
         self.rounds_run = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One local gradient and test gradient before joining the network: torch.func imports
+        and compiles lazily on first use (seconds), which must not count against neighbours'
+        timeouts in round 0."""
+        theta = self.lp.init_theta()
+        x, y = self.lp.batch(0)
+        node_grads(self.lp.fm, theta, x, y)
+        self._test_grad(theta)
+        self.lp.evaluate(theta)
 
     # ------------------------------------------------------------------------------ the round
 
@@ -89,8 +112,9 @@ class Peer:
         """(in-neighbours this peer still uses, out-neighbours that still use it) at round t."""
         k = self.k
         ins = [j for j in np.flatnonzero(W[k] > 0).tolist() if j != k and j not in st.dropped_in]
-        outs = [j for j in np.flatnonzero(W[:, k] > 0).tolist()
-                if j != k and j not in st.dropped_by]
+        outs = [
+            j for j in np.flatnonzero(W[:, k] > 0).tolist() if j != k and j not in st.dropped_by
+        ]
         return ins, outs
 
     def step(self, st: PeerState) -> None:
@@ -120,7 +144,7 @@ class Peer:
         with torch.no_grad():
             rows = torch.cat([half if j == k else recv[j][0] for j in senders])
             wt = torch.as_tensor(w, dtype=lp.dtype, device=lp.device)
-            theta_new = (wt[None] @ rows)
+            theta_new = wt[None] @ rows
         if G is None:
             G = self._test_grad(theta_new)
         contrib: dict[int, float] = {}
@@ -144,8 +168,14 @@ class Peer:
             flags[j] = FLAG_DROP if drop else FLAG_KEEP
             if drop:
                 st.dropped_in.add(j)
-                st.events.append({"round": t, "event": "dropped", "peer": j,
-                                  "cumulative_influence": float(st.P[j])})
+                st.events.append(
+                    {
+                        "round": t,
+                        "event": "dropped",
+                        "peer": j,
+                        "cumulative_influence": float(st.P[j]),
+                    }
+                )
         got = self.transport.exchange_control(t, flags, outs)
         for j, flag in got.items():
             if flag == FLAG_DROP:
@@ -156,8 +186,9 @@ class Peer:
 
     def initial_state(self) -> PeerState:
         theta = self.lp.init_theta()
-        return PeerState(t=0, theta=theta, opt_state=self.lp.opt.init_state(theta),
-                         P=np.zeros(self.n))
+        return PeerState(
+            t=0, theta=theta, opt_state=self.lp.opt.init_state(theta), P=np.zeros(self.n)
+        )
 
     def run(self) -> PeerState:
         """Train ``cfg.train.rounds`` rounds (resuming from a checkpoint if asked). Outputs are
@@ -181,6 +212,8 @@ class Peer:
                     _inject(fault.kind)
                 self.step(st)
                 self.rounds_run += 1
+                if self.first_round_s is None:
+                    self.first_round_s = time.perf_counter() - t0
                 if st.t % eval_every == 0 or st.t == total:
                     st.history.append({"round": st.t, **self.lp.evaluate(st.theta)})
                 if ck is not None and st.t % ck == 0:
@@ -205,27 +238,55 @@ class Peer:
         tmp = self.out / ".params.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k)})
         os.replace(tmp, self.out / "params.safetensors")
-        prox = {"sign": SIGN, "receiver": self.k, "readout": self.s.readout, "q": self.q,
-                "rounds_done": st.t, "row": st.P.tolist(),
-                "dropped": sorted(st.dropped_in), "dropped_by": sorted(st.dropped_by),
-                "per_round": st.rounds}
+        prox = {
+            "sign": SIGN,
+            "receiver": self.k,
+            "readout": self.s.readout,
+            "q": self.q,
+            "rounds_done": st.t,
+            "row": st.P.tolist(),
+            "dropped": sorted(st.dropped_in),
+            "dropped_by": sorted(st.dropped_by),
+            "per_round": st.rounds,
+        }
         write_json(self.out / "proximal.json", prox)
-        atomic_write_text(self.out / "proximal.csv", "sender,receiver,influence\n" + "".join(
-            f"{j},{self.k},{v!r}\n" for j, v in enumerate(st.P.tolist()) if j != self.k))
+        atomic_write_text(
+            self.out / "proximal.csv",
+            "sender,receiver,influence\n"
+            + "".join(f"{j},{self.k},{v!r}\n" for j, v in enumerate(st.P.tolist()) if j != self.k),
+        )
         tp = self.transport
         rounds = max(self.rounds_run, 1)
         metrics = {
-            "peer": self.k, "n": self.n, "d": self.lp.d,
+            "peer": self.k,
+            "n": self.n,
+            "d": self.lp.d,
             "status": "ok" if error is None else "failed",
-            "error": None if error is None else {"peer": error.peer, "round": error.round,
-                                                 "reason": error.reason,
-                                                 "message": str(error)},
-            "rounds_done": st.t, "rounds_target": self.cfg.train.rounds,
-            "rounds_run": self.rounds_run, "seconds": self.seconds,
+            "error": None
+            if error is None
+            else {
+                "peer": error.peer,
+                "round": error.round,
+                "reason": error.reason,
+                "message": str(error),
+            },
+            "rounds_done": st.t,
+            "rounds_target": self.cfg.train.rounds,
+            "rounds_run": self.rounds_run,
+            "seconds": self.seconds,
             "rounds_per_s": self.rounds_run / self.seconds if self.seconds > 0 else None,
-            "bytes_sent": tp.bytes_sent, "bytes_received": tp.bytes_received,
-            "bytes_sent_per_round": tp.bytes_sent / rounds, "packet_bytes": tp.packet_bytes,
-            "events": st.events, "history": st.history,
+            "first_round_s": self.first_round_s,
+            "steady_rounds_per_s": (self.rounds_run - 1) / (self.seconds - self.first_round_s)
+            if self.rounds_run > 1
+            and self.first_round_s is not None
+            and self.seconds > self.first_round_s
+            else None,
+            "bytes_sent": tp.bytes_sent,
+            "bytes_received": tp.bytes_received,
+            "bytes_sent_per_round": tp.bytes_sent / rounds,
+            "packet_bytes": tp.packet_bytes,
+            "events": st.events,
+            "history": st.history,
             "final": st.history[-1] if st.history else None,
             "checkpoints": self.checkpoint_rounds(),
         }
@@ -244,14 +305,23 @@ class Peer:
 
         d = self.out / "checkpoints"
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {"theta": st.theta[0].contiguous().cpu(),
-                   "P": torch.from_numpy(st.P.copy())}
+        tensors = {"theta": st.theta[0].contiguous().cpu(), "P": torch.from_numpy(st.P.copy())}
         if st.opt_state is not None:
             tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
-        meta = {"round": str(st.t), "peer": str(self.k), "n": str(self.n),
-                "state": json.dumps({"dropped_in": sorted(st.dropped_in),
-                                     "dropped_by": sorted(st.dropped_by), "events": st.events,
-                                     "rounds": st.rounds, "history": st.history})}
+        meta = {
+            "round": str(st.t),
+            "peer": str(self.k),
+            "n": str(self.n),
+            "state": json.dumps(
+                {
+                    "dropped_in": sorted(st.dropped_in),
+                    "dropped_by": sorted(st.dropped_by),
+                    "events": st.events,
+                    "rounds": st.rounds,
+                    "history": st.history,
+                }
+            ),
+        }
         tmp = d / f".round-{st.t}.tmp"
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, d / f"round-{st.t}.safetensors")
@@ -265,27 +335,36 @@ class Peer:
         have = self.checkpoint_rounds()
         if rnd is None:
             if not have:
-                raise ConfigError(f"resume: peer {self.k} has no checkpoint in "
-                                  f"{self.out / 'checkpoints'}")
+                raise ConfigError(
+                    f"resume: peer {self.k} has no checkpoint in {self.out / 'checkpoints'}"
+                )
             rnd = have[-1]
         path = self.out / "checkpoints" / f"round-{rnd}.safetensors"
         if not path.is_file():
-            raise ConfigError(f"resume: peer {self.k} has no checkpoint of round {rnd} "
-                              f"(it has {have}); pick a round every peer has")
+            raise ConfigError(
+                f"resume: peer {self.k} has no checkpoint of round {rnd} "
+                f"(it has {have}); pick a round every peer has"
+            )
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             theta = f.get_tensor("theta")
             P = f.get_tensor("P").numpy().copy()
-            opt = f.get_tensor("opt_state") if "opt_state" in f.keys() else None  # noqa: SIM118
+            opt = f.get_tensor("opt_state") if "opt_state" in f.keys() else None
         if int(meta["peer"]) != self.k or int(meta["n"]) != self.n or theta.numel() != self.lp.d:
             raise ConfigError(f"resume: {path} belongs to another peer or another model")
         extra = json.loads(meta["state"])
         dev, dt = self.lp.device, self.lp.dtype
         return PeerState(
-            t=int(meta["round"]), theta=theta.to(device=dev, dtype=dt)[None],
-            opt_state=None if opt is None else opt.to(device=dev, dtype=dt)[None], P=P,
-            dropped_in=set(extra["dropped_in"]), dropped_by=set(extra["dropped_by"]),
-            events=extra["events"], rounds=extra["rounds"], history=extra["history"])
+            t=int(meta["round"]),
+            theta=theta.to(device=dev, dtype=dt)[None],
+            opt_state=None if opt is None else opt.to(device=dev, dtype=dt)[None],
+            P=P,
+            dropped_in=set(extra["dropped_in"]),
+            dropped_by=set(extra["dropped_by"]),
+            events=extra["events"],
+            rounds=extra["rounds"],
+            history=extra["history"],
+        )
 
 
 def _inject(kind: str) -> None:
@@ -318,7 +397,7 @@ def _guard_network(s: DistributedSettings, init_method: str) -> None:
             )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     elif init_method.startswith("tcp://"):
-        host = init_method[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        host = init_method[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
         if host not in LOOPBACK:
             raise ConfigError(
                 f"init_method {init_method!r} is not loopback; set "
@@ -326,16 +405,25 @@ def _guard_network(s: DistributedSettings, init_method: str) -> None:
             )
 
 
-def run_peer(cfg: RunConfig, out: str | Path, *, rank: int | None = None,
-             world_size: int | None = None) -> PeerState:
+def run_peer(
+    cfg: RunConfig, out: str | Path, *, rank: int | None = None, world_size: int | None = None
+) -> PeerState:
     """Join the process group (rank/world size from the torch.distributed environment, as set
     by torchrun or ``dice launch``), run this peer, and leave. Raises :class:`PeerFailure`."""
     s = distributed_settings(cfg)
+    if (rank is None or world_size is None) and not {"RANK", "WORLD_SIZE"} <= set(os.environ):
+        raise ConfigError(
+            "RANK and WORLD_SIZE are not set: start peers with torchrun "
+            "(torchrun --nproc-per-node N -m dice_influence.distributed CONFIG) "
+            "or with `dice launch CONFIG --peers N`"
+        )
     rank = int(os.environ["RANK"]) if rank is None else rank
     world = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     if world != cfg.topology.n:
-        raise ConfigError(f"WORLD_SIZE={world} but topology.n={cfg.topology.n}: run one peer "
-                          "per node (e.g. dice launch CONFIG --peers N with N = topology.n)")
+        raise ConfigError(
+            f"WORLD_SIZE={world} but topology.n={cfg.topology.n}: run one peer "
+            "per node (e.g. dice launch CONFIG --peers N with N = topology.n)"
+        )
     init = os.environ.get("DICE_INIT_METHOD") or s.init_method or "env://"
     _guard_network(s, init)
     use_cuda = cfg.train.device.startswith("cuda") and torch.cuda.is_available()
@@ -347,11 +435,13 @@ def run_peer(cfg: RunConfig, out: str | Path, *, rank: int | None = None,
     elif cfg.train.device.startswith("cuda"):
         device = torch.device("cpu")
     peer = Peer(cfg, rank, out, s, device=device)  # build before joining: data loading is slow
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s)))
-    try:
-        st = peer.run()
-    except PeerFailure:
-        raise  # caller exits hard: torch.distributed cannot cancel a pending receive
+    dist.init_process_group(
+        backend,
+        init_method=init,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s)),
+    )
+    st = peer.run()  # on PeerFailure the caller exits hard: a pending receive cannot be cancelled
     dist.destroy_process_group()
     return st

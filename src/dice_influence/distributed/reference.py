@@ -49,8 +49,9 @@ def effective_W(W: np.ndarray, dropped: np.ndarray) -> np.ndarray:
     return We
 
 
-def simulate(cfg: RunConfig | Problem, settings: DistributedSettings | None = None,
-             rounds: int | None = None) -> Reference:
+def simulate(
+    cfg: RunConfig | Problem, settings: DistributedSettings | None = None, rounds: int | None = None
+) -> Reference:
     """Simulator run of ``cfg`` with the peers' proximal influence and detection rule."""
     problem = cfg if isinstance(cfg, Problem) else build_problem(cfg)
     s = settings or distributed_settings(problem.cfg)

@@ -61,9 +61,7 @@ def distributed_settings(cfg: RunConfig) -> DistributedSettings:
     """Validate ``cfg.experiment['distributed']``; raises :class:`ConfigError` naming the key."""
     raw: Any = (cfg.experiment or {}).get("distributed", {}) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"experiment.distributed must be a mapping, got {type(raw).__name__}"
-        )
+        raise ConfigError(f"experiment.distributed must be a mapping, got {type(raw).__name__}")
     try:
         s = DistributedSettings.model_validate(raw)
     except ValidationError as err:

@@ -106,8 +106,9 @@ class Transport:
     ) -> tuple[dict[int, torch.Tensor], list[tuple[int, str, dist.Work]]]:
         """Post receives from ``frm`` and sends of ``packet`` to ``to``. Returns the receive
         buffers and the pending work; call :meth:`wait` on the work to complete it."""
-        bufs = {j: torch.empty(self.packet_numel, dtype=self.dtype, device=self.device)
-                for j in frm}
+        bufs = {
+            j: torch.empty(self.packet_numel, dtype=self.dtype, device=self.device) for j in frm
+        }
         work: list[tuple[int, str, dist.Work]] = []
         for j in frm:
             work.append((j, "receive its parameters", dist.irecv(bufs[j], src=j, tag=TAG_PACKET)))
@@ -118,22 +119,21 @@ class Transport:
         self.messages_sent += len(to)
         return bufs, work
 
-    def exchange_control(
-        self, t: int, flags: dict[int, int], frm: list[int]
-    ) -> dict[int, int]:
+    def exchange_control(self, t: int, flags: dict[int, int], frm: list[int]) -> dict[int, int]:
         """Send one flag to each peer in ``flags`` and receive one from each peer in ``frm``."""
         bufs = {j: torch.empty(HEADER + 1, dtype=torch.int64, device=self.device) for j in frm}
         work: list[tuple[int, str, dist.Work]] = []
         for j in frm:
-            work.append((j, "receive its control flag",
-                         dist.irecv(bufs[j], src=j, tag=TAG_CONTROL)))
+            work.append(
+                (j, "receive its control flag", dist.irecv(bufs[j], src=j, tag=TAG_CONTROL))
+            )
         sends = []
         for j, flag in flags.items():
-            msg = torch.tensor([MAGIC, t, self.rank, KIND_CONTROL, flag], dtype=torch.int64,
-                               device=self.device)
+            msg = torch.tensor(
+                [MAGIC, t, self.rank, KIND_CONTROL, flag], dtype=torch.int64, device=self.device
+            )
             sends.append(msg)
-            work.append((j, "send it our control flag",
-                         dist.isend(msg, dst=j, tag=TAG_CONTROL)))
+            work.append((j, "send it our control flag", dist.isend(msg, dst=j, tag=TAG_CONTROL)))
         self.bytes_sent += len(flags) * (HEADER + 1) * 8
         self.bytes_received += len(frm) * (HEADER + 1) * 8
         self.messages_sent += len(flags)
@@ -147,8 +147,9 @@ class Transport:
             out[j] = flag
         return out
 
-    def wait(self, t: int, work: list[tuple[int, str, dist.Work]],
-             deadline: float | None = None) -> None:
+    def wait(
+        self, t: int, work: list[tuple[int, str, dist.Work]], deadline: float | None = None
+    ) -> None:
         """Complete ``work`` before ``deadline`` (default: now + timeout) or raise PeerFailure."""
         if deadline is None:
             deadline = time.monotonic() + self.timeout_s
@@ -169,10 +170,16 @@ class Transport:
                 msg = str(exc)
                 if "Timed out" in msg or "timed out" in msg:
                     raise self._stalled(peer, t, what) from None
-                raise PeerFailure(peer, t, f"connection lost while waiting to {what} (the peer "
-                                  f"died or closed its connection): {msg.splitlines()[0][:200]}"
-                                  ) from None
+                raise PeerFailure(
+                    peer,
+                    t,
+                    f"connection lost while waiting to {what} (the peer "
+                    f"died or closed its connection): {msg.splitlines()[0][:200]}",
+                ) from None
 
     def _stalled(self, peer: int, t: int, what: str) -> PeerFailure:
-        return PeerFailure(peer, t, f"stalled: no progress within timeout_s={self.timeout_s:g} "
-                           f"while waiting to {what}")
+        return PeerFailure(
+            peer,
+            t,
+            f"stalled: no progress within timeout_s={self.timeout_s:g} while waiting to {what}",
+        )

@@ -71,6 +71,7 @@ class DefenseConfig(_S):
     check_every: int = Field(1, ge=1)
     start: int = Field(1, ge=0)
     readmit: bool = True
+    max_norm_ratio: float | None = Field(10.0, gt=1.0)
 
 
 class BaselineConfig(_S):
@@ -102,35 +103,54 @@ def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
         lines = ["invalid experiment settings:"]
         for e in err.errors():
             loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
-            msg = ("unknown key (check the spelling)" if e["type"] == "extra_forbidden"
-                   else e["msg"])
+            msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
             got = e.get("input")
             lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
     n = cfg.topology.n
     for i, a in enumerate(ex.attacks):
         if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
-            raise ConfigError(f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range 0..{n - 1}")
+            raise ConfigError(
+                f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range 0..{n - 1}"
+            )
         if a.count is not None and a.count > n:
             raise ConfigError(f"experiment.attacks.{i}.count={a.count} exceeds topology.n={n}")
     if ex.focus_node is not None and not 0 <= ex.focus_node < n:
         raise ConfigError(f"experiment.focus_node={ex.focus_node} out of range 0..{n - 1}")
     if not cfg.data.test_samples_per_node:
-        raise ConfigError("data.test_samples_per_node must be set: each node reads proximal "
-                          "influence on its own test split z'_k (e.g. 64)")
+        raise ConfigError(
+            "data.test_samples_per_node must be set: each node reads proximal "
+            "influence on its own test split z'_k (e.g. 64)"
+        )
     return ex
 
 
 def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
     tr, de, df, bl = ex.tracking, ex.detection, ex.defense, ex.baseline
-    defense = {"no_attack_defended": "dice", "attack_defended": "dice",
-               "attack_baseline": bl.kind}.get(arm)
+    defense = {
+        "no_attack_defended": "dice",
+        "attack_defended": "dice",
+        "attack_baseline": bl.kind,
+    }.get(arm)
     track = arm in ("attack", "no_attack", "no_attack_defended", "attack_defended")
     return GuardOptions(
-        track_every=tr.every if track else 0, readout=tr.readout, window=tr.window,
-        history=tr.history, q=tr.q, defense=defense, rule=de.rule, z_threshold=de.z_threshold,
-        margin=de.margin, score=de.score, check_every=df.check_every, start=df.start,
-        readmit=df.readmit, clip_delta=bl.delta, trim=bl.trim, eval_every=eval_every,
+        track_every=tr.every if track else 0,
+        readout=tr.readout,
+        window=tr.window,
+        history=tr.history,
+        q=tr.q,
+        defense=defense,
+        rule=de.rule,
+        z_threshold=de.z_threshold,
+        margin=de.margin,
+        score=de.score,
+        check_every=df.check_every,
+        start=df.start,
+        readmit=df.readmit,
+        max_norm_ratio=df.max_norm_ratio,
+        clip_delta=bl.delta,
+        trim=bl.trim,
+        eval_every=eval_every,
         test_batch=tr.test_batch,
     )
 
@@ -164,8 +184,9 @@ def _defense_metrics(res: GuardResult, W0: np.ndarray, malicious: np.ndarray) ->
     }
 
 
-def run_seed(cfg: RunConfig, ex: AnomalyConfig, *, progress: bool = False,
-             log: Any = None) -> dict[str, Any]:
+def run_seed(
+    cfg: RunConfig, ex: AnomalyConfig, *, progress: bool = False, log: Any = None
+) -> dict[str, Any]:
     """All arms of one seed; returns plain results plus the raw runs under ``"_runs"``."""
     from ..simulator import build_problem
 
@@ -173,8 +194,7 @@ def run_seed(cfg: RunConfig, ex: AnomalyConfig, *, progress: bool = False,
     plan = AttackPlan.resolve(ex.attacks, n, cfg.seed)
     malicious = plan.mask
     clean = attacked = None
-    out: dict[str, Any] = {"seed": cfg.seed, "malicious": plan.malicious, "arms": {},
-                           "_runs": {}}
+    out: dict[str, Any] = {"seed": cfg.seed, "malicious": plan.malicious, "arms": {}, "_runs": {}}
     W0 = None
     for arm in ex.arms:
         attack = arm.startswith("attack")
@@ -185,13 +205,19 @@ def run_seed(cfg: RunConfig, ex: AnomalyConfig, *, progress: bool = False,
         problem = attacked if attack else clean
         W0 = problem.W(0)
         t0 = time.perf_counter()
-        res = guarded_train(problem, plan if attack else None,
-                            _options(ex, arm, cfg.train.eval_every), malicious=malicious,
-                            progress=progress)
+        res = guarded_train(
+            problem,
+            plan if attack else None,
+            _options(ex, arm, cfg.train.eval_every),
+            malicious=malicious,
+            progress=progress,
+        )
         secs = time.perf_counter() - t0
         if log:
-            log(f"  seed {cfg.seed} arm {arm}: honest acc {res.final['honest_acc_mean']:.4f} "
-                f"({secs:.1f} s)")
+            log(
+                f"  seed {cfg.seed} arm {arm}: honest acc {res.final['honest_acc_mean']:.4f} "
+                f"({secs:.1f} s)"
+            )
         m = _defense_metrics(res, W0, malicious)
         m["seconds"] = secs
         out["arms"][arm] = m
@@ -211,13 +237,31 @@ def _detection(res: GuardResult, ex: AnomalyConfig, malicious: np.ndarray) -> di
     final = A.evaluate(S, E, malicious, rule=de.rule, z_threshold=de.z_threshold, margin=de.margin)
     series: list[dict[str, Any]] = []
     if tk.keep_history:
-        series = A.over_rounds(tk.history(), tk.rounds, E, malicious, rule=de.rule,
-                               z_threshold=de.z_threshold, margin=de.margin,
-                               window=tk.window if de.score == "window" else None)
+        series = A.over_rounds(
+            tk.history(),
+            tk.rounds,
+            E,
+            malicious,
+            rule=de.rule,
+            z_threshold=de.z_threshold,
+            margin=de.margin,
+            window=tk.window if de.score == "window" else None,
+        )
     summ = A.summarize_rounds(series, from_round=de.from_round, to_round=de.to_round)
     rec = REC.node_reciprocity(tk.cum.numpy())
-    det = {k: final[k] for k in ("auroc_edge", "auroc_node", "precision", "recall", "f1",
-                                 "honest_edges_flagged", "node_precision", "node_recall")}
+    det = {
+        k: final[k]
+        for k in (
+            "auroc_edge",
+            "auroc_node",
+            "precision",
+            "recall",
+            "f1",
+            "honest_edges_flagged",
+            "node_precision",
+            "node_recall",
+        )
+    }
     det.update({k: v for k, v in summ.items() if k != "checks"})
     det["caught"] = final["caught"]
     return {"detection": det, "series": series, "reciprocity": rec}
@@ -225,8 +269,14 @@ def _detection(res: GuardResult, ex: AnomalyConfig, malicious: np.ndarray) -> di
 
 # ------------------------------------------------------------------------------------ aggregate
 
-_WORST_MAX = ("rounds_to_90pct", "honest_edges_flagged", "max_honest_edges_flagged",
-              "honest_edges_pruned", "rounds_to_isolate", "seconds")
+_WORST_MAX = (
+    "rounds_to_90pct",
+    "honest_edges_flagged",
+    "max_honest_edges_flagged",
+    "honest_edges_pruned",
+    "rounds_to_isolate",
+    "seconds",
+)
 
 
 def _agg(dicts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -239,8 +289,7 @@ def _agg(dicts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         if all(isinstance(v, bool) for v in vals):
             mean[k] = float(np.mean(vals))
             worst[k] = all(vals)
-        elif all(isinstance(v, int | float) and not isinstance(v, bool) or v is None
-                 for v in vals):
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) or v is None for v in vals):
             if any(v is None for v in vals):
                 nums = [v for v in vals if v is not None]
                 mean[k] = float(np.mean(nums)) if nums else None
@@ -252,8 +301,14 @@ def _agg(dicts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     return mean, worst
 
 
-def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
-                   progress: bool = False, log: Any = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    seeds: list[int] | None = None,
+    progress: bool = False,
+    log: Any = None,
+) -> dict[str, Any]:
     """Run every arm for every seed, write the run directory, return ``metrics``."""
     ex = parse_experiment(cfg)
     out = Path(out)
@@ -276,16 +331,25 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
         mean, worst = _agg([r["detection"] for r in per_seed])
         metrics["detection"] = mean
         metrics["detection_worst"] = worst
-        metrics["detection_rule"] = {"rule": ex.detection.rule, "score": ex.detection.score,
-                                     "readout": ex.tracking.readout}
+        metrics["detection_rule"] = {
+            "rule": ex.detection.rule,
+            "score": ex.detection.score,
+            "readout": ex.tracking.readout,
+        }
     metrics["defense"], metrics["defense_worst"] = {}, {}
     for arm in ex.arms:
         mean, worst = _agg([r["arms"][arm] for r in per_seed])
         metrics["defense"][arm] = mean
         metrics["defense_worst"][arm] = worst
-    metrics["per_seed"] = [{"seed": r["seed"], "malicious": r["malicious"],
-                            "detection": r.get("detection"), "defense": r["arms"]}
-                           for r in per_seed]
+    metrics["per_seed"] = [
+        {
+            "seed": r["seed"],
+            "malicious": r["malicious"],
+            "detection": r.get("detection"),
+            "defense": r["arms"],
+        }
+        for r in per_seed
+    ]
     write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     _write_tables(per_seed, out)
@@ -326,18 +390,31 @@ def _write_tables(per_seed: list[dict[str, Any]], out: Path) -> None:
             N = A.normalized_scores(score, E)
             pruned = runs["attack_defended"].blocked if "attack_defended" in runs else None
             for k, j in zip(*np.nonzero(E), strict=True):
-                edge_rows.append({
-                    "seed": s, "receiver": int(k), "sender": int(j),
-                    "receiver_malicious": int(k) in mal, "sender_malicious": int(j) in mal,
-                    "weight": float(r["W0"][k, j]), "proximal_influence": float(cum[k, j]),
-                    "normalized_score": float(N[k, j]),
-                    "pruned_by_defense": None if pruned is None else bool(pruned[k, j]),
-                })
+                edge_rows.append(
+                    {
+                        "seed": s,
+                        "receiver": int(k),
+                        "sender": int(j),
+                        "receiver_malicious": int(k) in mal,
+                        "sender_malicious": int(j) in mal,
+                        "weight": float(r["W0"][k, j]),
+                        "proximal_influence": float(cum[k, j]),
+                        "normalized_score": float(N[k, j]),
+                        "pruned_by_defense": None if pruned is None else bool(pruned[k, j]),
+                    }
+                )
             rec = r["reciprocity"]
             for j in range(len(rec["R"])):
-                rec_rows.append({"seed": s, "node": j, "malicious": j in mal,
-                                 "outflow": float(rec["outflow"][j]),
-                                 "inflow": float(rec["inflow"][j]), "R": float(rec["R"][j])})
+                rec_rows.append(
+                    {
+                        "seed": s,
+                        "node": j,
+                        "malicious": j in mal,
+                        "outflow": float(rec["outflow"][j]),
+                        "inflow": float(rec["inflow"][j]),
+                        "R": float(rec["R"][j]),
+                    }
+                )
     atomic_write_text(out / "detection_rounds.csv", _csv(det_rows))
     atomic_write_text(out / "edges.csv", _csv(edge_rows))
     atomic_write_text(out / "accuracy.csv", _csv(acc_rows))
@@ -445,8 +522,7 @@ def _plot_graph(W0: np.ndarray, blocked: np.ndarray, mal: np.ndarray, path: Path
         else:
             ax.plot(xs, ys, color="0.6", lw=0.6, zorder=0)
     ax.scatter(pos[~mal, 0], pos[~mal, 1], s=60, c="tab:blue", zorder=2, label="honest")
-    ax.scatter(pos[mal, 0], pos[mal, 1], s=90, c="tab:red", marker="X", zorder=2,
-               label="attacker")
+    ax.scatter(pos[mal, 0], pos[mal, 1], s=90, c="tab:red", marker="X", zorder=2, label="attacker")
     for i in range(n):
         ax.annotate(str(i), tuple(pos[i] * 1.08), ha="center", va="center", fontsize=6)
     ax.plot([], [], color="tab:red", ls="--", label="pruned edge")
@@ -469,27 +545,45 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-DET_KEYS = ("auroc_edge", "auroc_node", "precision", "recall", "f1", "min_precision",
-            "min_recall", "rounds_to_90pct", "honest_edges_flagged")
-ARM_KEYS = ("honest_acc_mean", "honest_acc_worst", "honest_edges_pruned",
-            "malicious_edges_pruned", "honest_graph_connected")
+DET_KEYS = (
+    "auroc_edge",
+    "auroc_node",
+    "precision",
+    "recall",
+    "f1",
+    "min_precision",
+    "min_recall",
+    "rounds_to_90pct",
+    "honest_edges_flagged",
+)
+ARM_KEYS = (
+    "honest_acc_mean",
+    "honest_acc_worst",
+    "honest_edges_pruned",
+    "malicious_edges_pruned",
+    "honest_graph_connected",
+)
 
 
 def markdown_tables(metrics: dict[str, Any]) -> str:
     """Detection and defence tables (mean and worst over seeds) as Markdown."""
     lines = []
     if "detection" in metrics:
-        lines += ["| detection | " + " | ".join(DET_KEYS) + " |",
-                  "|---|" + "---|" * len(DET_KEYS)]
+        lines += ["| detection | " + " | ".join(DET_KEYS) + " |", "|---|" + "---|" * len(DET_KEYS)]
         for lab, d in (("mean", metrics["detection"]), ("worst", metrics["detection_worst"])):
             lines.append(f"| {lab} | " + " | ".join(_fmt(d.get(k)) for k in DET_KEYS) + " |")
         lines.append("")
-    lines += ["| arm | " + " | ".join(f"{k} (mean / worst)" for k in ARM_KEYS) + " |",
-              "|---|" + "---|" * len(ARM_KEYS)]
+    lines += [
+        "| arm | " + " | ".join(f"{k} (mean / worst)" for k in ARM_KEYS) + " |",
+        "|---|" + "---|" * len(ARM_KEYS),
+    ]
     for arm, d in metrics["defense"].items():
         w = metrics["defense_worst"][arm]
-        lines.append(f"| {arm} | " + " | ".join(f"{_fmt(d.get(k))} / {_fmt(w.get(k))}"
-                                                 for k in ARM_KEYS) + " |")
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(f"{_fmt(d.get(k))} / {_fmt(w.get(k))}" for k in ARM_KEYS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -516,13 +610,19 @@ def demo_config() -> dict[str, Any]:
     """The small digits attack + defence used by ``dice demo`` (= configs/anomaly-digits.yaml)."""
     return {
         "seed": 0,
-        "data": {"dataset": "digits", "samples_per_node": 80, "test_samples_per_node": 20,
-                 "validation_samples": 360},
+        "data": {
+            "dataset": "digits",
+            "samples_per_node": 80,
+            "test_samples_per_node": 20,
+            "validation_samples": 360,
+        },
         "topology": {"name": "random-regular", "n": 16, "degree": 4, "weights": "metropolis"},
         "model": {"name": "mlp", "hidden": [32]},
         "train": {"rounds": 40, "batch_size": 16, "lr": 0.1, "eval_every": 10},
-        "experiment": {"attacks": [{"kind": "label_flip", "count": 2}],
-                       "arms": ["no_attack", "attack", "attack_defended"]},
+        "experiment": {
+            "attacks": [{"kind": "label_flip", "count": 2}],
+            "arms": ["no_attack", "attack", "attack_defended"],
+        },
     }
 
 
@@ -537,15 +637,21 @@ def demo_anomaly(out: Path, console: Any) -> dict[str, Any]:
     det = m["detection"]
     caught = m["per_seed"][0]["detection"]["caught"]
     bad = m["malicious"][str(cfg.seed)]
-    console.print(f"attackers: {bad}; caught by their neighbours: [bold]{caught}[/] "
-                  f"(edge AUROC {det['auroc_edge']:.3f}, precision {det['precision']:.2f}, "
-                  f"recall {det['recall']:.2f})")
+    console.print(
+        f"attackers: {bad}; caught by their neighbours: [bold]{caught}[/] "
+        f"(edge AUROC {det['auroc_edge']:.3f}, precision {det['precision']:.2f}, "
+        f"recall {det['recall']:.2f})"
+    )
     t = Table(title="honest nodes' test accuracy")
     for c in ("arm", "mean", "worst", "honest edges pruned"):
         t.add_column(c, justify="right")
     for arm, d in m["defense"].items():
-        t.add_row(arm, f"{d['honest_acc_mean']:.3f}", f"{d['honest_acc_worst']:.3f}",
-                  f"{d['honest_edges_pruned']:.3f}")
+        t.add_row(
+            arm,
+            f"{d['honest_acc_mean']:.3f}",
+            f"{d['honest_acc_worst']:.3f}",
+            f"{d['honest_edges_pruned']:.3f}",
+        )
     console.print(t)
     console.print(f"run directory: [bold]{out}[/]")
     return m
@@ -581,12 +687,13 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         try:
             cfg = load_config(config, set_ or [])
             parse_experiment(cfg)
-            seed_list = ([int(s) for s in seeds.split(",") if s.strip()] if seeds else None)
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
         except (ConfigError, ValueError) as exc:
             _fail(exc)
         try:
-            m = run_experiment(cfg, out, seeds=seed_list, progress=not quiet,
-                               log=None if quiet else console.print)
+            m = run_experiment(
+                cfg, out, seeds=seed_list, progress=not quiet, log=None if quiet else console.print
+            )
         except (ConfigError, DataError, TopologyError, FileNotFoundError) as exc:
             _fail(exc)
         console.print(markdown_tables(m))
@@ -607,6 +714,8 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         except (ConfigError, ValueError, FileNotFoundError) as exc:
             _fail(exc)
         for row in res["results"]:
-            console.print(f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
-                          f"(× {row['ratio']:.2f} of plain training)")
+            console.print(
+                f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
+                f"(× {row['ratio']:.2f} of plain training)"
+            )
         console.print(f"wrote [bold]{json_path}[/]")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp
 
 from ..gossip import Mixer, loss_grads, node_grads
 from ..simulator import run_rounds
@@ -132,22 +132,29 @@ def _readout(p: Any, theta: torch.Tensor, delta: torch.Tensor, readout: str,
 def _step_jvp(p: Any, theta: torch.Tensor, state: torch.Tensor | None, t: int,
               dtheta: torch.Tensor, dstate: torch.Tensor | None):
     """Jacobian of the local step of round ``t`` at ``(θ, state)`` applied to a batch of
-    tangents ``dtheta`` (E, n, d) (and ``dstate``): forward-over-reverse, vmapped over E."""
+    tangents ``dtheta`` (E, n, d) (and ``dstate``): forward-over-reverse ``jvp``. The E events
+    are folded into the node axis (the primal repeated), which keeps every matmul a plain
+    batched one."""
+    E, n, d = dtheta.shape
     x, y = p.batch(t)
+    xr = x.repeat(E, *([1] * (x.ndim - 1)))
+    yr = y.repeat(E, 1)
     lr = p.lr(t)
-
+    th = theta.repeat(E, 1)
+    tan = dtheta.reshape(E * n, d)
     if state is None:
-        def step(th):
-            u, _ = p.opt.update(th, None, node_grads(p.fm, th, x, y), lr)
-            return th + u
+        def step(v):
+            u, _ = p.opt.update(v, None, node_grads(p.fm, v, xr, yr), lr)
+            return v + u
 
-        return vmap(lambda v: jvp(step, (theta,), (v,))[1])(dtheta), None
+        return jvp(step, (th,), (tan,))[1].reshape(E, n, d), None
 
-    def step_s(th, st):
-        u, ns = p.opt.update(th, st, node_grads(p.fm, th, x, y), lr)
-        return th + u, ns
+    def step_s(v, st):
+        u, ns = p.opt.update(v, st, node_grads(p.fm, v, xr, yr), lr)
+        return v + u, ns
 
-    return vmap(lambda v, vs: jvp(step_s, (theta, state), (v, vs))[1])(dtheta, dstate)
+    _, (dt, ds) = jvp(step_s, (th, state.repeat(E, 1)), (tan, dstate.reshape(E * n, d)))
+    return dt.reshape(E, n, d), ds.reshape(E, n, d)
 
 
 def _tangent_chunk(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, t: int,

@@ -66,14 +66,24 @@ class ProximalTracker:
     ``seen[k, j]`` marks pairs that were ever in-neighbours (the edges).
     """
 
-    def __init__(self, n: int, q: torch.Tensor | None = None, *, readout: str = "pre",
-                 window: int = 10, history: bool = True) -> None:
+    def __init__(
+        self,
+        n: int,
+        q: torch.Tensor | None = None,
+        *,
+        readout: str = "pre",
+        window: int = 10,
+        history: bool = True,
+    ) -> None:
         if readout not in READOUTS:
             raise ValueError(f"readout {readout!r}: choose one of {', '.join(READOUTS)}")
         self.n = n
         self.readout = readout
-        self.q = (torch.full((n,), 1.0 / n, dtype=torch.float64) if q is None
-                  else q.to(torch.float64).cpu())
+        self.q = (
+            torch.full((n,), 1.0 / n, dtype=torch.float64)
+            if q is None
+            else q.to(torch.float64).cpu()
+        )
         self.window = max(1, int(window))
         self.keep_history = history
         self.cum = torch.zeros(n, n, dtype=torch.float64)
@@ -89,8 +99,14 @@ class ProximalTracker:
         """Sum of the last ``window`` recorded rounds of nominal-weight increments (n, n)."""
         return self._ring.sum(0)
 
-    def record(self, t: int, G: torch.Tensor, U: torch.Tensor, W_actual: torch.Tensor,
-               W_nominal: torch.Tensor | None = None) -> torch.Tensor:
+    def record(
+        self,
+        t: int,
+        G: torch.Tensor,
+        U: torch.Tensor,
+        W_actual: torch.Tensor,
+        W_nominal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Add round ``t``: read-out gradients ``G`` (n, d), sent updates ``U`` (n, d), weights
         used ``W_actual`` and nominal weights ``W_nominal`` (n, n; default = actual). Returns
         the round's nominal-weight increments (n, n)."""
