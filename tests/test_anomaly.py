@@ -101,7 +101,7 @@ def test_label_flip_detected_by_sign_rule_with_pre_readout():
 
 
 def test_sign_flip_caught_in_first_rounds_and_defence_heals():
-    cfg = digits_cfg(rounds=20)
+    cfg = digits_cfg(rounds=30)
     problem, plan = attacked(cfg, [{"kind": "sign_flip", "scale": -5, "count": 2}])
     res = guarded_train(problem, plan, GuardOptions(defense="dice"))
     judged, bad = A.edge_sets(res.tracker.seen.numpy(), plan.mask)

@@ -129,7 +129,7 @@ def test_mnist_from_data_dir_subfolder_env_and_cache(
     _write_fake_mnist(tmp_path / "mnist", gz=False)
     calls = []
     real = D.parse_idx
-    monkeypatch.setattr(D, "parse_idx", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(D.datasets, "parse_idx", lambda p: calls.append(p) or real(p))
     ds = load_dataset("mnist", data_dir=tmp_path)
     assert ds.x_train.shape == (30, 1, 28, 28) and ds.y_test.shape == (10,)
     raw = parse_idx(tmp_path / "mnist" / "train-images-idx3-ubyte").astype(np.float32) / 255.0
@@ -144,7 +144,7 @@ def test_mnist_from_data_dir_subfolder_env_and_cache(
 def test_missing_datasets_name_paths_and_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(D.datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
     monkeypatch.setenv(D.ENV_DATA_DIR, str(tmp_path / "env"))
     with pytest.raises(DataError) as exc:
         load_dataset("fashion-mnist", data_dir=tmp_path / "mine")

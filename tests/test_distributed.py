@@ -174,7 +174,10 @@ def test_stalled_peer_times_out_with_its_name_and_round(tmp_path):
 
 
 def test_detection_drops_harmful_neighbour_like_the_simulator(tmp_path):
-    cfg = cfg_for(4, rounds=8, detection={"enabled": True, "warmup": 2, "threshold": 0.0})
+    base = cfg_for(4, rounds=8, detection={"enabled": True, "warmup": 2, "threshold": 0.0})
+    raw = base.model_dump(mode="json")
+    raw["data"]["corruptions"] = [{"kind": "label_flip", "nodes": [0]}]  # a harmful sender
+    cfg = load_config(raw)
     ref = simulate(cfg)
     assert ref.drops, "test setting should trigger at least one drop"
     res = launch(cfg, 4, tmp_path, wall_timeout=WALL)

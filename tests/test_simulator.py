@@ -142,6 +142,10 @@ def test_mixer_never_leaks_nonfinite_through_zero_weights(n):
     theta[3] = float("nan")
     theta[5, 0] = float("inf")
     out = Mixer(W)(theta)
+    buf = torch.full_like(theta, 7.0)
+    out2 = Mixer(W)(theta, out=buf)
+    assert out2.data_ptr() == buf.data_ptr()
+    assert torch.equal(torch.nan_to_num(out2), torch.nan_to_num(out))
     bad = {2, 3, 4, 5, 6}  # receivers of the two bad senders (and themselves)
     for k in range(n):
         assert bool(torch.isfinite(out[k]).all()) == (k not in bad), k

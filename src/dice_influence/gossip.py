@@ -221,7 +221,10 @@ class Mixer:
         if self.sparse:
             return self._sparse_mm(theta, out)
         if self.has_zeros and not bool(torch.isfinite(theta.sum(1)).all()):
-            return self._masked(theta)
+            mixed = self._masked(theta)
+            if out is None:
+                return mixed
+            return out.copy_(mixed)
         return torch.mm(self.W, theta, out=out) if out is not None else self.W @ theta
 
     def _sparse_mm(self, theta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -166,9 +166,25 @@ def build_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
 
 
 def build_test_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
-    """Every node's own test split (needs ``data.test_samples_per_node``)."""
-    return D.partition(ds.y_test, cfg.topology.n, scheme="iid",
-                       samples_per_node=cfg.data.test_samples_per_node, seed=cfg.seed)
+    """Every node's own test split (needs ``data.test_samples_per_node``), drawn from the test
+    samples after the shared validation set, so the two never overlap."""
+    nval = _n_validation(cfg, ds)
+    rest = ds.y_test[nval:]
+    if len(rest) == 0:
+        raise ValueError(
+            f"data.validation_samples={nval} uses the whole test split, leaving nothing for "
+            "the per-node test splits; lower data.validation_samples"
+        )
+    parts = D.partition(rest, cfg.topology.n, scheme="iid",
+                        samples_per_node=cfg.data.test_samples_per_node, seed=cfg.seed)
+    return [p + nval for p in parts]
+
+
+def _n_validation(cfg: RunConfig, ds: D.Dataset) -> int:
+    if cfg.data.test_samples_per_node is None:
+        return cfg.data.validation_samples or len(ds.y_test)
+    # leave room for the per-node splits when the shared set size is not given
+    return cfg.data.validation_samples or len(ds.y_test) // 2
 
 
 def build_corruptions(cfg: RunConfig) -> list[D.Corruption]:
@@ -194,7 +210,7 @@ def build_optimizer(cfg: RunConfig) -> Optimizer:
 def build_validation(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared test set ``z'`` (the first ``data.validation_samples`` test samples)."""
-    nval = cfg.data.validation_samples or len(ds.y_test)
+    nval = _n_validation(cfg, ds)
     return ds.x_test[:nval].to(device=device, dtype=dtype), ds.y_test[:nval].to(device)
 
 

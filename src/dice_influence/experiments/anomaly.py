@@ -613,8 +613,8 @@ def demo_config() -> dict[str, Any]:
         "data": {
             "dataset": "digits",
             "samples_per_node": 80,
-            "test_samples_per_node": 20,
-            "validation_samples": 360,
+            "test_samples_per_node": 15,
+            "validation_samples": 120,
         },
         "topology": {"name": "random-regular", "n": 16, "degree": 4, "weights": "metropolis"},
         "model": {"name": "mlp", "hidden": [32]},

@@ -1,0 +1,516 @@
+"""Offline datasets: digits (bundled), Fashion-MNIST / MNIST (idx files), CIFAR-10 (python
+batches), synthetic blobs.
+
+Loaded datasets are cached in-process; the tensors of a returned :class:`Dataset` are shared
+with that cache, so callers must never modify them in place (clone first). File readers never
+execute code from the files they read: idx files are parsed byte by byte, and the CIFAR-10
+"python version" batches (pickles, by upstream format) are read with a restricted unpickler that
+only resolves the few numpy/codec names an array needs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import math
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
+CORRUPTION_KINDS = ("label_flip", "random_labels", "gaussian_noise")
+
+ENV_DATA_DIR = "DICE_DATA_DIR"
+SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+_IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """A dataset, partition, corruption or schedule request that cannot be honoured."""
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset container
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """A train/test split as tensors.
+
+    ``x_*`` are float32, shape ``(N, C, H, W)`` for images or ``(N, D)`` for tabular data, already
+    normalised when loaded with ``normalize=True``; ``y_*`` are int64 class ids in
+    ``[0, num_classes)``. ``input_shape`` is the shape of one sample. Tensors may be shared with
+    the in-process cache of :func:`load_dataset`: do not modify them in place.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.float32:
+                raise DataError(f"{self.name}: x_{split} has dtype {x.dtype}; use float32")
+            if y.dtype != torch.int64:
+                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype}; use int64")
+            if y.ndim != 1 or x.shape[0] != y.shape[0]:
+                raise DataError(
+                    f"{self.name}: x_{split} has {x.shape[0]} rows but y_{split} has shape "
+                    f"{tuple(y.shape)}; they must match one label per sample"
+                )
+            if tuple(x.shape[1:]) != self.input_shape:
+                raise DataError(
+                    f"{self.name}: x_{split} samples have shape {tuple(x.shape[1:])} but "
+                    f"input_shape is {self.input_shape}"
+                )
+
+    @property
+    def input_dim(self) -> int:
+        """Number of features per sample, ``prod(input_shape)``."""
+        return math.prod(self.input_shape)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# File readers
+# --------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    """File contents, transparently gunzipped when the file starts with the gzip magic."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt gzip stream ({exc}); re-download the file") from exc
+    return raw
+
+
+def parse_idx(path: str | Path) -> np.ndarray:
+    """Parse an idx file (MNIST format, optionally gzipped) into a numpy array.
+
+    Header: two zero bytes, a dtype code (0x08 ubyte, 0x09 sbyte, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64, all big-endian), the number of dims, then one big-endian uint32
+    per dim. Raises :class:`DataError` on a bad magic, truncated or oversized payload.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"idx file {path} does not exist")
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: only {len(data)} bytes; not an idx file (needs a 4-byte magic)")
+    zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
+    if zero0 != 0 or zero1 != 0 or code not in _IDX_DTYPES:
+        raise DataError(
+            f"{path}: bad idx magic 0x{data[:4].hex()} (expected 0x0000 then a dtype code in "
+            f"{[hex(c) for c in _IDX_DTYPES]} and a dim count); the file is corrupt or not idx"
+        )
+    if ndim == 0:
+        raise DataError(f"{path}: idx header declares 0 dimensions; the file is corrupt")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated idx header ({len(data)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = math.prod(dims) * dtype.itemsize
+    got = len(data) - header
+    if got != expected:
+        raise DataError(
+            f"{path}: idx payload has {got} bytes but dims {dims} of {dtype} need {expected}; "
+            "the file is truncated or corrupt, re-download it"
+        )
+    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+_ALLOWED_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the names needed to rebuild numpy arrays and bytes."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
+            raise DataError(
+                f"refusing to unpickle {module}.{name}: CIFAR-10 batches only contain arrays, "
+                "lists and bytes; the file is not a genuine CIFAR-10 python batch"
+            )
+        if module.startswith("numpy.core"):
+            try:
+                return getattr(importlib.import_module("numpy._core" + module[10:]), name)
+            except (ImportError, AttributeError):
+                pass
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch -> (uint8 images (N, 3, 32, 32), int64 labels (N,)).
+
+    The upstream format is a pickle. This is the only pickle read in the package, and only of a
+    local file the user provides; :class:`_ArrayOnlyUnpickler` (``encoding="bytes"`` for the
+    Python-2 pickles) refuses any global beyond numpy array reconstruction, so no code runs.
+    """
+    try:
+        with path.open("rb") as fh:
+            batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    except Exception as exc:  # any unpickling failure means a corrupt file
+        raise DataError(f"{path}: cannot read CIFAR-10 batch ({exc}); re-download it") from exc
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path}: CIFAR-10 batch lacks b'data' or b'labels' (keys: {list(batch)})")
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(
+            f"{path}: b'data' has dtype {data.dtype} shape {data.shape}; expected uint8 (N, 3072)"
+        )
+    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise DataError(f"{path}: b'labels' must be {data.shape[0]} ints in [0, 9]")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+# --------------------------------------------------------------------------------------------
+# Locating files
+# --------------------------------------------------------------------------------------------
+
+
+def _user_dirs(data_dir: str | Path | None, subfolders: Sequence[str]) -> list[Path]:
+    """Candidate folders: data_dir, then $DICE_DATA_DIR, each followed by its subfolders."""
+    roots: list[Path] = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        roots.append(Path(env).expanduser())
+    out: list[Path] = []
+    for root in roots:
+        for p in (root, *(root / s for s in subfolders)):
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    variants = (stem, stem.replace("-idx", ".idx"))
+    for v in variants:
+        for suffix in (".gz", ""):
+            p = folder / f"{v}{suffix}"
+            if p.is_file():
+                return p
+    return None
+
+
+def _find_idx_set(folders: Sequence[Path]) -> dict[str, Path] | None:
+    for folder in folders:
+        found = {k: _find_idx_file(folder, stem) for k, stem in _IDX_STEMS.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def _find_cifar_dir(folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        if all((folder / f).is_file() for f in _CIFAR10_FILES):
+            return folder
+    return None
+
+
+def _file_key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Cache key that changes when any file is replaced."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _looked_in(folders: Sequence[Path]) -> str:
+    return ", ".join(str(f) for f in folders) if folders else "(nowhere)"
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+def _stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)
+    return np.sort(tr), np.sort(te)
+
+
+def _to_dataset(
+    name: str,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_te: np.ndarray,
+    num_classes: int,
+) -> Dataset:
+    def tx(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def ty(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+    return Dataset(
+        name=name,
+        x_train=tx(x_tr),
+        y_train=ty(y_tr),
+        x_test=tx(x_te),
+        y_test=ty(y_te),
+        num_classes=num_classes,
+        input_shape=tuple(x_tr.shape[1:]),
+    )
+
+
+def _load_digits(seed: int, test_fraction: float, normalize: bool) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    tr, te = _stratified_split(y, test_fraction, seed)
+    x_tr, x_te = x[tr], x[te]
+    if normalize:
+        mean, std = float(x_tr.mean()), float(x_tr.std())
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
+
+
+def _load_synthetic(
+    seed: int, test_fraction: float, n: int, dim: int, classes: int, normalize: bool
+) -> Dataset:
+    """Gaussian blobs: centres ~ N(0, (3^2/D) I) (norm about 3), unit-variance noise."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    centres = rng.normal(0.0, 3.0 / math.sqrt(dim), size=(classes, dim))
+    y = np.arange(n, dtype=np.int64) % classes
+    rng.shuffle(y)
+    x = (centres[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    tr, te = _stratified_split(y, test_fraction, seed)
+    x_tr, x_te = x[tr], x[te]
+    if normalize:
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return _to_dataset("synthetic", x_tr, y[tr], x_te, y[te], classes)
+
+
+def _load_idx_dataset(
+    name: str, files: dict[str, Path], mean: float, std: float, normalize: bool
+) -> Dataset:
+    arrays = {k: parse_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if xi.ndim != 3 or yi.ndim != 1 or xi.shape[0] != yi.shape[0]:
+            raise DataError(
+                f"{name}: {split} images {xi.shape} and labels {yi.shape} do not match "
+                f"(expected (N, H, W) and (N,)); check {files[f'{split}_images'].parent}"
+            )
+        if yi.size and (yi.min() < 0 or yi.max() > 9):
+            raise DataError(f"{name}: {split} labels outside [0, 9]; the label file is corrupt")
+
+    def prep(a: np.ndarray) -> np.ndarray:
+        x = a.astype(np.float32)[:, None, :, :]
+        x /= 255.0
+        if normalize:
+            x -= mean
+            x /= std
+        return x
+
+    return _to_dataset(
+        name,
+        prep(arrays["train_images"]),
+        arrays["train_labels"],
+        prep(arrays["test_images"]),
+        arrays["test_labels"],
+        10,
+    )
+
+
+def _load_cifar10(folder: Path, normalize: bool) -> Dataset:
+    parts = [_read_cifar_batch(folder / f) for f in _CIFAR10_FILES]
+    x_tr = np.concatenate([p[0] for p in parts[:5]])
+    y_tr = np.concatenate([p[1] for p in parts[:5]])
+    x_te, y_te = parts[5]
+
+    def prep(a: np.ndarray) -> np.ndarray:
+        x = a.astype(np.float32) / 255.0
+        if normalize:
+            mean = np.asarray(CIFAR10_MEAN, np.float32)[None, :, None, None]
+            std = np.asarray(CIFAR10_STD, np.float32)[None, :, None, None]
+            x = (x - mean) / std
+        return x
+
+    return _to_dataset("cifar10", prep(x_tr), y_tr, prep(x_te), y_te, 10)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(key: tuple) -> Dataset:
+    kind = key[0]
+    if kind == "digits":
+        return _load_digits(*key[1:])
+    if kind == "synthetic":
+        return _load_synthetic(*key[1:])
+    if kind in ("fashion-mnist", "mnist"):
+        _, files, _stamp, normalize = key
+        mean, std = (
+            (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+            if kind == "fashion-mnist"
+            else (MNIST_MEAN, MNIST_STD)
+        )
+        return _load_idx_dataset(kind, {k: Path(p) for k, p in files}, mean, std, normalize)
+    if kind == "cifar10":
+        _, folder, _stamp, normalize = key
+        return _load_cifar10(Path(folder), normalize)
+    raise AssertionError(kind)
+
+
+def _canonical_name(name: str) -> str:
+    n = name.strip().lower().replace("_", "-")
+    aliases = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
+    n = aliases.get(n, n)
+    if n not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return n
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    synthetic_samples: int = 2000,
+    synthetic_dim: int = 20,
+    synthetic_classes: int = 4,
+    normalize: bool = True,
+) -> Dataset:
+    """Load a dataset by name (one of :data:`DATASETS`), cached in-process.
+
+    ``seed`` and ``test_fraction`` only affect datasets without an official split ("digits",
+    "synthetic"). File datasets are looked up in ``data_dir``, then ``$DICE_DATA_DIR`` (and a
+    dataset-named subfolder of each); Fashion-MNIST also in ``/usr/share/datasets/fashion-mnist``.
+    The returned tensors are shared with the cache: do not modify them in place.
+    """
+    n = _canonical_name(name)
+    if n in ("digits", "synthetic") and not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction={test_fraction} must be in (0, 1), e.g. 0.2")
+    if n == "digits":
+        key: tuple = ("digits", int(seed), float(test_fraction), bool(normalize))
+    elif n == "synthetic":
+        if synthetic_classes < 2 or synthetic_dim < 1:
+            raise DataError(
+                f"synthetic needs synthetic_classes >= 2 and synthetic_dim >= 1, got "
+                f"{synthetic_classes} and {synthetic_dim}"
+            )
+        n_test = round(synthetic_samples * test_fraction)
+        if min(n_test, synthetic_samples - n_test) < synthetic_classes:
+            raise DataError(
+                f"synthetic_samples={synthetic_samples} too small for {synthetic_classes} classes "
+                f"with test_fraction={test_fraction}; use at least {10 * synthetic_classes}"
+            )
+        key = (
+            "synthetic",
+            int(seed),
+            float(test_fraction),
+            int(synthetic_samples),
+            int(synthetic_dim),
+            int(synthetic_classes),
+            bool(normalize),
+        )
+    elif n in ("fashion-mnist", "mnist"):
+        subs = (
+            ("fashion-mnist", "FashionMNIST/raw")
+            if n == "fashion-mnist"
+            else ("mnist", "MNIST/raw")
+        )
+        folders = _user_dirs(data_dir, subs)
+        if n == "fashion-mnist":
+            folders.append(SYSTEM_FASHION_MNIST_DIR)
+        files = _find_idx_set(folders)
+        if files is None:
+            hint = (
+                "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir / "
+                f"set {ENV_DATA_DIR}"
+                if n == "fashion-mnist"
+                else f"put the four MNIST idx files there, then pass --data-dir / set {ENV_DATA_DIR}"
+            )
+            raise DataError(
+                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
+                f"{_looked_in(folders)}; {hint}"
+            )
+        named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
+        key = (n, named, _file_key([Path(p) for _, p in named]), bool(normalize))
+    else:  # cifar10
+        folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
+        folder = _find_cifar_dir(folders)
+        if folder is None:
+            raise DataError(
+                f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
+                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}; download the "
+                f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
+            )
+        stamp = _file_key([folder / f for f in _CIFAR10_FILES])
+        key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))
+    return replace(_load_cached(key))
