@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..gossip import _param_views, loss_grads, node_grads
 from ..topology import reach_sets
@@ -97,13 +97,16 @@ def attribute(
     p = traj.problem
     qv = node_weights(p.n, q).to(p.dtype)
     # factual parameters and optimizer states of every round needed, computed forward once
+    # (recorded checkpoints are used as they are; rounds in between are recomputed)
+    from ..simulator import run_rounds
+
     thetas, states = {}, {}
     th, st = traj.params_at(t0)
     for r in range(t0, last + 1):
+        if r in traj.checkpoints:
+            th, st = traj.checkpoints[r]
         thetas[r], states[r] = th, st
-        if r < last:
-            from ..simulator import run_rounds
-
+        if r < last and r + 1 not in traj.checkpoints:
             th, st = run_rounds(p, th, st, r, r + 1)
     n, B = p.n, p.cfg.train.batch_size
     scores = torch.zeros(t1 - t0, n, B, dtype=torch.float64)
@@ -119,6 +122,9 @@ def attribute(
         for r in range(t1 - 1, t0 - 1, -1):
             lam_th = _mix_T(p, r, a_th)  # cotangent on θ^{r+½}; the state is not gossiped
             lam_st = a_st
+            if states[r] is None:  # plain SGD: one fused forward-mode pass (J symmetric)
+                scores[r - t0], a_th = _fused_sgd(p, thetas[r], r, lam_th)
+                continue
             scores[r - t0] = _sample_scores(p, thetas[r], states[r], r, lam_th, lam_st)
             if r > t0:
                 a_th, a_st = _step_vjp(p, thetas[r], states[r], r, lam_th, lam_st)
@@ -193,6 +199,34 @@ def _hop_cotangents(p: Any, traj: Any, thetas: dict, states: dict, r: int, hops:
                 a, a_st = _step_vjp(p, thetas[s], states[s], s, a, a_st)
         lam += a[torch.arange(n), torch.arange(n)]
     return lam
+
+
+def _fused_sgd(p: Any, theta: torch.Tensor, r: int, lam: torch.Tensor):
+    """Plain SGD (no optimizer state): ``J = (1 − η·wd) I − η H`` is symmetric, so ``Jᵀ λ`` is a
+    forward-over-reverse Hessian-vector product, and the same forward-mode pass yields every
+    sample's directional derivative ``∇ℓ_iᵀ λ``. Returns (scores (n, B), ``Jᵀ λ`` (n, d))."""
+    lr, wd = p.lr(r), p.opt.weight_decay
+    x, y = p.batch(r)
+    module = p.fm.module
+    n = theta.shape[0]
+
+    def node_fn(prm, xb, yb):
+        def loss(pp):
+            ls = torch.nn.functional.cross_entropy(functional_call(module, pp, (xb,)), yb,
+                                                   reduction="none")
+            return ls.mean(), ls
+
+        return grad(loss, has_aux=True)(prm)
+
+    def fused(prm, tan, xb, yb):
+        return jvp(lambda pp: node_fn(pp, xb, yb), (prm,), (tan,))[1]
+
+    with torch.no_grad():
+        hv, dls = vmap(fused)(_param_views(p.fm, theta), _param_views(p.fm, lam.contiguous()),
+                              x, y)
+    Hl = torch.cat([hv[s.name].reshape(n, -1) for s in p.fm.slots], dim=1)
+    scores = (-lr * dls / y.shape[1]).double()  # c = (∂u/∂g)ᵀ λ = −η λ
+    return scores, (1.0 - lr * wd) * lam - lr * Hl
 
 
 def _sample_scores(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
