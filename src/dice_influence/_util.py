@@ -26,6 +26,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV text with a header from the first row's keys ("" for no rows)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")

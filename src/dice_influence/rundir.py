@@ -8,23 +8,12 @@ Layout: ``config.yaml``, ``metrics.json``, ``nodes.csv`` (per-node final test lo
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
-from ._util import atomic_savefig, atomic_write_text, write_json
+from ._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from .config import dump_config
 from .trajectory import Trajectory
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()
 
 
 def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | None = None,
@@ -50,11 +39,11 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
     write_json(out / "metrics.json", metrics)
     rows = [{"node": k, "train_samples": int(p.node_data.sizes[k]),
              "test_loss": final["loss"][k], "test_acc": final["acc"][k]} for k in range(p.n)]
-    atomic_write_text(out / "nodes.csv", _csv(rows))
+    atomic_write_text(out / "nodes.csv", csv_text(rows))
     hist = [{"round": h["round"], "mean_acc": h["mean_acc"], "mean_loss": h["mean_loss"],
              "min_acc": min(h["acc"]), "avg_model_acc": h["avg_model_acc"],
              "consensus_distance": h["consensus_distance"]} for h in traj.history]
-    atomic_write_text(out / "history.csv", _csv(hist))
+    atomic_write_text(out / "history.csv", csv_text(hist))
     tmp = out / ".final.safetensors.tmp"
     save_file({"theta": traj.theta.contiguous().cpu()}, str(tmp),
               metadata={"layout": "theta[k] = flat parameters of node k"})

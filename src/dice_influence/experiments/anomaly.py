@@ -20,8 +20,6 @@ harmful.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .._util import atomic_savefig, atomic_write_text, write_json
+from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..apps import anomaly as A
 from ..apps import reciprocity as REC
 from ..apps.defense import GuardOptions, GuardResult, guarded_train, honest_connected
@@ -362,15 +360,6 @@ def run_experiment(
 # ------------------------------------------------------------------------------------ files
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()
-
-
 def _write_tables(per_seed: list[dict[str, Any]], out: Path) -> None:
     det_rows, edge_rows, acc_rows, rec_rows, arm_rows = [], [], [], [], []
     for r in per_seed:
@@ -415,11 +404,11 @@ def _write_tables(per_seed: list[dict[str, Any]], out: Path) -> None:
                         "R": float(rec["R"][j]),
                     }
                 )
-    atomic_write_text(out / "detection_rounds.csv", _csv(det_rows))
-    atomic_write_text(out / "edges.csv", _csv(edge_rows))
-    atomic_write_text(out / "accuracy.csv", _csv(acc_rows))
-    atomic_write_text(out / "reciprocity.csv", _csv(rec_rows))
-    atomic_write_text(out / "defense.csv", _csv(arm_rows))
+    atomic_write_text(out / "detection_rounds.csv", csv_text(det_rows))
+    atomic_write_text(out / "edges.csv", csv_text(edge_rows))
+    atomic_write_text(out / "accuracy.csv", csv_text(acc_rows))
+    atomic_write_text(out / "reciprocity.csv", csv_text(rec_rows))
+    atomic_write_text(out / "defense.csv", csv_text(arm_rows))
 
 
 def _focus_node(E: np.ndarray, malicious: np.ndarray, want: int | None) -> int:
