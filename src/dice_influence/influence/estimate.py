@@ -31,7 +31,7 @@ from torch.func import jvp
 from ..gossip import Mixer, loss_grads, node_grads
 from ..simulator import run_rounds
 from .common import Event, InfluenceResult, node_weights, reach_masks, validate_events
-from .ground_truth import batched_local_step, removal_weights
+from .ground_truth import removal_weights
 
 READOUTS = ("linear", "midpoint")
 PATHS = ("exact", "paper")
@@ -86,31 +86,29 @@ def estimate(
 def source_delta(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, t: int,
                  events: list[Event]):
     """``Δ`` (E, d) = factual minus counterfactual half step of each source, its optimizer
-    state difference (or None), and the factual half steps of the sources (E, d)."""
+    state difference (or None), and the factual half steps of the sources (E, d). Both steps
+    are computed exactly, in one batched call over the 2E source rows."""
     E = len(events)
     w, skip = removal_weights(events, p.n, p.cfg.train.batch_size, p.dtype, p.device)
     src = torch.tensor([e.node for e in events])
-    # only the source rows matter; run the (small) full local step for both variants
-    theta = theta_t.expand(2, *theta_t.shape)
-    state = None if state_t is None else state_t.expand(2, *state_t.shape)
+    ar = 1 + torch.arange(E)
+    x, y = p.batch(t)
+    rows = torch.cat([src, src])
+    th = theta_t[rows]
+    st = None if state_t is None else state_t[rows]
     with torch.no_grad():
-        fact, fstate = batched_local_step(p, theta[:1].clone(),
-                                          None if state is None else state[:1].clone(), t)
-        # counterfactual of each event: only the source row changes
-        x, y = p.batch(t)
-        xs, ys = x[src], y[src]
-        g = node_grads(p.fm, theta_t[src], xs, ys, w[1 + torch.arange(E), src])
-        u, cstate = p.opt.update(theta_t[src], None if state_t is None else state_t[src],
-                                 g, p.lr(t))
-        sk = skip[1 + torch.arange(E), src][:, None]
+        wts = torch.cat([torch.ones_like(w[ar, src]), w[ar, src]])
+        g = node_grads(p.fm, th, x[rows], y[rows], wts)
+        u, new_state = p.opt.update(th, st, g, p.lr(t))
+        sk = torch.cat([torch.zeros(E, dtype=torch.bool), skip[ar, src]])[:, None]
         u = torch.where(sk, torch.zeros_like(u), u)
-        cf = theta_t[src] + u
-        delta = fact[0, src] - cf
+        half = th + u
+        delta = half[:E] - half[E:]
         dstate = None
-        if cstate is not None:
-            cstate = torch.where(sk, state_t[src], cstate)
-            dstate = fstate[0, src] - cstate
-    return delta, dstate, fact[0, src]
+        if new_state is not None:
+            new_state = torch.where(sk, st, new_state)
+            dstate = new_state[:E] - new_state[E:]
+    return delta, dstate, half[:E]
 
 
 def _readout(p: Any, theta: torch.Tensor, delta: torch.Tensor, readout: str,
