@@ -254,15 +254,8 @@ def guarded_train(
         return m
 
     def mix(W: np.ndarray, key: Any, th: torch.Tensor, out: torch.Tensor) -> None:
-        # Dense matmul while every row is finite (much faster on CPU than the core Mixer's CSR
-        # path for n ≈ 50); the core Mixer (zero weights never touch a sender) otherwise.
-        m = mixer_for(W, key)
-        if bool(torch.isfinite(th.sum(1)).all()):
-            torch.mm(m.W, th, out=out)
-        else:
-            res = m(th, out=out)
-            if res is not out:  # the core Mixer's masked path returns a new tensor
-                out.copy_(res)
+        # the core Mixer: dense or CSR by sparsity; zero weights never touch a sender
+        mixer_for(W, key)(th, out=out)
 
     norm_blocked = np.zeros((n, n), dtype=bool)
 
