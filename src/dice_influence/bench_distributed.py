@@ -32,7 +32,7 @@ def bench_config(n: int, rounds: int) -> Any:
             "data": {
                 "dataset": "digits",
                 "samples_per_node": 80,
-                "test_samples_per_node": 20,
+                "test_samples_per_node": 15,
                 "validation_samples": 100,
             },
             "topology": {"name": "exponential", "n": n},
