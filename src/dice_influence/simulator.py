@@ -76,9 +76,7 @@ class Problem:
         return m
 
     def lr(self, t: int) -> float:
-        tc = self.cfg.train
-        return lr_at(t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size,
-                     gamma=tc.lr_gamma)
+        return run_lr(self.cfg, t)
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round ``t``'s batches of all nodes: ``x`` (n, B, *input_shape), ``y`` (n, B)."""
@@ -141,6 +139,13 @@ class Problem:
         """Per-node test loss ``(n,)`` and gradient ``(n, d)`` on ``z'``."""
         x, y = self.test_set(per_node)
         return loss_grads(self.fm, theta, x, y)
+
+
+def run_lr(cfg: RunConfig, t: int) -> float:
+    """Learning rate of round ``t`` under ``cfg.train``'s schedule."""
+    tc = cfg.train
+    return lr_at(t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size,
+                 gamma=tc.lr_gamma)
 
 
 def run_dtype(cfg: RunConfig) -> torch.dtype:

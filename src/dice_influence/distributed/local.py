@@ -16,7 +16,7 @@ from .. import data as D
 from .. import simulator as S
 from .. import topology as T
 from ..config import ConfigError, RunConfig
-from ..gossip import Optimizer, lr_at, node_losses
+from ..gossip import Optimizer, node_losses
 from ..models import FunctionalModel
 
 
@@ -51,10 +51,7 @@ class LocalProblem:
         return self.schedule.W(t)
 
     def lr(self, t: int) -> float:
-        tc = self.cfg.train
-        return lr_at(
-            t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size, gamma=tc.lr_gamma
-        )
+        return S.run_lr(self.cfg, t)
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This node's batch of round ``t``: ``x`` (1, B, ...), ``y`` (1, B)."""
