@@ -221,7 +221,15 @@ def run_seed(
         out["arms"][arm] = m
         out["_runs"][arm] = res
     if "attack" in out["_runs"]:
-        out.update(_detection(out["_runs"]["attack"], ex, malicious))
+        # detection is scored where nothing is pruned (the `attack` arm), except for update
+        # attacks, which wreck the undefended network (scores +inf or meaningless): those are
+        # scored in the defended arm, whose tracker keeps scoring pruned senders with their
+        # nominal weights
+        arm = "attack"
+        if plan.has_update_attacks and "attack_defended" in out["_runs"]:
+            arm = "attack_defended"
+        out.update(_detection(out["_runs"][arm], ex, malicious))
+        out["detection"]["scored_arm"] = arm
     out["W0"] = W0
     return out
 
@@ -329,6 +337,7 @@ def run_experiment(
         mean, worst = _agg([r["detection"] for r in per_seed])
         metrics["detection"] = mean
         metrics["detection_worst"] = worst
+        metrics["detection_scored_arm"] = [r["detection"]["scored_arm"] for r in per_seed]
         metrics["detection_rule"] = {
             "rule": ex.detection.rule,
             "score": ex.detection.score,
