@@ -99,6 +99,18 @@ def _print_nodes(traj: Any, title: str | None = None) -> None:
 
 @app.command()
 @friendly
+def config(
+    path: Path = typer.Argument(None, help="A config to validate and print with its defaults."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Print a complete config (every key, with defaults) as YAML; with PATH, validate it."""
+    from .config import dump_config
+
+    sys.stdout.write(dump_config(_load(path, set_)))
+
+
+@app.command()
+@friendly
 def topology(
     name: str = typer.Argument(..., help="ring, exponential, directed-ring, star, grid, torus, "
                                "complete, erdos-renyi, random-regular, watts-strogatz, isolated"),

@@ -121,7 +121,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `dice config --help` for valid keys)"
+            msg = "unknown key (check the spelling; `dice config` prints every valid key)"
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{got_s}")
