@@ -180,9 +180,8 @@ def build_test_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
             f"data.validation_samples={nval} uses the whole test split, leaving nothing for "
             "the per-node test splits; lower data.validation_samples"
         )
-    parts = D.partition(rest, cfg.topology.n, scheme="iid",
-                        samples_per_node=cfg.data.test_samples_per_node, seed=cfg.seed)
-    return [p + nval for p in parts]
+    return D.test_partition(ds, cfg.topology.n, samples_per_node=cfg.data.test_samples_per_node,
+                            start=nval, seed=cfg.seed)
 
 
 def _n_validation(cfg: RunConfig, ds: D.Dataset) -> int:
@@ -221,7 +220,7 @@ def build_validation(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
 
 def build_problem(cfg: RunConfig) -> Problem:
     """Load data, partition it, build topology, model and optimizer from ``cfg``."""
-    dc, _tc = cfg.data, cfg.topology
+    dc = cfg.data
     dtype = run_dtype(cfg)
     device = torch.device(cfg.train.device)
     ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)

@@ -30,6 +30,7 @@ from .nodes import (
     gather_batch,
     make_node_data,
     node_test_splits,
+    test_partition,
 )
 from .partition import partition
 
@@ -55,6 +56,7 @@ __all__ = [
     "load_dataset",
     "make_node_data",
     "node_test_splits",
+    "test_partition",
     "parse_idx",
     "partition",
 ]

@@ -194,25 +194,52 @@ def make_node_data(
     )
 
 
-def node_test_splits(
+def test_partition(
     dataset: Dataset,
     n_nodes: int,
     *,
     samples_per_node: int,
+    start: int = 0,
     scheme: str = "iid",
     seed: int = 0,
     alpha: float = 1.0,
     classes_per_node: int = 2,
-) -> NodeData:
-    """Per-node test sets: :func:`partition` of ``y_test`` stacked like :func:`make_node_data`."""
+) -> list[np.ndarray]:
+    """Per-node test-split indices: :func:`partition` of ``y_test[start:]`` (indices into the
+    whole test split; ``start`` keeps the first test samples out, e.g. a shared test set)."""
     parts = partition(
-        dataset.y_test,
+        dataset.y_test[start:],
         n_nodes,
         scheme=scheme,
         samples_per_node=samples_per_node,
         alpha=alpha,
         classes_per_node=classes_per_node,
         seed=seed,
+    )
+    return [p + start for p in parts]
+
+
+def node_test_splits(
+    dataset: Dataset,
+    n_nodes: int,
+    *,
+    samples_per_node: int,
+    start: int = 0,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 1.0,
+    classes_per_node: int = 2,
+) -> NodeData:
+    """Per-node test sets (:func:`test_partition`) stacked like :func:`make_node_data`."""
+    parts = test_partition(
+        dataset,
+        n_nodes,
+        samples_per_node=samples_per_node,
+        start=start,
+        scheme=scheme,
+        seed=seed,
+        alpha=alpha,
+        classes_per_node=classes_per_node,
     )
     return make_node_data(dataset, parts, split="test")
 

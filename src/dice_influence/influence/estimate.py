@@ -112,12 +112,12 @@ def source_delta(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, t:
 
 
 def _readout(p: Any, theta: torch.Tensor, delta: torch.Tensor, readout: str,
-             per_node_test: bool, grad_cache: torch.Tensor | None = None) -> torch.Tensor:
+             per_node_test: bool) -> torch.Tensor:
     """``∇L(θ_k)ᵀ δ_ek`` (linear) or ``∇L(θ_k − δ_ek/2)ᵀ δ_ek`` (midpoint) → (E, n)."""
     x, y = p.test_set(per_node_test)
     E, n, d = delta.shape
     if readout == "linear":
-        G = grad_cache if grad_cache is not None else loss_grads(p.fm, theta, x, y)[1]
+        G = loss_grads(p.fm, theta, x, y)[1]
         return (delta * G).sum(-1).double()
     pts = (theta - 0.5 * delta).reshape(E * n, d)
     if per_node_test:
@@ -165,13 +165,10 @@ def _tangent_chunk(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, 
     delta, dstate_src, half_src = source_delta(p, theta_t, state_t, t, events)
     x, y = p.test_set(per_node_test)
     # self term (s = 0): gradient at θ_j^t (Prop. 1) or at the midpoint of the half steps
+    xs, ys = (x[src], y[src]) if per_node_test else (x, y)
+    at = theta_t[src] if readout == "linear" else half_src - 0.5 * delta
     with torch.no_grad():
-        if readout == "linear":
-            xs, ys = (x[src], y[src]) if per_node_test else (x, y)
-            G = loss_grads(p.fm, theta_t[src], xs, ys)[1]
-        else:
-            xs, ys = (x[src], y[src]) if per_node_test else (x, y)
-            G = loss_grads(p.fm, half_src - 0.5 * delta, xs, ys)[1]
+        G = loss_grads(p.fm, at, xs, ys)[1]
         res[ar, 0, src] = (G * delta).sum(-1).double()
     dtheta = torch.zeros(E, n, d, dtype=p.dtype, device=p.device)
     dtheta[ar, src] = delta
