@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from .cli_support import SET_HELP, console, friendly, load_run_config
 
 app = typer.Typer(
     add_completion=False,
@@ -24,42 +23,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write their 
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: config in, run dir out.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(experiment_app, name="experiment")
-
-# wide enough for the result tables when output is piped to a file or a CI log
-console = Console(width=None if sys.stdout.isatty() else 130)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 130)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelError
-    from .topology import TopologyError
-
-    return (ConfigError, DataError, ModelError, TopologyError, FileNotFoundError)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's user-facing errors into one red message and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _load(config: Path | None, overrides: list[str] | None):
-    from .config import load_config
-
-    return load_config(config, overrides or [])
-
-
-SET_HELP = "Override a config value, e.g. --set train.lr=0.05 (repeatable)."
 
 
 @app.command()
@@ -74,7 +37,7 @@ def train(
     from .rundir import write_run_dir
     from .simulator import train as run_train
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     traj = run_train(cfg, progress=not quiet)
     write_run_dir(traj, out)
     if not quiet:
@@ -106,7 +69,7 @@ def config(
     """Print a complete config (every key, with defaults) as YAML; with PATH, validate it."""
     from .config import dump_config
 
-    sys.stdout.write(dump_config(_load(path, set_)))
+    sys.stdout.write(dump_config(load_run_config(path, set_)))
 
 
 @app.command()
@@ -195,40 +158,11 @@ def demo(
     demo_anomaly(out / "anomaly", console)
 
 
-@bench_app.command("train")
-@friendly
-def bench_train(
-    json_path: Path = typer.Option(Path("bench-train.json"), "--json", help="Output JSON file."),
-    nodes: str = typer.Option("4,16,64,256", help="Comma-separated node counts."),
-    rounds: int = typer.Option(20, help="Timed rounds per measurement."),
-    loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
-    data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
-) -> None:
-    """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
-    from .bench import bench_train as run
-
-    ns = [int(v) for v in nodes.split(",") if v.strip()]
-    res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-              log=console.print)
-    table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
-    for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
-                "speed-up vs loop", "peak RSS MB"):
-        table.add_column(col, justify="right")
-    for r in res["results"]:
-        loop = r["loop_s_per_round"]
-        table.add_row(str(r["n"]), f"{r['vectorized_s_per_round']:.4f}",
-                      f"{r['floor_s_per_round']:.4f}", f"{r['ratio_to_floor']:.2f}",
-                      "-" if loop is None else f"{loop:.4f}",
-                      "-" if loop is None else f"{loop / r['vectorized_s_per_round']:.1f}x",
-                      f"{r['peak_rss_mb']:.0f}")
-    console.print(table)
-    console.print(f"wrote [bold]{json_path}[/]")
-
-
 EXTENSIONS = (
     "dice_influence.experiments.alignment",
     "dice_influence.experiments.anomaly",
     "dice_influence.distributed.cli",
+    "dice_influence.bench.cli",
 )
 
 

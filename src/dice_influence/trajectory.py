@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ._util import atomic_write_text, progress_bar
-from .simulator import Problem, build_problem, run_rounds
+from .loop import run_rounds
+from .problem import Problem, build_problem
 
 
 class Trajectory:

@@ -11,7 +11,7 @@ SET_HELP = "Override a config value, e.g. --set train.lr=0.05 (repeatable)."
 
 def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add the peer-to-peer commands to the ``dice`` app."""
-    from ..cli import console, friendly
+    from ..cli_support import console, friendly
 
     @app.command()
     @friendly
@@ -78,33 +78,3 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         )
         if not res.ok:
             raise typer.Exit(1)
-
-    @bench_app.command("distributed")
-    @friendly
-    def bench_distributed(
-        json_path: Path = typer.Option(
-            Path("bench-distributed.json"), "--json", help="Output JSON file."
-        ),
-        peers: str = typer.Option("4,8,16", help="Comma-separated peer counts."),
-        rounds: int = typer.Option(30, help="Rounds per measurement."),
-    ) -> None:
-        """Rounds/s of N local peers vs the simulator at the same n; bytes per peer per round."""
-        from rich.table import Table
-
-        from ..bench_distributed import bench_distributed as run
-
-        ns = [int(v) for v in peers.split(",") if v.strip()]
-        res = run(ns, rounds=rounds, out=json_path, log=console.print)
-        table = Table(title=f"dice bench distributed ({res['setting']})")
-        for col in ("peers", "p2p rounds/s", "simulator rounds/s", "slowdown", "bytes/peer/round"):
-            table.add_column(col, justify="right")
-        for r in res["results"]:
-            table.add_row(
-                str(r["n"]),
-                f"{r['p2p_rounds_per_s']:.1f}",
-                f"{r['simulator_rounds_per_s']:.1f}",
-                f"{r['simulator_rounds_per_s'] / r['p2p_rounds_per_s']:.1f}x",
-                f"{r['bytes_sent_per_peer_per_round']:.0f}",
-            )
-        console.print(table)
-        console.print(f"wrote [bold]{json_path}[/]")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import data as D
-from .. import simulator as S
+from .. import problem as S
 from .. import topology as T
 from ..config import ConfigError, RunConfig
 from ..gossip import Optimizer, node_losses

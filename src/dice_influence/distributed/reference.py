@@ -19,7 +19,7 @@ import torch
 
 from ..config import RunConfig
 from ..influence.proximal import proximal_matrix
-from ..simulator import Problem, build_problem
+from ..problem import Problem, build_problem
 from .settings import DistributedSettings, distributed_settings
 
 

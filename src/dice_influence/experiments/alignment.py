@@ -246,7 +246,7 @@ def print_results(metrics: dict[str, Any], console: Any, title: str = "alignment
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     import typer
 
-    from ..cli import SET_HELP, console, friendly
+    from ..cli_support import SET_HELP, console, friendly
 
     @experiment_app.command("alignment")
     @friendly
@@ -260,33 +260,3 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         metrics = run_alignment(cfg, out, log=console.print)
         print_results(metrics, console)
         console.print(f"total {metrics['seconds']['total']:.1f} s; wrote [bold]{out}[/]")
-
-    @bench_app.command("influence")
-    @friendly
-    def bench_influence_cmd(
-        json_path: Path = typer.Option(Path("bench-influence.json"), "--json"),
-        max_hops: int = typer.Option(8, help="Hops 1..max_hops."),
-        batched: int = typer.Option(32, help="Events in the batched measurement."),
-    ) -> None:
-        """Time per event of DICE-GT and DICE-E vs hops; all-sample attribution vs training."""
-        from ..bench_influence import bench_influence
-
-        res = bench_influence(max_hops=max_hops, batched=batched, out=json_path,
-                              log=console.print)
-        from rich.table import Table
-
-        t = Table(title="dice bench influence (s per event)")
-        for c in ("hops", "GT x1", f"GT x{batched}", "E lin x1", f"E lin x{batched}",
-                  f"E mid x{batched}"):
-            t.add_column(c, justify="right")
-        for r in res["per_hop"]:
-            t.add_row(str(r["hops"]), f"{r['gt_single']:.4f}", f"{r['gt_batched']:.4f}",
-                      f"{r['e_linear_single']:.4f}", f"{r['e_linear_batched']:.4f}",
-                      f"{r['e_midpoint_batched']:.4f}")
-        console.print(t)
-        a = res["attribution"]
-        console.print(
-            f"all-sample attribution of {a['samples']} samples over {a['rounds']} rounds: "
-            f"{a['seconds']:.2f} s = {a['ratio_to_training']:.2f}x the training rounds, "
-            f"{a['speedup_vs_replay']:.0f}x faster than replaying each sample")
-        console.print(f"wrote [bold]{json_path}[/]")

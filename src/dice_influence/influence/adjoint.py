@@ -98,7 +98,7 @@ def attribute(
     qv = node_weights(p.n, q).to(p.dtype)
     # factual parameters and optimizer states of every round needed, computed forward once
     # (recorded checkpoints are used as they are; rounds in between are recomputed)
-    from ..simulator import run_rounds
+    from ..loop import run_rounds
 
     thetas, states = {}, {}
     th, st = traj.params_at(t0)

@@ -29,7 +29,7 @@ import torch
 from torch.func import jvp
 
 from ..gossip import Mixer, loss_grads, node_grads
-from ..simulator import run_rounds
+from ..loop import run_rounds
 from .common import Event, InfluenceResult, node_weights, reach_masks, validate_events
 from .ground_truth import removal_weights
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from ._util import write_json
+from .._util import write_json
 
 
 def _config(rounds: int, data_dir: str | None, checkpoint_every: int = 5):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config({
         "seed": 0,
@@ -37,9 +37,9 @@ def bench_influence(*, max_hops: int = 8, batched: int = 32, window: int = 5,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time GT and E per event for hops 1..max_hops (single and batched), and the adjoint
     attribution of every sample in a ``window``-round window against training and replay."""
-    from .influence import Event, estimate, ground_truth
-    from .influence.adjoint import attribute
-    from .simulator import run_rounds, train
+    from ..influence import Event, estimate, ground_truth
+    from ..influence.adjoint import attribute
+    from ..simulator import run_rounds, train
 
     rounds = 10 + max_hops + window
     traj = train(_config(rounds, data_dir))

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ._util import write_json
+from .._util import write_json
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "anomaly-blog.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "anomaly-blog.yaml"
 
 
 def _time(fn: Any, repeats: int) -> float:
@@ -41,9 +41,9 @@ def bench_proximal(
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Time each mode for ``rounds`` rounds (best of ``repeats``); write and return the JSON."""
-    from .apps.defense import GuardOptions, guarded_train
-    from .config import load_config
-    from .simulator import build_problem, run_rounds
+    from ..apps.defense import GuardOptions, guarded_train
+    from ..config import load_config
+    from ..simulator import build_problem, run_rounds
 
     path = Path(config) if config is not None else DEFAULT_CONFIG
     cfg = load_config(path, [f"train.rounds={rounds}", f"train.eval_every={10**6}"])

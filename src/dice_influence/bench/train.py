@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._util import write_json
+from .._util import write_json
 
 
 def _timeit(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
@@ -35,7 +35,7 @@ def _timeit(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
 
 
 def _bench_config(n: int, data_dir: str | None) -> Any:
-    from .config import load_config
+    from ..config import load_config
 
     return load_config({
         "seed": 0,
@@ -55,7 +55,7 @@ def train_one(n: int, rounds: int, run_loop: bool, data_dir: str | None = None) 
     """Measure one network size in this process (called in a subprocess by bench_train)."""
     from torch.func import functional_call, grad, vmap
 
-    from .simulator import build_problem, run_rounds
+    from ..simulator import build_problem, run_rounds
 
     torch.manual_seed(0)
     problem = build_problem(_bench_config(n, data_dir))
@@ -134,7 +134,7 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
     results = []
     for n in ns:
         log(f"bench train: n={n} ...")
-        cmd = [sys.executable, "-m", "dice_influence.bench", "train-one", str(n), str(rounds),
+        cmd = [sys.executable, "-m", "dice_influence.bench.train", "train-one", str(n), str(rounds),
                "1" if n <= loop_max else "0", str(data_dir or "")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
@@ -160,4 +160,4 @@ if __name__ == "__main__":  # subprocess entry point
                         sys.argv[5] or None if len(sys.argv) > 5 else None)
         print(json.dumps(res))
     else:
-        sys.exit("usage: python -m dice_influence.bench train-one N ROUNDS LOOP DATA_DIR")
+        sys.exit("usage: python -m dice_influence.bench.train train-one N ROUNDS LOOP DATA_DIR")

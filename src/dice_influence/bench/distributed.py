@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._util import write_json
+from .._util import write_json
 
 
 def bench_config(n: int, rounds: int) -> Any:
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(
         {
@@ -46,8 +46,8 @@ def bench_config(n: int, rounds: int) -> Any:
 def _simulator_rate(cfg: Any, rounds: int) -> tuple[float, float]:
     """Rounds/s of the simulator's training loop, and of the simulator with the proximal
     matrix tracked the same way the peers track it (:func:`distributed.reference.simulate`)."""
-    from .distributed.reference import simulate
-    from .simulator import build_problem, run_rounds
+    from ..distributed.reference import simulate
+    from ..simulator import build_problem, run_rounds
 
     problem = build_problem(cfg)
     theta = problem.init_theta()
@@ -67,7 +67,7 @@ def bench_distributed(
     ns: list[int], *, rounds: int = 30, out: Any = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Measure each ``n`` in ``ns``; write and return the JSON document."""
-    from .distributed.launch import launch
+    from ..distributed.launch import launch
 
     results = []
     for n in ns:

@@ -1,0 +1,121 @@
+"""``dice bench train|influence|proximal|distributed``: each writes its numbers to a JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ..cli_support import console, friendly
+
+
+def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
+    """Add the ``dice bench`` commands."""
+
+    @bench_app.command("train")
+    @friendly
+    def bench_train(
+        json_path: Path = typer.Option(Path("bench-train.json"), "--json", help="Output JSON file."),
+        nodes: str = typer.Option("4,16,64,256", help="Comma-separated node counts."),
+        rounds: int = typer.Option(20, help="Timed rounds per measurement."),
+        loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
+        data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
+    ) -> None:
+        """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
+        from .train import bench_train as run
+
+        ns = [int(v) for v in nodes.split(",") if v.strip()]
+        res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
+                  log=console.print)
+        table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
+        for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
+                    "speed-up vs loop", "peak RSS MB"):
+            table.add_column(col, justify="right")
+        for r in res["results"]:
+            loop = r["loop_s_per_round"]
+            table.add_row(str(r["n"]), f"{r['vectorized_s_per_round']:.4f}",
+                          f"{r['floor_s_per_round']:.4f}", f"{r['ratio_to_floor']:.2f}",
+                          "-" if loop is None else f"{loop:.4f}",
+                          "-" if loop is None else f"{loop / r['vectorized_s_per_round']:.1f}x",
+                          f"{r['peak_rss_mb']:.0f}")
+        console.print(table)
+        console.print(f"wrote [bold]{json_path}[/]")
+
+
+
+    @bench_app.command("influence")
+    @friendly
+    def bench_influence_cmd(
+        json_path: Path = typer.Option(Path("bench-influence.json"), "--json"),
+        max_hops: int = typer.Option(8, help="Hops 1..max_hops."),
+        batched: int = typer.Option(32, help="Events in the batched measurement."),
+    ) -> None:
+        """Time per event of DICE-GT and DICE-E vs hops; all-sample attribution vs training."""
+        from .influence import bench_influence
+
+        res = bench_influence(max_hops=max_hops, batched=batched, out=json_path,
+                              log=console.print)
+        t = Table(title="dice bench influence (s per event)")
+        for c in ("hops", "GT x1", f"GT x{batched}", "E lin x1", f"E lin x{batched}",
+                  f"E mid x{batched}"):
+            t.add_column(c, justify="right")
+        for r in res["per_hop"]:
+            t.add_row(str(r["hops"]), f"{r['gt_single']:.4f}", f"{r['gt_batched']:.4f}",
+                      f"{r['e_linear_single']:.4f}", f"{r['e_linear_batched']:.4f}",
+                      f"{r['e_midpoint_batched']:.4f}")
+        console.print(t)
+        a = res["attribution"]
+        console.print(
+            f"all-sample attribution of {a['samples']} samples over {a['rounds']} rounds: "
+            f"{a['seconds']:.2f} s = {a['ratio_to_training']:.2f}x the training rounds, "
+            f"{a['speedup_vs_replay']:.0f}x faster than replaying each sample")
+        console.print(f"wrote [bold]{json_path}[/]")
+
+    @bench_app.command("proximal")
+    @friendly
+    def bench_proximal_cmd(
+        json_path: Path = typer.Option(Path("bench-proximal.json"), "--json"),
+        config: Path = typer.Option(None, help="Config to time (default: anomaly-blog)."),
+        rounds: int = typer.Option(30, help="Timed rounds per measurement."),
+        repeats: int = typer.Option(3, help="Repetitions (the minimum is kept)."),
+    ) -> None:
+        """Overhead of online proximal influence vs plain training (s/round, ratios)."""
+        from .proximal import bench_proximal
+
+        res = bench_proximal(config, rounds=rounds, repeats=repeats, out=json_path)
+        for row in res["results"]:
+            console.print(
+                f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
+                f"(× {row['ratio']:.2f} of plain training)"
+            )
+        console.print(f"wrote [bold]{json_path}[/]")
+
+    @bench_app.command("distributed")
+    @friendly
+    def bench_distributed(
+        json_path: Path = typer.Option(
+            Path("bench-distributed.json"), "--json", help="Output JSON file."
+        ),
+        peers: str = typer.Option("4,8,16", help="Comma-separated peer counts."),
+        rounds: int = typer.Option(30, help="Rounds per measurement."),
+    ) -> None:
+        """Rounds/s of N local peers vs the simulator at the same n; bytes per peer per round."""
+        from .distributed import bench_distributed as run
+
+        ns = [int(v) for v in peers.split(",") if v.strip()]
+        res = run(ns, rounds=rounds, out=json_path, log=console.print)
+        table = Table(title=f"dice bench distributed ({res['setting']})")
+        for col in ("peers", "p2p rounds/s", "simulator rounds/s", "slowdown", "bytes/peer/round"):
+            table.add_column(col, justify="right")
+        for r in res["results"]:
+            table.add_row(
+                str(r["n"]),
+                f"{r['p2p_rounds_per_s']:.1f}",
+                f"{r['simulator_rounds_per_s']:.1f}",
+                f"{r['simulator_rounds_per_s'] / r['p2p_rounds_per_s']:.1f}x",
+                f"{r['bytes_sent_per_peer_per_round']:.0f}",
+            )
+        console.print(table)
+        console.print(f"wrote [bold]{json_path}[/]")

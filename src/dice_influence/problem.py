@@ -1,0 +1,238 @@
+"""What defines a run: data on every node, the mixing schedule, the batch schedule, the model
+and the optimizer (:class:`Problem`), built from a validated config by :func:`build_problem`.
+
+Any round of a run can be recomputed exactly from its :class:`Problem` (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import topology as T
+from .config import RunConfig
+from .gossip import (
+    Mixer,
+    Optimizer,
+    loss_grads,
+    lr_at,
+    node_grads,
+    node_losses,
+)
+from .models import FunctionalModel, build_model
+
+
+@dataclass
+class Problem:
+    """Everything that defines a run, so that any round can be recomputed exactly.
+
+    ``theta`` matrices are ``(n_nodes, d)``; ``W(t)[k, j]`` is the weight receiver ``k`` puts on
+    sender ``j`` at round ``t``; batches are positions into each node's local data.
+    """
+
+    cfg: RunConfig
+    fm: FunctionalModel
+    dataset: D.Dataset
+    node_data: D.NodeData
+    batches: D.BatchSchedule
+    schedule: T.Schedule
+    opt: Optimizer
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    node_test: D.NodeData | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _mixers: dict[int, Mixer] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return self.node_data.n_nodes
+
+    @property
+    def d(self) -> int:
+        return self.fm.dim
+
+    def W(self, t: int) -> np.ndarray:
+        return self.schedule.W(t)
+
+    def mixer(self, t: int) -> Mixer:
+        """The gossip operator of round ``t`` (cached; one for a static graph)."""
+        key = 0 if self.schedule.is_static else t
+        m = self._mixers.get(key)
+        if m is None:
+            if len(self._mixers) > 256:
+                self._mixers.clear()
+            m = self._mixers[key] = Mixer(self.schedule.W(key), dtype=self.dtype,
+                                          device=self.device)
+        return m
+
+    def lr(self, t: int) -> float:
+        return run_lr(self.cfg, t)
+
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round ``t``'s batches of all nodes: ``x`` (n, B, *input_shape), ``y`` (n, B)."""
+        return D.gather_batch(self.node_data, self.batches.indices(t).to(self.device))
+
+    def init_theta(self) -> torch.Tensor:
+        return self.fm.init_params(
+            self.n, self.cfg.seed, same_init=self.cfg.train.same_init, dtype=self.dtype
+        ).to(self.device)
+
+    def test_set(self, per_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test set ``z'``: the shared validation set, or each node's own split."""
+        if per_node:
+            if self.node_test is None:
+                raise ValueError(
+                    "per-node test sets need data.test_samples_per_node in the config"
+                )
+            return self.node_test.x, self.node_test.y
+        return self.val_x, self.val_y
+
+    # ------------------------------------------------------------------------- one round
+
+    def local_step(
+        self, theta: torch.Tensor, state: torch.Tensor | None, t: int,
+        w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pure local step of every node: returns ``θ^{t+½}`` and the new optimizer state."""
+        x, y = self.batch(t)
+        g = node_grads(self.fm, theta, x, y, w)
+        u, new_state = self.opt.update(theta, state, g, self.lr(t))
+        return theta + u, new_state
+
+    def round(
+        self, theta: torch.Tensor, state: torch.Tensor | None, t: int,
+        w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pure round ``t``: ``Θ^{t+1} = W^t (Θ^t + U_t(Θ^t))`` and the new optimizer state."""
+        half, new_state = self.local_step(theta, state, t, w)
+        return self.mixer(t)(half), new_state
+
+    def evaluate(self, theta: torch.Tensor) -> dict[str, object]:
+        """Per-node test loss/accuracy on the shared test set, consensus distance
+        (mean squared distance to the average model) and the averaged model's accuracy."""
+        with torch.no_grad():
+            loss, acc = node_losses(self.fm, theta, self.val_x, self.val_y)
+            mean = theta.mean(0, keepdim=True)
+            cons = float(((theta - mean) ** 2).sum(1).mean())
+            aloss, aacc = node_losses(self.fm, mean, self.val_x, self.val_y)
+        return {
+            "loss": loss.tolist(),
+            "acc": acc.tolist(),
+            "mean_acc": float(acc.mean()),
+            "mean_loss": float(loss.mean()),
+            "consensus_distance": cons,
+            "avg_model_acc": float(aacc[0]),
+            "avg_model_loss": float(aloss[0]),
+        }
+
+    def test_loss_grads(self, theta: torch.Tensor, per_node: bool = False):
+        """Per-node test loss ``(n,)`` and gradient ``(n, d)`` on ``z'``."""
+        x, y = self.test_set(per_node)
+        return loss_grads(self.fm, theta, x, y)
+
+
+def run_lr(cfg: RunConfig, t: int) -> float:
+    """Learning rate of round ``t`` under ``cfg.train``'s schedule."""
+    tc = cfg.train
+    return lr_at(t, tc.lr, tc.lr_schedule, total=tc.rounds, step_size=tc.lr_step_size,
+                 gamma=tc.lr_gamma)
+
+
+def run_dtype(cfg: RunConfig) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
+
+
+def build_schedule(cfg: RunConfig) -> T.Schedule:
+    """The mixing schedule of ``cfg`` (a pure function of the config and its seed)."""
+    tc = cfg.topology
+    if tc.matrix is not None:
+        return T.StaticSchedule(T.from_matrix(np.array(tc.matrix, dtype=float)))
+    kw = {k: v for k, v in (("p", tc.p), ("degree", tc.degree), ("k", tc.k)) if v is not None}
+    return T.make_schedule(tc.name, tc.n, weights=tc.weights, seed=cfg.seed,
+                           time_varying=tc.time_varying, **kw)
+
+
+def build_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
+    """Every node's training indices (fixed for the run)."""
+    dc = cfg.data
+    return D.partition(ds.y_train, cfg.topology.n, scheme=dc.partition,
+                       samples_per_node=dc.samples_per_node, alpha=dc.alpha,
+                       classes_per_node=dc.classes_per_node, seed=cfg.seed)
+
+
+def build_test_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
+    """Every node's own test split (needs ``data.test_samples_per_node``), drawn from the test
+    samples after the shared validation set, so the two never overlap."""
+    nval = _n_validation(cfg, ds)
+    rest = ds.y_test[nval:]
+    if len(rest) == 0:
+        raise ValueError(
+            f"data.validation_samples={nval} uses the whole test split, leaving nothing for "
+            "the per-node test splits; lower data.validation_samples"
+        )
+    return D.test_partition(ds, cfg.topology.n, samples_per_node=cfg.data.test_samples_per_node,
+                            start=nval, seed=cfg.seed)
+
+
+def _n_validation(cfg: RunConfig, ds: D.Dataset) -> int:
+    if cfg.data.test_samples_per_node is None:
+        return cfg.data.validation_samples or len(ds.y_test)
+    # leave room for the per-node splits when the shared set size is not given
+    return cfg.data.validation_samples or len(ds.y_test) // 2
+
+
+def build_corruptions(cfg: RunConfig) -> list[D.Corruption]:
+    return [D.Corruption(kind=c.kind, nodes=tuple(c.nodes), fraction=c.fraction, sigma=c.sigma,
+                         seed=c.seed,
+                         permutation=None if c.permutation is None else tuple(c.permutation))
+            for c in cfg.data.corruptions]
+
+
+def build_functional_model(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
+                           device: torch.device) -> FunctionalModel:
+    mc = cfg.model
+    module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
+                         channels=tuple(mc.channels), width=mc.width)
+    return FunctionalModel(module.to(device=device, dtype=dtype))
+
+
+def build_optimizer(cfg: RunConfig) -> Optimizer:
+    trc = cfg.train
+    return Optimizer(momentum=trc.momentum, weight_decay=trc.weight_decay, nesterov=trc.nesterov)
+
+
+def build_validation(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared test set ``z'`` (the first ``data.validation_samples`` test samples)."""
+    nval = _n_validation(cfg, ds)
+    return ds.x_test[:nval].to(device=device, dtype=dtype), ds.y_test[:nval].to(device)
+
+
+def build_problem(cfg: RunConfig) -> Problem:
+    """Load data, partition it, build topology, model and optimizer from ``cfg``."""
+    dc = cfg.data
+    dtype = run_dtype(cfg)
+    device = torch.device(cfg.train.device)
+    ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
+    nd = D.make_node_data(ds, build_partition(cfg, ds), split="train",
+                          corruptions=build_corruptions(cfg))
+    nd = _cast(nd, dtype, device)
+    node_test = None
+    if dc.test_samples_per_node:
+        node_test = _cast(D.make_node_data(ds, build_test_partition(cfg, ds), split="test"),
+                          dtype, device)
+    batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
+    val_x, val_y = build_validation(cfg, ds, dtype, device)
+    return Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
+                   node_data=nd, batches=batches, schedule=build_schedule(cfg),
+                   opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
+                   dtype=dtype, device=device)
+
+
+def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:
+    return dataclasses.replace(nd, x=nd.x.to(device=device, dtype=dtype), y=nd.y.to(device))
