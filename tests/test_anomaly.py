@@ -10,18 +10,18 @@ import torch
 from typer.testing import CliRunner
 
 from dice_influence.apps import anomaly as A
+from dice_influence.apps.aggregators import ClippedGossip, TrimmedMean
 from dice_influence.apps.defense import (
     GuardOptions,
-    clipped_gossip,
     guarded_train,
     honest_connected,
-    prune,
-    trimmed_mean,
+    repair_rows,
 )
 from dice_influence.attacks import AttackPlan, AttackSpec, choose_nodes, with_data_attacks
 from dice_influence.config import ConfigError, load_config
 from dice_influence.experiments.anomaly import demo_config, parse_experiment, run_experiment
 from dice_influence.gossip import Mixer
+from dice_influence.loop import RoundView
 from dice_influence.simulator import build_problem
 from dice_influence.topology import mixing_matrix
 
@@ -138,12 +138,17 @@ def test_rules_and_metrics_on_hand_made_scores():
 # ------------------------------------------------------------------------------------ no NaN leaks
 
 
-def test_prune_keeps_rows_stochastic():
+def test_repair_keeps_rows_stochastic():
     W = mixing_matrix("ring", 6)
     B = np.zeros((6, 6), bool)
     B[0, 1] = B[0, 0] = True
-    P = prune(W, B)
-    assert np.allclose(P.sum(1), 1.0) and P[0, 1] == 0 and P[0, 0] == pytest.approx(2 / 3)
+    P = repair_rows(W, B)  # the default rule rescales what the row kept
+    assert np.allclose(P.sum(1), 1.0) and P[0, 1] == 0 and P[0, 0] == pytest.approx(1 / 2)
+    assert P[0, 5] == pytest.approx(1 / 2) and np.array_equal(P[1:], W[1:])
+    D = repair_rows(W, B, "diagonal")
+    assert np.allclose(D.sum(1), 1.0) and D[0, 1] == 0 and D[0, 0] == pytest.approx(2 / 3)
+    B[0, 5] = True
+    assert np.array_equal(repair_rows(W, B)[0], np.eye(6)[0])  # nothing left: keeps itself
 
 
 @pytest.mark.parametrize("n", [8, 40])
@@ -154,11 +159,13 @@ def test_pruned_or_diverged_sender_never_leaks(n):
     theta = torch.randn(n, 6)
     theta[3] = float("nan")
     theta[3, 0] = float("inf")
-    out = Mixer(prune(W, B))(theta)
+    out = Mixer(repair_rows(W, B))(theta)
     assert torch.isfinite(out[np.arange(n) != 3]).all()
     honest = torch.ones(n, dtype=torch.bool)
     honest[3] = False
-    for agg in (clipped_gossip(theta, W), trimmed_mean(theta, W, 0.34)):
+    ids = np.arange(n)
+    view = RoundView(0, n, ids, ids, theta, theta, W)
+    for agg in (ClippedGossip()(view, W), TrimmedMean(0.34)(view, W)):
         assert torch.isfinite(agg[honest]).all()
 
 

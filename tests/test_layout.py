@@ -1,4 +1,5 @@
-"""The package has no import cycles (lazy imports inside functions count too), so every module
+"""The package has no import cycles (lazy imports inside functions count too; imports only for
+type checkers do not), so every module
 can be read and tested on its own; files stay small enough to read in one sitting."""
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ def _graph() -> dict[str, set[str]]:
     for m, p in mods.items():
         base = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(p.read_text())):
+        tree = ast.parse(p.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     pkg = base[: len(base) - (node.level - 1)]

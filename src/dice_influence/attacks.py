@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import CorruptionConfig, RunConfig
+from .loop import Transform
 
 DATA_KINDS = ("label_flip", "random_labels", "gaussian_noise")
 UPDATE_KINDS = ("scale", "sign_flip", "update_noise", "free_rider")
@@ -148,26 +149,57 @@ class AttackPlan:
                 )
         return out
 
-    def apply_updates(self, U: torch.Tensor, t: int) -> list[int]:
-        """Replace attackers' honest updates ``U`` (n, d) in place with what they send at round
-        ``t``; returns the rows changed (their half-step must be rebuilt as ``θ^t + U``)."""
+    def apply_updates(self, U: torch.Tensor, t: int, ids: Sequence[int] | None = None) -> list[int]:
+        """Replace attackers' honest updates in place with what they send at round ``t``.
+
+        ``U`` holds the updates of nodes ``ids`` (row ``i`` = node ``ids[i]``; default: all
+        ``n`` nodes, row = node id). Returns the rows changed (their half step must be rebuilt
+        as ``θ^t + U``). Noise for node ``k`` depends only on (seed, spec, t, k), so a peer that
+        holds only its own row draws the same noise as the simulator."""
+        ids = list(range(U.shape[0])) if ids is None else [int(k) for k in ids]
+        pos = {k: i for i, k in enumerate(ids)}
         changed: list[int] = []
         for i, (spec, ks) in enumerate(zip(self.specs, self.nodes, strict=True)):
-            if spec.level != "update" or not ks or t < spec.start:
+            rows = [pos[k] for k in ks if k in pos]
+            if spec.level != "update" or not rows or t < spec.start:
                 continue
-            idx = torch.tensor(ks, device=U.device)
+            idx = torch.tensor(rows, device=U.device)
             if spec.kind in ("scale", "sign_flip"):
                 U[idx] *= spec.scale
             elif spec.kind == "free_rider":
                 U[idx] = 0.0
             else:  # update_noise
-                gen = torch.Generator(device="cpu").manual_seed(
-                    (self.seed * 1_000_003 + spec.seed * 7919 + i) * 100_003 + t
-                )
-                noise = torch.randn((len(ks), U.shape[1]), generator=gen, dtype=U.dtype)
-                U[idx] += spec.sigma * noise.to(U.device)
-            changed.extend(ks)
+                for r in rows:
+                    gen = torch.Generator(device="cpu").manual_seed(
+                        ((self.seed * 1_000_003 + spec.seed * 7919 + i) * 100_003 + t)
+                        * 1_000_033 + ids[r]
+                    )
+                    noise = torch.randn(U.shape[1], generator=gen, dtype=U.dtype)
+                    U[r] += spec.sigma * noise.to(U.device)
+            changed.extend(rows)
         return sorted(set(changed))
+
+
+class UpdateAttacks(Transform):
+    """The plan's update-level attacks as a transform of the one loop (part of the round, so
+    replays repeat them)."""
+
+    name = "update_attacks"
+
+    def __init__(self, plan: AttackPlan) -> None:
+        self.plan = plan
+        self._starts = [s.start for s in plan.specs if s.level == "update"]
+
+    def active(self, t: int) -> bool:
+        return any(t >= s for s in self._starts)
+
+    def apply(self, t: int, ids: Sequence[int], U: torch.Tensor) -> list[int]:
+        return self.plan.apply_updates(U, t, ids)
+
+
+def attack_transforms(plan: AttackPlan | None) -> tuple[Transform, ...]:
+    """The transforms a problem needs for ``plan`` (empty without update-level attacks)."""
+    return (UpdateAttacks(plan),) if plan is not None and plan.has_update_attacks else ()
 
 
 def with_data_attacks(cfg: RunConfig, plan: AttackPlan) -> RunConfig:

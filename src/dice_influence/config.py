@@ -93,6 +93,13 @@ class RunConfig(_Strict):
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    observers: list[dict[str, Any]] = Field(
+        default_factory=list, description="plug-ins that read each round (dice config lists them)"
+    )
+    policy: dict[str, Any] | None = Field(None, description="plug-in that decides W^t")
+    aggregator: dict[str, Any] | None = Field(
+        None, description="how half steps are combined (default: the W^t matmul)"
+    )
     experiment: dict[str, Any] = Field(
         default_factory=dict, description="settings of an experiment built on this run"
     )
@@ -107,6 +114,14 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
+        from .plugins import parse
+
+        for i, raw in enumerate(self.observers):
+            parse("observer", raw, f"observers.{i}")
+        if self.policy is not None:
+            parse("policy", self.policy, "policy")
+        if self.aggregator is not None:
+            parse("aggregator", self.aggregator, "aggregator")
         if self.topology.matrix is not None and len(self.topology.matrix) != n:
             raise ValueError(
                 f"topology.matrix has {len(self.topology.matrix)} rows but topology.n={n}; "

@@ -118,6 +118,32 @@ def loss_grads(
     return v, torch.cat([g[s.name].reshape(n, -1) for s in fm.slots], dim=1)
 
 
+def functional_step(
+    fm: FunctionalModel,
+    opt: Optimizer,
+    theta: torch.Tensor,
+    state: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    *,
+    w: torch.Tensor | None = None,
+    t: int = 0,
+    transforms: tuple = (),
+    ids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pure local step ``θ^{t+½} = θ^t + u^t`` of the rows of ``theta`` (``(m, d)``; node
+    ids ``ids``, default ``0..m-1``) and the new optimizer state, with the round's transforms
+    (update attacks) applied to ``u``. Differentiable (``jvp`` / ``vjp``); the in-place
+    training step :func:`dice_influence.loop.local_step_` computes the same numbers."""
+    g = node_grads(fm, theta, x, y, w)
+    u, new_state = opt.update(theta, state, g, lr)
+    for tr in transforms:
+        if tr.active(t):
+            u = tr.transform(t, list(range(theta.shape[0])) if ids is None else ids, u)
+    return theta + u, new_state
+
+
 # ----------------------------------------------------------------------------------- optimizer
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,14 +16,8 @@ import torch
 from . import data as D
 from . import topology as T
 from .config import RunConfig
-from .gossip import (
-    Mixer,
-    Optimizer,
-    loss_grads,
-    lr_at,
-    node_grads,
-    node_losses,
-)
+from .gossip import Mixer, Optimizer, functional_step, loss_grads, lr_at, node_losses
+from .loop import RoundView
 from .models import FunctionalModel, build_model
 
 
@@ -46,6 +41,8 @@ class Problem:
     node_test: D.NodeData | None = None
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    transforms: tuple[Any, ...] = ()  # update-level behaviours (attacks): part of the round
+    aggregator: Any = None  # None: the W^t matmul; else a robust rule (part of the round)
     _mixers: dict[int, Mixer] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -98,11 +95,11 @@ class Problem:
         self, theta: torch.Tensor, state: torch.Tensor | None, t: int,
         w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pure local step of every node: returns ``θ^{t+½}`` and the new optimizer state."""
+        """Pure local step of every node (transforms included): returns ``θ^{t+½}`` and the new
+        optimizer state. ``w`` (n, B): per-sample weights (SPEC §3 removals)."""
         x, y = self.batch(t)
-        g = node_grads(self.fm, theta, x, y, w)
-        u, new_state = self.opt.update(theta, state, g, self.lr(t))
-        return theta + u, new_state
+        return functional_step(self.fm, self.opt, theta, state, x, y, self.lr(t), w=w, t=t,
+                               transforms=self.transforms)
 
     def round(
         self, theta: torch.Tensor, state: torch.Tensor | None, t: int,
@@ -110,7 +107,11 @@ class Problem:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pure round ``t``: ``Θ^{t+1} = W^t (Θ^t + U_t(Θ^t))`` and the new optimizer state."""
         half, new_state = self.local_step(theta, state, t, w)
-        return self.mixer(t)(half), new_state
+        if self.aggregator is None:
+            return self.mixer(t)(half), new_state
+        ids = np.arange(self.n)
+        view = RoundView(t, self.n, ids, ids, theta, half, self.W(t))
+        return self.aggregator(view, self.W(t)), new_state
 
     def evaluate(self, theta: torch.Tensor) -> dict[str, object]:
         """Per-node test loss/accuracy on the shared test set, consensus distance
@@ -228,10 +229,12 @@ def build_problem(cfg: RunConfig) -> Problem:
                           dtype, device)
     batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
     val_x, val_y = build_validation(cfg, ds, dtype, device)
+    from .plugins import build_aggregator
+
     return Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
                    node_data=nd, batches=batches, schedule=build_schedule(cfg),
                    opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, aggregator=build_aggregator(cfg))
 
 
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:

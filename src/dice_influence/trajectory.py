@@ -1,13 +1,16 @@
 """What a run keeps so that any round can be replayed exactly.
 
 A :class:`Trajectory` stores the stacked parameters (and optimizer state) at checkpoint rounds,
-every round's batch indices and learning rate, and the evaluation history. Rounds between
+every round's batch indices and learning rate, the mixing matrices a policy chose (``W_used``:
+the rounds where it differs from the schedule) and the evaluation history. Rounds between
 checkpoints are recomputed on demand with the same code that trained them, so
-``params_at(t)`` is bit-identical to what training produced.
+``params_at(t)`` is bit-identical to what training produced — also for a policy-driven run:
+``traj.problem`` replays the recorded ``W^t`` (DICE-GT/E and attribution use it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,16 +20,21 @@ import numpy as np
 import torch
 
 from ._util import atomic_write_text, progress_bar
-from .loop import run_rounds
+from .loop import Loop, run_rounds
 from .problem import Problem, build_problem
+from .topology import RecordedSchedule
 
 
 class Trajectory:
     """A recorded decentralized-SGD run. Round ``t`` maps ``θ^t`` to ``θ^{t+1}``; ``θ^0`` is the
     initialisation. Parameter matrices are ``(n_nodes, d)``."""
 
-    def __init__(self, problem: Problem, checkpoint_every: int | None = None):
-        self.problem = problem
+    def __init__(self, problem: Problem, checkpoint_every: int | None = None,
+                 plugins: Any = None):
+        self.train_problem = problem  # the nominal schedule: what the loop trains on
+        self.problem = problem  # what replays use: the recorded W^t when a policy chose any
+        self.plugins = plugins
+        self.W_used: dict[int, np.ndarray] = {}
         self.checkpoint_every = checkpoint_every or problem.cfg.train.checkpoint_every
         self.rounds_done = 0
         self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -38,8 +46,15 @@ class Trajectory:
         self._cache: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
-    def start(cls, problem: Problem, checkpoint_every: int | None = None) -> Trajectory:
-        traj = cls(problem, checkpoint_every)
+    def start(cls, problem: Problem, checkpoint_every: int | None = None,
+              plugins: Any = None) -> Trajectory:
+        """A new run of ``problem`` with the config's plug-ins (or ``plugins``, a
+        :class:`~dice_influence.plugins.Plugins`)."""
+        if plugins is None:
+            from .plugins import build
+
+            plugins = build(problem.cfg, problem)
+        traj = cls(problem, checkpoint_every, plugins)
         traj.theta = problem.init_theta()
         traj.state = problem.opt.init_state(traj.theta)
         traj.checkpoints[0] = _snapshot(traj.theta, traj.state)
@@ -66,11 +81,31 @@ class Trajectory:
             for t in range(start, stop):
                 self.batch_idx.append(p.batches.indices(t).to(torch.int32))
                 self.lrs.append(p.lr(t))
-            self.theta, self.state = run_rounds(p, self.theta, self.state, start, stop,
-                                                on_round=on_round)
+            loop = self._loop()
+            self.theta, self.state = loop.run(self.theta, self.state, start, stop,
+                                              on_round=on_round)
+            self._record(loop.recorded)
         self.rounds_done = stop
         self.checkpoints.setdefault(stop, _snapshot(self.theta, self.state))
         return self
+
+    def _loop(self) -> Loop:
+        if getattr(self, "_live", None) is None:
+            pl = self.plugins
+            self._live = (Loop(self.train_problem) if pl is None
+                          else Loop.from_plugins(self.train_problem, pl))
+        return self._live
+
+    def _record(self, chosen: dict[int, np.ndarray]) -> None:
+        """Keep the ``W^t`` a policy chose; replays then use them (``self.problem``)."""
+        new = {t: w for t, w in chosen.items() if t not in self.W_used}
+        if not new:
+            return
+        self.W_used.update(new)
+        base = self.train_problem
+        self.problem = dataclasses.replace(
+            base, schedule=RecordedSchedule(base.schedule, self.W_used), _mixers={})
+        self._cache = None
 
     def _eval(self, t: int, theta: torch.Tensor) -> None:
         rec = {"round": t, **self.problem.evaluate(theta)}
@@ -121,6 +156,8 @@ class Trajectory:
                 tensors[f"state/{t}"] = state.contiguous().cpu()
         if self.batch_idx:
             tensors["batch_idx"] = torch.stack(self.batch_idx).contiguous()
+        for t, w in self.W_used.items():
+            tensors[f"W_used/{t}"] = torch.from_numpy(np.ascontiguousarray(w))
         tmp = out / ".checkpoints.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, out / "checkpoints.safetensors")
@@ -153,6 +190,8 @@ class Trajectory:
         problem = problem or build_problem(cfg)
         traj = cls(problem, meta["checkpoint_every"])
         tensors = load_file(str(d / "checkpoints.safetensors"))
+        traj._record({int(k.split("/")[1]): v.numpy() for k, v in tensors.items()
+                      if k.startswith("W_used/")})
         for key, val in tensors.items():
             if key.startswith("theta/"):
                 t = int(key.split("/")[1])

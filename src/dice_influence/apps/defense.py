@@ -1,30 +1,26 @@
-"""Self-healing decentralized training (SPEC §6): attacks, online proximal influence, pruning.
+"""Self-healing decentralized training (SPEC §6): detect harmful neighbours, prune, heal.
 
-:func:`guarded_train` is Algorithm 1 (SPEC §2) composed from the core pieces, with three hooks:
+Built on the one loop (:mod:`dice_influence.loop`):
 
-1. **attacks** (:class:`~dice_influence.attacks.AttackPlan`): update-level attackers replace the
-   update they send; data-level attackers are already in the problem's node data;
-2. **tracking** (:class:`~dice_influence.influence.proximal.ProximalTracker`): every ``every``-th
-   round each receiver ``k`` scores each in-neighbour ``j`` with ``q_k W[k, j] G_kᵀ u_j``
-   (positive = harmful), ``G_k`` read on its own test split;
-3. **defence**: ``"dice"`` — every ``check_every`` rounds each node applies a detection rule
-   (:mod:`dice_influence.apps.anomaly`) to its own row and prunes flagged in-neighbours
-   (:func:`prune`: ``W[k, j] = 0``, the weight moves to the diagonal, rows stay stochastic);
-   it also refuses, for good, senders whose update norm exceeds ``max_norm_ratio`` × the median
-   norm it sees (first-order influence calls a scaled-up helpful update "helpful");
-   ``"clipped_gossip"`` — the robust-aggregation baseline of He, Karimireddy & Jaggi (2022)
-   (:func:`clipped_gossip`); ``"trimmed_mean"`` — coordinate-wise trimmed mean over
-   in-neighbours.
+- :class:`PrunePolicy` — every ``check_every`` rounds each node applies a detection rule
+  (:mod:`dice_influence.apps.anomaly`) to its own row of proximal influence (read from a
+  :class:`~dice_influence.apps.proximal.ProximalObserver`) and removes flagged in-neighbours
+  from ``W^t`` (:func:`repair_rows`: THE rule, the same in the simulator and on peers). It also
+  refuses senders whose update norm exceeds ``max_norm_ratio`` × the median norm it sees
+  (first-order influence calls a positively scaled-up helpful update "helpful");
+- robust aggregation baselines (:mod:`dice_influence.apps.aggregators`);
+- :func:`guarded_train` — the anomaly experiment's arms as configurations of that loop: attacks
+  (transforms of the problem), tracking (observer), defence (policy or aggregator).
 
-With no attack and no defence the loop is bit-for-bit the simulator's ``run_rounds`` (tested).
 With the ``pre`` read-out a node decides before it mixes in the same round (it already has
-``G_k = ∇L(θ_k^t)`` and the neighbours' updates); ``post``/``midpoint`` decisions take effect
-from the next round. Non-finite senders never leak: pruned weights are exact zeros and the core
-:class:`~dice_influence.gossip.Mixer` never multiplies a zero weight into a sender.
+``G_k = ∇L(θ_k^t)`` and the neighbours' updates); ``post``/``midpoint`` scores reach the
+policy in the next round. Non-finite senders never leak: pruned weights are exact zeros and the
+core :class:`~dice_influence.gossip.Mixer` never multiplies a zero weight into a sender.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,22 +29,42 @@ import numpy as np
 import torch
 
 from .._util import progress_bar
-from ..attacks import AttackPlan
-from ..gossip import Mixer, loss_grads, node_grad_list, node_losses, param_views
-from ..influence.proximal import ProximalTracker
+from ..attacks import AttackPlan, attack_transforms
+from ..gossip import node_losses
+from ..loop import Loop, Policy, RoundView
 from . import anomaly as A
+from .aggregators import ClippedGossip, TrimmedMean
+from .proximal import ProximalObserver, node_weight_vector
 
 DEFENSES = (None, "dice", "clipped_gossip", "trimmed_mean")
+REPAIR_RULES = ("rescale", "diagonal")
 
 
-def prune(W: np.ndarray, blocked: np.ndarray) -> np.ndarray:
-    """``W`` with ``W[k, j] = 0`` where ``blocked[k, j]`` (never the diagonal); the removed
-    weight of each row moves to its diagonal, so rows stay stochastic and entries ≥ 0."""
-    B = blocked.copy()
+def repair_rows(W: np.ndarray, blocked: np.ndarray, rule: str = "rescale") -> np.ndarray:
+    """THE rule that repairs rows after edges are removed (SPEC §6; both runtimes call it).
+
+    ``W[k, j] = 0`` where ``blocked[k, j]`` (never the diagonal), then each row that lost
+    weight is made stochastic again. ``rule="rescale"`` (the default, chosen by measurement —
+    docs/anomaly.md): the row is divided by what it kept, ``W'[k, j] = W[k, j] / Σ_{kept}
+    W[k, ·]`` (a row left with nothing keeps only itself); ``"diagonal"``: the removed weight
+    moves to ``W[k, k]`` (kept only for that measurement). Entries stay ≥ 0."""
+    if rule not in REPAIR_RULES:
+        raise ValueError(f"repair rule {rule!r}: choose one of {REPAIR_RULES}")
+    B = np.asarray(blocked, dtype=bool).copy()
     np.fill_diagonal(B, False)
+    if not B.any():
+        return W
     out = np.where(B, 0.0, W)
-    removed = (W - out).sum(1)
-    out[np.diag_indices_from(out)] += removed
+    if rule == "diagonal":
+        out[np.diag_indices_from(out)] += (W - out).sum(1)
+        return out
+    for k in np.flatnonzero((B & (W > 0)).any(1)):
+        s = out[k].sum()
+        if s > 0:
+            out[k] = out[k] / s
+        else:
+            out[k] = 0.0
+            out[k, k] = 1.0
     return out
 
 
@@ -66,68 +82,127 @@ def honest_connected(W: np.ndarray, honest: np.ndarray) -> bool:
     return bool(ncomp == 1)
 
 
-# ----------------------------------------------------------------------------- baselines
+# ----------------------------------------------------------------------------- the policy
 
 
-def clipped_gossip(half: torch.Tensor, W: np.ndarray, delta: float = 0.2) -> torch.Tensor:
-    """ClippedGossip (He, Karimireddy & Jaggi 2022): ``θ_k ← θ_k + Σ_j W[k, j]
-    clip(θ_j − θ_k, τ_k)``, ``clip(v, τ) = v·min(1, τ/‖v‖)``.
+class PrunePolicy(Policy):
+    """Detection + self-healing, decided by each receiver on its own row (module docstring).
 
-    ``τ_k`` is chosen per receiver as in the paper's practical rule: the farthest neighbours
-    holding at most ``delta`` of ``k``'s weight are clipped to the distance of the nearest of
-    the rest. Non-finite differences are dropped (weight to self)."""
-    n = half.shape[0]
-    Wc = W.copy()
-    np.fill_diagonal(Wc, 0.0)
-    recv, send = np.nonzero(Wc > 0)
-    if len(recv) == 0:
-        return half.clone()
-    r_t = torch.as_tensor(recv, device=half.device)
-    s_t = torch.as_tensor(send, device=half.device)
-    diff = half[s_t] - half[r_t]
-    norms = diff.norm(dim=1)
-    finite = torch.isfinite(norms)
-    nn_ = np.where(finite.cpu().numpy(), norms.cpu().numpy().astype(np.float64), np.inf)
-    w = Wc[recv, send]
-    tau = np.zeros(len(recv))
-    for k in range(n):
-        sel = np.flatnonzero(recv == k)
-        if len(sel) == 0:
-            continue
-        order = sel[np.argsort(-nn_[sel], kind="stable")]
-        clipped = np.cumsum(w[order]) <= delta + 1e-12
-        rest = order[~clipped]
-        tk = float(nn_[rest].max()) if len(rest) else 0.0
-        tau[sel] = tk if np.isfinite(tk) else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fac = np.where(np.isfinite(nn_) & (nn_ > 0), np.minimum(1.0, tau / nn_), 0.0)
-    coef = torch.as_tensor(w * fac, dtype=half.dtype, device=half.device)
-    diff = torch.where(finite[:, None], diff, torch.zeros_like(diff))
-    out = half.clone()
-    out.index_add_(0, r_t, coef[:, None] * diff)
-    return out
+    State: ``blocked[k, j]`` (k currently refuses j), ``norm_blocked`` (refused for good for an
+    oversized update), ``prune_log`` = (round, k, j, +1 prune / −1 re-admit). With
+    ``readmit=False`` a prune is final: :meth:`final` tells a peer runtime it may stop
+    listening to that sender."""
+
+    name = "prune"
+
+    def __init__(
+        self,
+        n: int,
+        proximal: ProximalObserver,
+        *,
+        rule: str = "sign",
+        z_threshold: float = 3.0,
+        margin: float = 0.0,
+        score: str = "cumulative",
+        check_every: int = 1,
+        start: int = 1,
+        readmit: bool = True,
+        max_norm_ratio: float | None = 10.0,
+        repair: str = "rescale",
+    ) -> None:
+        if rule not in A.RULES:
+            raise ValueError(f"unknown detection rule {rule!r}; choose one of {A.RULES}")
+        if score not in ("cumulative", "window"):
+            raise ValueError(f"score={score!r}: choose 'cumulative' or 'window'")
+        self.n = n
+        self.proximal = proximal
+        self.rule, self.z_threshold, self.margin, self.score = rule, z_threshold, margin, score
+        self.check_every, self.start, self.readmit = max(1, check_every), start, readmit
+        self.max_norm_ratio = max_norm_ratio
+        self.repair = repair
+        self.blocked = np.zeros((n, n), dtype=bool)
+        self.norm_blocked = np.zeros((n, n), dtype=bool)
+        self.prune_log: list[tuple[int, int, int, int]] = []
+        self._seen_round: int | None = None
+
+    def active(self, t: int) -> bool:
+        return bool(self.blocked.any()) or self.proximal.active(t)
+
+    def final(self) -> np.ndarray:
+        """Edges pruned for good (``readmit=False``): ``final[k, j]``."""
+        return self.blocked if not self.readmit else np.zeros_like(self.blocked)
+
+    def _norm_check(self, view: RoundView) -> None:
+        norms = view.update().norm(dim=1).double().cpu().numpy()
+        norms = np.where(np.isfinite(norms), norms, np.inf)
+        R, S = view.receivers, view.senders
+        self_mask = R[:, None] == S[None, :]
+        mask = ((view.block(view.W_nominal) > 0) | self_mask) & ~view.block(self.final())
+        M = np.where(mask & ~np.isinf(norms)[None, :], norms[None, :], np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(M, axis=1)
+        big = norms[None, :] > self.max_norm_ratio * np.nan_to_num(med, nan=0.0)[:, None]
+        self.norm_blocked[np.ix_(R, S)] |= big & mask & ~self_mask
+
+    def _flags(self, rows: np.ndarray) -> np.ndarray:
+        tk = self.proximal.tracker
+        S = (tk.score if self.score == "cumulative" else tk.window_score).numpy()
+        E = tk.seen.numpy()
+        F = A.flags(S, E, self.rule, self.z_threshold, self.margin) | self.norm_blocked
+        keep = np.zeros(self.n, dtype=bool)
+        keep[rows] = True
+        return F & keep[:, None], E & keep[:, None]
+
+    def decide(self, view: RoundView) -> np.ndarray:
+        t = view.t
+        fresh = self.proximal.last_round is not None and self.proximal.last_round != self._seen_round
+        if self.max_norm_ratio is not None and self.proximal.active(t):
+            self._norm_check(view)
+        if fresh and t >= self.start and t % self.check_every == 0:
+            self._seen_round = self.proximal.last_round
+            F, E = self._flags(view.receivers)
+            rows = np.zeros(self.n, dtype=bool)
+            rows[view.receivers] = True
+            new = F & ~self.blocked
+            for k, j in zip(*np.nonzero(new), strict=True):
+                self.prune_log.append((t, int(k), int(j), 1))
+            if self.readmit:
+                back = self.blocked & ~F & E
+                for k, j in zip(*np.nonzero(back), strict=True):
+                    self.prune_log.append((t, int(k), int(j), -1))
+                upd = F | (self.blocked & ~E)
+                self.blocked = np.where(rows[:, None], upd, self.blocked)
+            else:
+                self.blocked |= F
+        if not self.blocked.any():
+            return view.W_nominal
+        return repair_rows(view.W_nominal, self.blocked, self.repair)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocked": self.blocked.copy(), "norm_blocked": self.norm_blocked.copy(),
+                "prune_log": [list(e) for e in self.prune_log], "seen_round": self._seen_round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.blocked = np.asarray(state["blocked"], dtype=bool).copy()
+        self.norm_blocked = np.asarray(state["norm_blocked"], dtype=bool).copy()
+        self.prune_log = [tuple(int(v) for v in e) for e in state["prune_log"]]
+        self._seen_round = state.get("seen_round")
 
 
-def trimmed_mean(half: torch.Tensor, W: np.ndarray, trim: float = 0.2) -> torch.Tensor:
-    """Coordinate-wise trimmed mean over each node's in-neighbours and itself (unweighted):
-    drop the ``floor(trim·m)`` largest and smallest values of each coordinate (``m`` = number
-    of values), average the rest. Non-finite values sort to the ends and are dropped first."""
-    out = torch.empty_like(half)
-    for k in range(half.shape[0]):
-        js = np.flatnonzero(W[k] > 0)
-        vals = half[torch.as_tensor(js, device=half.device)]
-        vals = torch.nan_to_num(vals, nan=float("inf"))
-        m = len(js)
-        b = int(np.floor(trim * m))
-        if b == 0 or m - 2 * b < 1:
-            out[k] = vals.mean(0) if torch.isfinite(vals).all() else half[k]
-            continue
-        s, _ = torch.sort(vals, dim=0)
-        out[k] = s[b : m - b].mean(0)
-    return out
+def from_settings(s: Any, ctx: Any) -> PrunePolicy:
+    """Factory for ``policy: kind: prune``; reads the run's proximal observer (adding one with
+    default settings when the config has none)."""
+    obs = ctx.plugins.find("proximal")
+    if obs is None:
+        obs = ProximalObserver(ctx.n, node_weight_vector(ctx.n, "uniform"))
+        ctx.plugins.observers.append(obs)
+    return PrunePolicy(ctx.n, obs, rule=s.rule, z_threshold=s.z_threshold, margin=s.margin,
+                       score=s.score, check_every=s.check_every, start=s.start,
+                       readmit=s.readmit, max_norm_ratio=s.max_norm_ratio)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the arms
 
 
 @dataclass
@@ -152,22 +227,25 @@ class GuardOptions:
     trim: float = 0.2
     eval_every: int = 10
     test_batch: int | None = None  # None: whole per-node test split
+    repair: str = "rescale"
 
 
 @dataclass
 class GuardResult:
     """What one guarded run produced. ``tracker`` holds the proximal influence (positive =
     harmful); ``blocked[k, j]`` = ``k`` pruned ``j`` at the end; ``prune_log`` = (round, k, j,
-    +1 prune / −1 re-admit); ``evals`` = honest accuracy on the common test set over rounds."""
+    +1 prune / −1 re-admit); ``evals`` = honest accuracy on the common test set over rounds;
+    ``W_used`` = the rounds whose ``W^t`` the policy changed."""
 
     theta: torch.Tensor
-    tracker: ProximalTracker | None
+    tracker: Any
     blocked: np.ndarray
     W_final: np.ndarray
     malicious: np.ndarray
     evals: list[dict[str, Any]] = field(default_factory=list)
     prune_log: list[tuple[int, int, int, int]] = field(default_factory=list)
     nonfinite_honest: bool = False
+    W_used: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -197,163 +275,56 @@ def guarded_train(
     malicious: np.ndarray | None = None,
     progress: bool = False,
 ) -> GuardResult:
-    """Train ``problem`` under ``plan`` with optional tracking and defence (module docstring).
-
-    ``problem`` must already contain the data-level attacks (build it from
+    """Train ``problem`` under ``plan`` with optional tracking and defence: a configuration of
+    the one loop (attack transforms, a proximal observer, a prune policy or a robust
+    aggregator). ``problem`` must already contain the data-level attacks (build it from
     :func:`dice_influence.attacks.with_data_attacks`). ``malicious`` (n,) bool overrides which
     nodes count as attackers for the honest-accuracy read-out (default: the plan's)."""
     opts = opts or GuardOptions()
     if opts.defense not in DEFENSES:
         raise ValueError(f"defense {opts.defense!r}: choose one of {DEFENSES}")
-    n, fm = problem.n, problem.fm
+    n = problem.n
     R = problem.cfg.train.rounds if rounds is None else rounds
     if malicious is None:
         malicious = plan.mask if plan is not None else np.zeros(n, dtype=bool)
-    malicious = np.asarray(malicious, dtype=bool)
-    honest = ~malicious
-    update_attack = plan is not None and plan.has_update_attacks
-    tracking = opts.track_every > 0 or opts.defense == "dice"
-    every = max(1, opts.track_every) if tracking else 0
+    honest = ~np.asarray(malicious, dtype=bool)
+    aggregator = {"clipped_gossip": lambda: ClippedGossip(opts.clip_delta),
+                  "trimmed_mean": lambda: TrimmedMean(opts.trim)}.get(opts.defense or "")
+    run_problem = dataclasses.replace(
+        problem, transforms=problem.transforms + attack_transforms(plan),
+        aggregator=aggregator() if aggregator else problem.aggregator)
+    observers, policy = [], None
     tracker = None
-    test_x = test_y = None
-    if tracking:
-        q = (
-            torch.full((n,), 1.0 / n, dtype=torch.float64)
-            if opts.q == "uniform"
-            else torch.ones(n, dtype=torch.float64)
-        )
-        tracker = ProximalTracker(
-            n, q, readout=opts.readout, window=opts.window, history=opts.history
-        )
-        test_x, test_y = problem.test_set(per_node=True)
-        if opts.test_batch is not None and opts.test_batch < test_y.shape[1]:
-            test_x, test_y = test_x[:, : opts.test_batch], test_y[:, : opts.test_batch]
-
-    def test_grad(th: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            return loss_grads(fm, th, test_x, test_y)[1]
-
-    blocked = np.zeros((n, n), dtype=bool)
-    prune_log: list[tuple[int, int, int, int]] = []
-    theta = problem.init_theta().clone()
-    state = problem.opt.init_state(theta)
-    state_views = None if state is None else param_views(fm, state)
-    spare = torch.empty_like(theta)
-    eval_every = opts.eval_every  # <= 0: no evaluation at all (benchmarks)
-    evals = [_eval(problem, theta, honest, 0)] if eval_every > 0 else []
-    mixers: dict[Any, Mixer] = {}
-    G_next: torch.Tensor | None = None  # ∇L(θ^{t}) computed at the end of round t-1
-    W_used = problem.W(0)
-
-    def mixer_for(W: np.ndarray, key: Any) -> Mixer:
-        m = mixers.get(key)
-        if m is None:
-            if len(mixers) > 64:
-                mixers.clear()
-            m = mixers[key] = Mixer(W, dtype=problem.dtype, device=problem.device)
-        return m
-
-    def mix(W: np.ndarray, key: Any, th: torch.Tensor, out: torch.Tensor) -> None:
-        # the core Mixer: dense or CSR by sparsity; zero weights never touch a sender
-        mixer_for(W, key)(th, out=out)
-
-    norm_blocked = np.zeros((n, n), dtype=bool)
-
-    def norm_check(U: torch.Tensor, W_nom: np.ndarray) -> None:
-        # First-order influence calls a positively scaled-up update "helpful"; a node also
-        # refuses updates far larger than those it sees (sticky: a malformed sender).
-        if opts.max_norm_ratio is None:
-            return
-        norms = U.norm(dim=1).double().cpu().numpy()
-        norms = np.where(np.isfinite(norms), norms, np.inf)
-        view = (W_nom > 0) | np.eye(n, dtype=bool)
-        M = np.where(view, norms[None, :], np.nan)
-        M = np.where(np.isinf(M), np.nan, M)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(M, axis=1)
-        big = norms[None, :] > opts.max_norm_ratio * np.nan_to_num(med, nan=0.0)[:, None]
-        norm_blocked[...] |= big & view & ~np.eye(n, dtype=bool)
-
-    def decide(t: int) -> None:
-        assert tracker is not None
-        S = (tracker.score if opts.score == "cumulative" else tracker.window_score).numpy()
-        E = tracker.seen.numpy()
-        F = A.flags(S, E, opts.rule, opts.z_threshold, opts.margin) | norm_blocked
-        new = F & ~blocked
-        for k, j in zip(*np.nonzero(new), strict=True):
-            prune_log.append((t, int(k), int(j), 1))
-        if opts.readmit:
-            back = blocked & ~F & E
-            for k, j in zip(*np.nonzero(back), strict=True):
-                prune_log.append((t, int(k), int(j), -1))
-            blocked[...] = F | (blocked & ~E)
-        else:
-            blocked[...] |= F
-
-    with torch.no_grad(), progress_bar(progress, R, "guarded training") as advance:
-        for t in range(R):
-            track = tracking and t % every == 0
-            need_u = track or update_attack
-            prev = theta.clone() if need_u else None
-            x, y = problem.batch(t)
-            with torch.enable_grad():
-                g = node_grad_list(fm, theta, x, y)
-            problem.opt.update_(param_views(fm, theta), state_views, g, problem.lr(t))
-            U = None
-            if need_u:
-                U = theta - prev
-                if update_attack:
-                    rows = plan.apply_updates(U, t)
-                    if rows:
-                        ridx = torch.as_tensor(rows, device=theta.device)
-                        theta[ridx] = prev[ridx] + U[ridx]
-            W_nom = problem.W(t)
-            static = problem.schedule.is_static
-            G_pre = None
-            if track and opts.readout in ("pre", "midpoint"):
-                G_pre = G_next if G_next is not None else test_grad(prev)
-            G_next = None
-            W_t = prune(W_nom, blocked) if blocked.any() else W_nom
-            if opts.defense == "dice" and U is not None:
-                norm_check(U, W_nom)
-            if track and opts.readout == "pre":
-                tracker.record(t, G_pre, U, W_t, W_nom)
-                if opts.defense == "dice" and t >= opts.start and t % opts.check_every == 0:
-                    decide(t)
-                    W_t = prune(W_nom, blocked) if blocked.any() else W_nom
-            # gossip
-            if opts.defense == "clipped_gossip":
-                theta = clipped_gossip(theta, W_t, opts.clip_delta)
-            elif opts.defense == "trimmed_mean":
-                theta = trimmed_mean(theta, W_t, opts.trim)
-            else:
-                if blocked.any():
-                    key = ("pruned", t if not static else 0, blocked.tobytes())
-                else:
-                    key = t if not static else 0
-                mix(W_t, key, theta, spare)
-                theta, spare = spare, theta
-            W_used = W_t
-            if track and opts.readout in ("post", "midpoint"):
-                G_post = test_grad(theta)
-                G = G_post if opts.readout == "post" else 0.5 * (G_pre + G_post)
-                tracker.record(t, G, U, W_t, W_nom)
-                if (t + 1) % every == 0:
-                    G_next = G_post
-                if opts.defense == "dice" and t >= opts.start and t % opts.check_every == 0:
-                    decide(t)
-            if eval_every > 0 and ((t + 1) % eval_every == 0 or t + 1 == R):
-                evals.append(_eval(problem, theta, honest, t + 1))
+    if opts.track_every > 0 or opts.defense == "dice":
+        obs = ProximalObserver(n, node_weight_vector(n, opts.q), readout=opts.readout,
+                               every=max(1, opts.track_every), window=opts.window,
+                               history=opts.history)
+        observers.append(obs)
+        tracker = obs.tracker
+        if opts.defense == "dice":
+            policy = PrunePolicy(n, obs, rule=opts.rule, z_threshold=opts.z_threshold,
+                                 margin=opts.margin, score=opts.score,
+                                 check_every=opts.check_every, start=opts.start,
+                                 readmit=opts.readmit, max_norm_ratio=opts.max_norm_ratio,
+                                 repair=opts.repair)
+    loop = Loop(run_problem, observers, policy, test_batch=opts.test_batch)
+    theta = run_problem.init_theta()
+    state = run_problem.opt.init_state(theta)
+    evals = [_eval(run_problem, theta, honest, 0)] if opts.eval_every > 0 else []
+    with progress_bar(progress, R, "guarded training") as advance:
+        def on_round(t: int, th: torch.Tensor, st: torch.Tensor | None) -> None:
+            if opts.eval_every > 0 and (t % opts.eval_every == 0 or t == R):
+                evals.append(_eval(run_problem, th, honest, t))
             advance()
-    honest_idx = torch.as_tensor(np.flatnonzero(honest))
+
+        theta, _ = loop.run(theta, state, 0, R, on_round=on_round)
+    blocked = policy.blocked.copy() if policy is not None else np.zeros((n, n), dtype=bool)
+    W_final = loop.recorded.get(R - 1, problem.W(max(R - 1, 0)))
+    idx = torch.as_tensor(np.flatnonzero(honest))
     return GuardResult(
-        theta=theta,
-        tracker=tracker,
-        blocked=blocked.copy(),
-        W_final=prune(problem.W(max(R - 1, 0)), blocked) if blocked.any() else W_used,
-        malicious=malicious,
-        evals=evals,
-        prune_log=prune_log,
-        nonfinite_honest=not bool(torch.isfinite(theta[honest_idx]).all()),
+        theta=theta, tracker=tracker, blocked=blocked, W_final=W_final,
+        malicious=np.asarray(malicious, dtype=bool), evals=evals,
+        prune_log=list(policy.prune_log) if policy is not None else [],
+        nonfinite_honest=not bool(torch.isfinite(theta[idx]).all()),
+        W_used=dict(loop.recorded),
     )

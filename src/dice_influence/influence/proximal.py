@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,24 +111,65 @@ class ProximalTracker:
         """Add round ``t``: read-out gradients ``G`` (n, d), sent updates ``U`` (n, d), weights
         used ``W_actual`` and nominal weights ``W_nominal`` (n, n; default = actual). Returns
         the round's nominal-weight increments (n, n)."""
-        Wa = torch.as_tensor(W_actual, dtype=torch.float64).cpu()
-        Wn = Wa if W_nominal is None else torch.as_tensor(W_nominal, dtype=torch.float64).cpu()
-        S = dot_matrix(G, U).cpu()
-        eye = torch.eye(self.n, dtype=torch.bool)
-        qk = self.q[:, None]
-        edges_n = (Wn != 0) & ~eye
-        edges_a = (Wa != 0) & ~eye
-        inc_n = torch.where(edges_n, qk * Wn * S, torch.zeros_like(S))
-        inc_a = torch.where(edges_a, qk * Wa * S, torch.zeros_like(S))
-        self.seen |= edges_n
-        self.cum += inc_a
-        self.score += inc_n
-        self._ring[len(self.rounds) % self.window] = inc_n
+        ids = np.arange(self.n)
+        S = dot_matrix(G, U)
+        Wa = np.asarray(torch.as_tensor(W_actual, dtype=torch.float64).cpu())
+        Wn = Wa if W_nominal is None else np.asarray(
+            torch.as_tensor(W_nominal, dtype=torch.float64).cpu())
+        inc = self.record_nominal(t, ids, ids, S, Wn)
+        self.record_actual(ids, ids, S, Wa)
+        return inc
+
+    def _increments(self, receivers: np.ndarray, senders: np.ndarray, S: torch.Tensor,
+                    W: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        Wb = torch.as_tensor(np.asarray(W, dtype=np.float64)[np.ix_(receivers, senders)])
+        S = S.to(torch.float64).cpu()
+        edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
+        inc = torch.where(edges, self.q[receivers][:, None] * Wb * S, torch.zeros_like(S))
+        return inc, edges
+
+    def record_nominal(self, t: int, receivers: np.ndarray, senders: np.ndarray,
+                       S: torch.Tensor, W_nominal: np.ndarray) -> torch.Tensor:
+        """Add round ``t``'s nominal-weight increments ``q_k W_nom[k, j] S[k, j]`` on the block
+        (``receivers`` × ``senders``; ``S`` = :func:`dot_matrix` of their read-out gradients and
+        updates). Returns the (n, n) increments of this round."""
+        inc_b, edges = self._increments(receivers, senders, S, W_nominal)
+        inc = torch.zeros(self.n, self.n, dtype=torch.float64)
+        inc[np.ix_(receivers, senders)] = inc_b
+        seen = torch.zeros(self.n, self.n, dtype=torch.bool)
+        seen[np.ix_(receivers, senders)] = edges
+        self.seen |= seen
+        self.score += inc
+        self._ring[len(self.rounds) % self.window] = inc
         self.rounds.append(int(t))
         if self.keep_history:
-            self.history_score.append(inc_n.to(torch.float32))
-            self.history_actual.append(inc_a.to(torch.float32))
-        return inc_n
+            self.history_score.append(inc.to(torch.float32))
+        return inc
+
+    def record_actual(self, receivers: np.ndarray, senders: np.ndarray, S: torch.Tensor,
+                      W_actual: np.ndarray) -> torch.Tensor:
+        """Add the same round's increments with the weights actually used (0 where pruned) to
+        ``cum`` (the proximal influence proper). Call after :meth:`record_nominal`."""
+        inc_b, _ = self._increments(receivers, senders, S, W_actual)
+        inc = torch.zeros(self.n, self.n, dtype=torch.float64)
+        inc[np.ix_(receivers, senders)] = inc_b
+        self.cum += inc
+        if self.keep_history:
+            self.history_actual.append(inc.to(torch.float32))
+        return inc
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sums and window (for checkpoints); the per-round history is not included."""
+        return {"cum": self.cum.numpy().copy(), "score": self.score.numpy().copy(),
+                "ring": self._ring.numpy().copy(), "seen": self.seen.numpy().copy(),
+                "rounds": list(self.rounds)}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.cum = torch.as_tensor(np.asarray(st["cum"], dtype=np.float64))
+        self.score = torch.as_tensor(np.asarray(st["score"], dtype=np.float64))
+        self._ring = torch.as_tensor(np.asarray(st["ring"], dtype=np.float64))
+        self.seen = torch.as_tensor(np.asarray(st["seen"], dtype=bool))
+        self.rounds = [int(r) for r in st["rounds"]]
 
     def history(self, which: str = "score") -> np.ndarray:
         """Per-round increments as an array (rounds, n, n); ``which`` = score | actual."""

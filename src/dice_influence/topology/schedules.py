@@ -162,3 +162,23 @@ def make_schedule(
     if tv == "permuted":
         return PermutedSchedule(w, seed, connectivity=conn)
     return StaticSchedule(w, connectivity=conn)
+
+
+class RecordedSchedule(Schedule):
+    """A schedule with some rounds replaced by the matrices a policy chose (``overrides[t]``),
+    so that a policy-driven run replays exactly. Other rounds come from ``base``."""
+
+    def __init__(self, base: Schedule, overrides: dict[int, np.ndarray]) -> None:
+        self.base = base.base if isinstance(base, RecordedSchedule) else base
+        merged = dict(base.overrides) if isinstance(base, RecordedSchedule) else {}
+        merged.update({int(t): np.asarray(w, dtype=np.float64) for t, w in overrides.items()})
+        self.overrides = merged
+        super().__init__(self.base.n, is_static=self.base.is_static and not merged,
+                         period=self.base.period if not merged else None)
+
+    def _matrix(self, t: int) -> np.ndarray:
+        w = self.overrides.get(t)
+        return self.base.W(t) if w is None else w.copy()
+
+    def __repr__(self) -> str:
+        return f"RecordedSchedule({self.base!r}, {len(self.overrides)} rounds chosen by a policy)"

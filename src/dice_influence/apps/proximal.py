@@ -1,0 +1,94 @@
+"""Proximal influence as an observer of the one loop (SPEC §5, paper Def. 4).
+
+Each tracked round, receiver ``k`` adds ``q_k W^t[k, j] G_kᵀ u_j^t`` for every in-neighbour
+``j``, ``G_k`` its test-loss gradient on its own test split (read-out ``pre`` = ``∇L(θ_k^t)``,
+``post`` = ``∇L(θ_k^{t+1})`` as in Def. 4, or their ``midpoint``). Sign: positive = ``j``'s
+update raised ``k``'s test loss (harmful). The same object runs in the simulator (every row) and
+on a peer (its own row, with the updates that arrived).
+
+With ``pre`` the nominal-weight score of round ``t`` is complete before ``W^t`` is decided, so a
+policy can act on it in the same round; ``post`` and ``midpoint`` scores reach a policy one round
+later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix
+from ..loop import Observer, RoundView
+
+
+def node_weight_vector(n: int, q: str) -> torch.Tensor:
+    """``q_k``: ``"uniform"`` (1/n) or ``"one"`` (the authors' code)."""
+    if q not in ("uniform", "one"):
+        raise ValueError(f"q={q!r}: choose 'uniform' or 'one'")
+    return torch.full((n,), 1.0 / n if q == "uniform" else 1.0, dtype=torch.float64)
+
+
+class ProximalObserver(Observer):
+    """Online proximal influence on every edge this runtime sees (module docstring).
+
+    ``tracker`` (:class:`~dice_influence.influence.proximal.ProximalTracker`) holds the sums:
+    ``cum`` (weights actually used), ``score`` (nominal weights, so pruned senders keep being
+    scored), a window and optionally the per-round history."""
+
+    name = "proximal"
+
+    def __init__(self, n: int, q: torch.Tensor | None = None, *, readout: str = "pre",
+                 every: int = 1, window: int = 10, history: bool = True) -> None:
+        if readout not in READOUTS:
+            raise ValueError(f"readout {readout!r}: choose one of {', '.join(READOUTS)}")
+        if every < 1:
+            raise ValueError(f"every={every} must be >= 1")
+        self.readout = readout
+        self.every = int(every)
+        self.tracker = ProximalTracker(n, q, readout=readout, window=window, history=history)
+        self._S: torch.Tensor | None = None
+        self.last_round: int | None = None
+        self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
+
+    def active(self, t: int) -> bool:
+        return t % self.every == 0
+
+    def _dots(self, view: RoundView, G: torch.Tensor) -> torch.Tensor:
+        return dot_matrix(G, view.update())
+
+    def before_gossip(self, view: RoundView) -> None:
+        self._S = None
+        if self.readout == "pre":
+            self._S = self._dots(view, view.test_grad("pre"))
+            self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
+                                        view.W_nominal)
+            self.last_round = view.t
+
+    def after_gossip(self, view: RoundView, W_used: np.ndarray) -> None:
+        if self.readout != "pre":
+            G = view.test_grad("post")
+            if self.readout == "midpoint":
+                G = 0.5 * (view.test_grad("pre") + G)
+            self._S = self._dots(view, G)
+            self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
+                                        view.W_nominal)
+            self.last_round = view.t
+        assert self._S is not None
+        self.tracker.record_actual(view.receivers, view.senders, self._S, W_used)
+        self._S = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "last_round": self.last_round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.last_round = state.get("last_round")
+
+
+def from_settings(s: Any, ctx: Any) -> ProximalObserver:
+    """Factory for ``observers: - kind: proximal`` (:mod:`dice_influence.plugins`)."""
+    obs = ProximalObserver(ctx.n, node_weight_vector(ctx.n, s.q), readout=s.readout,
+                           every=s.every, window=s.window, history=s.history)
+    obs.test_set, obs.test_batch = s.test_set, s.test_batch
+    return obs
