@@ -196,3 +196,27 @@ def test_detection_drops_harmful_neighbour_like_the_simulator(tmp_path):
             if e["event"] == "dropped":
                 told = res.metrics[e["peer"]]["events"]
                 assert {"round": e["round"], "event": "dropped_by", "peer": m["peer"]} in told
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_defended_scenario_same_on_peers_as_in_the_simulator(tmp_path, n):
+    """The anomaly defence (a label-flipping node, the prune policy on) is the same plug-in in
+    both runtimes: same parameters, same proximal rows, same dropped edges."""
+    raw = cfg_for(n, rounds=10).model_dump(mode="json")
+    raw["data"]["corruptions"] = [{"kind": "label_flip", "nodes": [1]}]
+    raw["policy"] = {"kind": "prune", "rule": "sign", "start": 2}
+    raw["observers"] = [{"kind": "proximal", "readout": "pre"}]
+    cfg = load_config(raw)
+    ref = simulate(cfg)
+    assert ref.drops and all(j == 1 for _, _, j in ref.drops), ref.drops
+    res = launch(cfg, n, tmp_path, wall_timeout=WALL)
+    assert res.ok, res.errors
+    assert torch.allclose(res.theta, ref.theta, atol=TOL, rtol=0)
+    assert np.allclose(res.P, ref.P, atol=TOL, rtol=0)
+    got = sorted((e["round"], m["peer"], e["peer"]) for m in res.metrics for e in m["events"]
+                 if e["event"] == "dropped")
+    assert got == sorted(ref.drops)
+    sim = train(cfg)  # `dice train` with the same keys prunes the same edges
+    assert torch.allclose(sim.theta, ref.theta, atol=1e-12, rtol=0)
+    assert sorted((t, k, j) for t, k, j, s in sim.plugins.policy.prune_log if s > 0) == \
+        sorted(ref.drops)

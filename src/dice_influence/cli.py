@@ -68,8 +68,9 @@ def config(
 ) -> None:
     """Print a complete config (every key, with defaults) as YAML; with PATH, validate it."""
     from .config import dump_config
+    from .plugins import catalogue_text
 
-    sys.stdout.write(dump_config(load_run_config(path, set_)))
+    sys.stdout.write(dump_config(load_run_config(path, set_)) + catalogue_text())
 
 
 @app.command()

@@ -244,8 +244,17 @@ class Gossip(Aggregator):
     name = "gossip"
 
     def __call__(self, view: RoundView, W: np.ndarray) -> torch.Tensor:
-        rows = torch.as_tensor(view.block(W), dtype=view.half.dtype, device=view.half.device)
-        return rows @ view.half
+        half = view.half
+        if view.is_full:  # zero weights never touch a (possibly non-finite) sender
+            return Mixer(W, dtype=half.dtype, device=half.device)(half)
+        block = view.block(W)
+        out = torch.empty(len(view.receivers), half.shape[1], dtype=half.dtype,
+                          device=half.device)
+        for i, row in enumerate(block):
+            nz = np.flatnonzero(row)
+            w = torch.as_tensor(row[nz], dtype=half.dtype, device=half.device)
+            out[i] = w @ half[torch.as_tensor(nz, device=half.device)]
+        return out
 
 
 # ----------------------------------------------------------------------------- the simulator

@@ -211,3 +211,69 @@ def build_aggregator(cfg: Any) -> Any:
         return None
     s = parse("aggregator", cfg.aggregator, "aggregator")
     return _factory(CATALOGUE["aggregator"][s.kind])(s, None)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _all(plugins: Plugins) -> list[Any]:
+    return [*plugins.observers, *([plugins.policy] if plugins.policy is not None else [])]
+
+
+def pack_states(plugins: Plugins) -> tuple[dict[str, Any], str]:
+    """Every plug-in's :meth:`state_dict` as tensors (arrays, keyed ``plugin/<i>/<key>``) and
+    one JSON string (everything else), for a safetensors checkpoint."""
+    import json
+
+    import numpy as np
+    import torch
+
+    tensors: dict[str, Any] = {}
+    meta: list[dict[str, Any]] = []
+    for i, p in enumerate(_all(plugins)):
+        rest = {}
+        for key, val in _flatten(p.state_dict()).items():
+            if isinstance(val, np.ndarray):
+                tensors[f"plugin/{i}/{key}"] = torch.from_numpy(np.ascontiguousarray(val))
+            else:
+                rest[key] = val
+        meta.append({"name": getattr(p, "name", type(p).__name__), "state": rest})
+    return tensors, json.dumps(meta)
+
+
+def unpack_states(plugins: Plugins, tensors: dict[str, Any], meta: str) -> None:
+    """Restore what :func:`pack_states` wrote (the same plug-ins, in the same order)."""
+    import json
+
+    entries = json.loads(meta)
+    live = _all(plugins)
+    names = [getattr(p, "name", type(p).__name__) for p in live]
+    if [e["name"] for e in entries] != names:
+        raise ValueError(f"checkpoint holds plug-ins {[e['name'] for e in entries]} but this run "
+                         f"has {names}; resume with the config that wrote it")
+    for i, (p, e) in enumerate(zip(live, entries, strict=True)):
+        flat = dict(e["state"])
+        pre = f"plugin/{i}/"
+        flat.update({k[len(pre):]: v.numpy() for k, v in tensors.items() if k.startswith(pre)})
+        p.load_state_dict(_unflatten(flat))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out

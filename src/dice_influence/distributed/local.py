@@ -18,6 +18,7 @@ from .. import topology as T
 from ..config import ConfigError, RunConfig
 from ..gossip import Optimizer, node_losses
 from ..models import FunctionalModel
+from ..plugins import build_aggregator
 
 
 @dataclass
@@ -42,6 +43,8 @@ class LocalProblem:
     val_y: torch.Tensor
     dtype: torch.dtype
     device: torch.device
+    transforms: tuple = ()  # update-level behaviours of this node (part of the round)
+    aggregator: object = None  # None: the W^t row product; else the config's robust rule
 
     @property
     def d(self) -> int:
@@ -131,4 +134,5 @@ def build_local(
         val_y=val_y,
         dtype=dtype,
         device=dev,
+        aggregator=build_aggregator(cfg),
     )

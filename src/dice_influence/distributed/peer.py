@@ -1,18 +1,20 @@
 """One peer of a real decentralized network: ATC-DSGD round by round over torch.distributed.
 
-Each round ``t`` peer ``k`` (SPEC §2, §5):
+Each round ``t`` peer ``k`` runs the one loop (:mod:`dice_influence.loop`) on its own row, with
+the same plug-in objects the simulator runs over all rows (SPEC §2, §5, §6):
 
-1. takes the simulator's local step on its own batch: ``θ_k^{t+½} = θ_k^t + u_k^t``;
+1. the local step on its own batch (the simulator's :func:`~dice_influence.loop.local_step_`),
+   transforms included: ``θ_k^{t+½} = θ_k^t + u_k^t``;
 2. sends ``[θ_k^{t+½}, u_k^t]`` to its out-neighbours of ``W^t`` and receives the same from its
    in-neighbours (point-to-point only; ``W^t`` is recomputed locally from the shared seed);
-3. mixes with its row of ``W^t``: ``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (row renormalised
-   over the neighbours it still uses);
-4. adds each in-neighbour's proximal influence ``P[k, j] += q_k W^t[k, j] G_k · u_j^t`` with
-   ``G_k = ∇L(θ_k^t; z'_k)`` (read-out ``pre``) or ``∇L(θ_k^{t+1}; z'_k)`` (``post``).
-   Sign: positive = ``j``'s update raised ``k``'s test loss (harmful);
-5. with detection on, drops in-neighbours whose cumulative ``P[k, j]`` exceeds the threshold
-   after the warm-up, and tells every in-neighbour of this round (a control flag) whether it
-   was dropped, so that a dropped sender stops sending. No coordinator is involved.
+3. observers read the round (proximal influence ``P[k, j] += q_k W^t[k, j] G_k · u_j^t``,
+   ``G_k`` at ``θ_k^t`` (``pre``) or ``θ_k^{t+1}`` (``post``); positive = harmful);
+4. the policy decides row ``k`` of ``W^t`` (e.g. prunes harmful in-neighbours, the row repaired
+   by the one rule both runtimes call);
+5. aggregates: ``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (or the configured robust rule).
+
+A prune that is final (``readmit: false``) is told to the sender with a control flag, and the
+sender stops sending. No coordinator is involved.
 
 Outputs go to ``OUT/peer-<k>/``: ``params.safetensors``, ``proximal.json``/``proximal.csv``,
 ``metrics.json`` (written also when the run fails, with the error naming peer and round) and
@@ -36,9 +38,11 @@ import torch.distributed as dist
 
 from .._util import atomic_write_text, write_json
 from ..config import ConfigError, RunConfig, dump_config
-from ..gossip import loss_grads, node_grads
+from ..gossip import loss_grads, node_grads, param_views
+from ..loop import Gossip, RoundView, local_step_
+from ..plugins import build, pack_states, unpack_states
 from .local import LocalProblem, build_local
-from .settings import DistributedSettings, distributed_settings
+from .settings import DistributedSettings, distributed_settings, peer_plugin_config
 from .transport import FLAG_DROP, FLAG_KEEP, PeerFailure, Transport
 
 SIGN = "influence = loss with the data - loss without it; positive = harmful"
@@ -53,7 +57,7 @@ class PeerState:
     theta: torch.Tensor  # (1, d)
     opt_state: torch.Tensor | None
     P: np.ndarray  # (n,) cumulative proximal influence of each sender on this peer
-    dropped_in: set[int] = field(default_factory=set)  # in-neighbours this peer dropped
+    dropped_in: set[int] = field(default_factory=set)  # in-neighbours this peer refuses now
     dropped_by: set[int] = field(default_factory=set)  # out-neighbours that dropped this peer
     events: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per-round proximal entries
@@ -75,9 +79,20 @@ class Peer:
         self.s = settings or distributed_settings(cfg)
         self.k = rank
         self.out = Path(out) / f"peer-{rank}"
-        self.lp: LocalProblem = build_local(cfg, rank, test_set=self.s.test_set, device=device)
+        pcfg = peer_plugin_config(cfg)
+        self.prox_cfg = next(o for o in pcfg.observers if o["kind"] == "proximal")
+        self.lp: LocalProblem = build_local(cfg, rank,
+                                            test_set=self.prox_cfg.get("test_set", "auto"),
+                                            device=device)
         self.n = self.lp.n
-        self.q = 1.0 / self.n if self.s.q == "uniform" else 1.0
+        self.plugins = build(pcfg, self.lp)
+        self.prox = self.plugins.find("proximal")
+        self.policy = self.plugins.policy
+        self.aggregator = self.lp.aggregator or Gossip()
+        # a final prune (no re-admission) is told to the sender, which then stops sending
+        self.tells = self.policy is not None and hasattr(self.policy, "final") and \
+            not getattr(self.policy, "readmit", True)
+        self.q = float(self.prox.tracker.q[rank])
         self.transport = Transport(
             rank,
             self.lp.d,
@@ -90,6 +105,7 @@ class Peer:
         self.seconds = 0.0
         self.first_round_s: float | None = None
         self.rounds_run = 0
+        self._logged = 0
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -106,76 +122,93 @@ class Peer:
 
     def _test_grad(self, theta: torch.Tensor) -> torch.Tensor:
         x, y = self.lp.test_x, self.lp.test_y
-        return loss_grads(self.lp.fm, theta, x, y)[1][0]
+        tb = getattr(self.prox, "test_batch", None)
+        if tb is not None and tb < y.shape[0]:
+            x, y = x[:tb], y[:tb]
+        return loss_grads(self.lp.fm, theta, x[None], y[None])[1]
+
+    def _final_row(self) -> np.ndarray:
+        if not self.tells:
+            return np.zeros(self.n, dtype=bool)
+        return self.policy.final()[self.k]
 
     def neighbours(self, t: int, W: np.ndarray, st: PeerState) -> tuple[list[int], list[int]]:
-        """(in-neighbours this peer still uses, out-neighbours that still use it) at round t."""
+        """(in-neighbours this peer still listens to, out-neighbours that still listen to it)."""
         k = self.k
-        ins = [j for j in np.flatnonzero(W[k] > 0).tolist() if j != k and j not in st.dropped_in]
+        final = self._final_row()
+        ins = [j for j in np.flatnonzero(W[k] > 0).tolist() if j != k and not final[j]]
         outs = [
             j for j in np.flatnonzero(W[:, k] > 0).tolist() if j != k and j not in st.dropped_by
         ]
         return ins, outs
 
     def step(self, st: PeerState) -> None:
-        """Run round ``st.t`` and advance ``st`` to ``t + 1``."""
+        """Run round ``st.t`` of the one loop on this peer's row; advance ``st`` to ``t + 1``."""
         lp, k, t = self.lp, self.k, st.t
         W = lp.W(t)
         ins, outs = self.neighbours(t, W, st)
+        busy = [o for o in self.plugins.observers if o.active(t)]
+        decide = self.policy is not None and self.policy.active(t)
         x, y = lp.batch(t)
+        lr = lp.lr(t)
+        half = st.theta.clone()
+        opt_state = None if st.opt_state is None else st.opt_state.clone()
+        views = None if opt_state is None else param_views(lp.fm, opt_state)
         with torch.no_grad():
-            with torch.enable_grad():
-                g = node_grads(lp.fm, st.theta, x, y)
-            u, new_opt = lp.opt.update(st.theta, st.opt_state, g, lp.lr(t))
-            half = st.theta + u
+            prev, u = local_step_(lp.fm, lp.opt, half, views, x, y, lr, t,
+                                  transforms=lp.transforms, ids=[k], keep=True)
             packet = self.transport.pack(t, half, u)
         bufs, work = self.transport.exchange_packets(t, packet, outs, ins)
-        G = self._test_grad(st.theta) if self.s.readout == "pre" else None  # overlaps the wait
+        pre = None
+        if any(getattr(o, "readout", "") in ("pre", "midpoint") for o in busy):
+            pre = self._test_grad(prev)  # overlaps the wait
         deadline = time.monotonic() + self.s.timeout_s
         self.transport.wait(t, [w for w in work if w[1].startswith("receive")], deadline)
         recv = {j: self.transport.unpack(bufs[j], j, t) for j in ins}
-        # mixing with this peer's row of W^t, in sender order (as W @ Θ in the simulator)
-        row = W[k]
-        lost = any(row[j] > 0 for j in st.dropped_in)
-        senders = sorted([k, *ins])
-        w = np.array([row[j] for j in senders], dtype=np.float64)
-        if lost:
-            w = w / w.sum() if w.sum() > 0 else np.array([1.0 if j == k else 0.0 for j in senders])
+        senders = sorted([k, *ins])  # sender order as in the simulator's W @ Θ
         with torch.no_grad():
             rows = torch.cat([half if j == k else recv[j][0] for j in senders])
-            wt = torch.as_tensor(w, dtype=lp.dtype, device=lp.device)
-            theta_new = wt[None] @ rows
-        if G is None:
-            G = self._test_grad(theta_new)
-        contrib: dict[int, float] = {}
-        for i, j in enumerate(senders):
-            if j != k:
-                val = self.q * float(wt[i]) * float(G @ recv[j][1][0])
-                contrib[j] = val
-                st.P[j] += val
+            us = torch.cat([u if j == k else recv[j][1] for j in senders])
+            view = RoundView(t, self.n, np.array([k]), np.array(senders), prev, rows, W,
+                             update=us, test_grad_fn=self._test_grad, pre_grad=pre, lr=lr)
+            for o in busy:
+                o.before_gossip(view)
+            W_used = self.policy.decide(view) if decide else W
+            view.theta_next = self.aggregator(view, W_used)
+            for o in busy:
+                o.after_gossip(view, W_used)
         self.transport.wait(t, [wk for wk in work if wk[1].startswith("send")], deadline)
-        if self.s.record_rounds:
-            st.rounds.append({"round": t, "influence": {str(j): v for j, v in contrib.items()}})
-        if self.s.detection.enabled:
-            self._detect_and_tell(t, st, ins, outs)
-        st.theta, st.opt_state, st.t = theta_new, new_opt, t + 1
+        cum = self.prox.tracker.cum[k].numpy()
+        if self.s.record_rounds and self.prox in busy:
+            inc = {j: float(cum[j] - st.P[j]) for j in ins}
+            st.rounds.append({"round": t, "influence": {str(j): v for j, v in inc.items()}})
+        st.P = cum.copy()
+        self._policy_events(t, st)
+        if self.tells:
+            self._tell(t, st, ins, outs)
+        st.theta, st.opt_state, st.t = view.theta_next, opt_state, t + 1
 
-    def _detect_and_tell(self, t: int, st: PeerState, ins: list[int], outs: list[int]) -> None:
-        det = self.s.detection
-        flags = {}
-        for j in ins:
-            drop = t + 1 >= det.warmup and st.P[j] > det.threshold
-            flags[j] = FLAG_DROP if drop else FLAG_KEEP
-            if drop:
+    def _policy_events(self, t: int, st: PeerState) -> None:
+        """This round's prunes / re-admissions of this peer, from the policy's log."""
+        log = getattr(self.policy, "prune_log", None)
+        if not log:
+            return
+        for rnd, k, j, sign in log[self._logged:]:
+            if k != self.k:
+                continue
+            if sign > 0:
                 st.dropped_in.add(j)
-                st.events.append(
-                    {
-                        "round": t,
-                        "event": "dropped",
-                        "peer": j,
-                        "cumulative_influence": float(st.P[j]),
-                    }
-                )
+                st.events.append({"round": rnd, "event": "dropped", "peer": j,
+                                  "cumulative_influence": float(st.P[j])})
+            else:
+                st.dropped_in.discard(j)
+                st.events.append({"round": rnd, "event": "readmitted", "peer": j})
+        self._logged = len(log)
+
+    def _tell(self, t: int, st: PeerState, ins: list[int], outs: list[int]) -> None:
+        """Tell each in-neighbour whether this peer dropped it for good; hear the same."""
+        final = self._final_row()
+        flags = {j: FLAG_DROP if final[j] else FLAG_KEEP for j in ins}
         got = self.transport.exchange_control(t, flags, outs)
         for j, flag in got.items():
             if flag == FLAG_DROP:
@@ -241,7 +274,7 @@ class Peer:
         prox = {
             "sign": SIGN,
             "receiver": self.k,
-            "readout": self.s.readout,
+            "readout": self.prox.readout,
             "q": self.q,
             "rounds_done": st.t,
             "row": st.P.tolist(),
@@ -308,7 +341,10 @@ class Peer:
         tensors = {"theta": st.theta[0].contiguous().cpu(), "P": torch.from_numpy(st.P.copy())}
         if st.opt_state is not None:
             tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
+        plug_tensors, plug_meta = pack_states(self.plugins)
+        tensors.update(plug_tensors)
         meta = {
+            "plugins": plug_meta,
             "round": str(st.t),
             "peer": str(self.k),
             "n": str(self.n),
@@ -350,9 +386,16 @@ class Peer:
             theta = f.get_tensor("theta")
             P = f.get_tensor("P").numpy().copy()
             opt = f.get_tensor("opt_state") if "opt_state" in f.keys() else None
+            plug = {key: f.get_tensor(key) for key in f.keys() if key.startswith("plugin/")}
         if int(meta["peer"]) != self.k or int(meta["n"]) != self.n or theta.numel() != self.lp.d:
             raise ConfigError(f"resume: {path} belongs to another peer or another model")
         extra = json.loads(meta["state"])
+        try:
+            unpack_states(self.plugins, plug, meta.get("plugins", "[]"))
+        except ValueError as exc:
+            raise ConfigError(f"resume: {path}: {exc}") from None
+        log = getattr(self.policy, "prune_log", None)
+        self._logged = len(log) if log else 0
         dev, dt = self.lp.device, self.lp.dtype
         return PeerState(
             t=int(meta["round"]),

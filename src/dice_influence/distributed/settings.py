@@ -18,8 +18,10 @@ class _Strict(BaseModel):
 
 
 class DetectionSettings(_Strict):
-    """Drop an in-neighbour ``j`` once its cumulative proximal influence on this peer exceeds
-    ``threshold`` (sign: positive = harmful), but not before round ``warmup``."""
+    """Shorthand kept for older configs: drop an in-neighbour ``j`` for good once its cumulative
+    proximal influence on this peer exceeds ``threshold`` (positive = harmful), not before round
+    ``warmup``. It means ``policy: {kind: prune, rule: sign, margin: THRESHOLD, start:
+    WARMUP - 1, readmit: false, max_norm_ratio: null}``; prefer the ``policy:`` section."""
 
     enabled: bool = False
     warmup: int = Field(10, ge=0, description="rounds completed before any neighbour is dropped")
@@ -39,7 +41,8 @@ class DistributedSettings(_Strict):
 
     timeout_s: float = Field(60.0, gt=0, description="max wait for any neighbour, per round phase")
     readout: Literal["pre", "post"] = Field(
-        "pre", description="G_k at θ_k^t (pre) or θ_k^{t+1} (post)"
+        "pre", description="G_k at θ_k^t (pre) or θ_k^{t+1} (post); used when the config has "
+        "no `observers: - kind: proximal` entry"
     )
     test_set: Literal["auto", "own", "shared"] = Field(
         "auto", description="z'_k: own split (auto: when data.test_samples_per_node is set)"
@@ -80,3 +83,22 @@ def distributed_settings(cfg: RunConfig) -> DistributedSettings:
             f"experiment.distributed.fault.peer: {s.fault.peer} out of range for topology.n={n}"
         )
     return s
+
+
+def peer_plugin_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the plug-ins a peer network runs, in the canonical sections: the config's
+    ``observers:`` (plus a proximal observer from ``experiment.distributed`` when it has none —
+    peers always measure their neighbours) and its ``policy:`` (or the legacy
+    ``experiment.distributed.detection`` shorthand). The simulator's reference
+    (:func:`~dice_influence.distributed.reference.simulate`) uses the same."""
+    s = distributed_settings(cfg)
+    observers = list(cfg.observers)
+    if not any(o.get("kind") == "proximal" for o in observers):
+        observers.append({"kind": "proximal", "readout": s.readout, "test_set": s.test_set,
+                          "q": s.q, "history": False})
+    policy = cfg.policy
+    if policy is None and s.detection.enabled:
+        policy = {"kind": "prune", "rule": "sign", "margin": s.detection.threshold,
+                  "start": max(0, s.detection.warmup - 1), "readmit": False,
+                  "max_norm_ratio": None}
+    return cfg.model_copy(update={"observers": observers, "policy": policy})
