@@ -210,3 +210,22 @@ def test_dice_config_lists_the_plugins():
     import yaml
 
     assert yaml.safe_load(res.output)["observers"] == []  # still valid YAML
+
+
+def test_dice_train_takes_the_plugin_keys(tmp_path):
+    import json
+
+    from dice_influence.config import dump_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(cfg_for(rounds=10)))
+    res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "run"), "-q",
+                                   "--set", "policy.kind=prune", "--set", "policy.start=2",
+                                   "--set", "observers=[{kind: proximal, readout: post}]"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["observers"]["proximal"]["readout"] == "post"
+    assert any(s == 2 for _, s in m["policy"]["prune"]["pruned"])  # the label flipper
+    assert m["W_used_rounds"]
+    back = Trajectory.load(tmp_path / "run")
+    assert sorted(back.W_used) == m["W_used_rounds"]

@@ -60,6 +60,10 @@ class Plugin:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
 
+    def summary(self) -> dict[str, Any]:
+        """What a run directory's ``metrics.json`` keeps of this plug-in (plain JSON)."""
+        return {}
+
 
 class Transform(Plugin):
     """Edits the updates some nodes send (attacks, free riders). Deterministic given ``t``."""

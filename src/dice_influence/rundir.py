@@ -34,6 +34,7 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
         "per_node": {"test_loss": final.get("loss"), "test_acc": final.get("acc")},
         "history": [{k: v for k, v in h.items() if k not in ("loss", "acc")}
                     for h in traj.history],
+        **_plugin_summaries(traj),
         **(extra or {}),
     }
     write_json(out / "metrics.json", metrics)
@@ -52,6 +53,21 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
     if plots and traj.history:
         plot_history(traj, out / "accuracy.png")
     atomic_write_text(out / "README.md", _readme(traj, metrics))
+    return out
+
+
+def _plugin_summaries(traj: Trajectory) -> dict[str, Any]:
+    """``"observers"`` / ``"policy"``: what each plug-in of the run measured or decided, and
+    ``"W_used_rounds"``: the rounds whose mixing matrix a policy chose (replayed exactly)."""
+    pl = traj.plugins
+    if pl is None or (not pl.observers and pl.policy is None):
+        return {}
+    out: dict[str, Any] = {
+        "observers": {o.name: o.summary() for o in pl.observers},
+        "W_used_rounds": sorted(traj.W_used),
+    }
+    if pl.policy is not None:
+        out["policy"] = {pl.policy.name: pl.policy.summary()}
     return out
 
 

@@ -179,6 +179,15 @@ class PrunePolicy(Policy):
             return view.W_nominal
         return repair_rows(view.W_nominal, self.blocked, self.repair)
 
+    def summary(self) -> dict[str, Any]:
+        """Edges pruned at the end (``[receiver, sender]``) and every prune / re-admission."""
+        return {"rule": self.rule, "repair": self.repair,
+                "pruned": [[int(k), int(j)] for k, j in zip(*np.nonzero(self.blocked),
+                                                            strict=True)],
+                "log": [{"round": t, "receiver": k, "sender": j,
+                         "event": "pruned" if s > 0 else "readmitted"}
+                        for t, k, j, s in self.prune_log]}
+
     def state_dict(self) -> dict[str, Any]:
         return {"blocked": self.blocked.copy(), "norm_blocked": self.norm_blocked.copy(),
                 "prune_log": [list(e) for e in self.prune_log], "seen_round": self._seen_round}

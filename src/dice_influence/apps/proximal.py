@@ -81,6 +81,18 @@ class ProximalObserver(Observer):
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict(), "last_round": self.last_round}
 
+    def summary(self) -> dict[str, Any]:
+        """``P[k][j]`` = cumulative proximal influence of sender ``j`` on receiver ``k`` with the
+        weights used (positive = harmful), and each node's reciprocity (outflow / inflow)."""
+        from .reciprocity import node_reciprocity
+
+        P = self.tracker.cum.numpy()
+        rec = node_reciprocity(P)
+        return {"sign": "P[k][j]: influence of sender j on receiver k; positive = harmful",
+                "readout": self.readout, "every": self.every,
+                "rounds_tracked": len(self.tracker.rounds), "P": P.tolist(),
+                "reciprocity": {k: np.asarray(v).tolist() for k, v in rec.items()}}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.last_round = state.get("last_round")

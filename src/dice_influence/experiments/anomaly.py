@@ -71,6 +71,9 @@ class DefenseConfig(_S):
     start: int = Field(1, ge=0)
     readmit: bool = True
     max_norm_ratio: float | None = Field(10.0, gt=1.0)
+    repair: Literal["rescale", "diagonal"] = Field(
+        "rescale", description="row repair after pruning; 'diagonal' only to reproduce the "
+        "measurement that chose 'rescale' (docs/anomaly.md)")
 
 
 class BaselineConfig(_S):
@@ -147,6 +150,7 @@ def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
         start=df.start,
         readmit=df.readmit,
         max_norm_ratio=df.max_norm_ratio,
+        repair=df.repair,
         clip_delta=bl.delta,
         trim=bl.trim,
         eval_every=eval_every,
