@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dice_influence.config import ConfigError, dump_config, load_config
+from dice_influence import topology as T
 from dice_influence.gossip import Mixer, Optimizer, node_grads
 from dice_influence.simulator import build_problem, run_rounds, train
 from dice_influence.trajectory import Trajectory
@@ -213,3 +214,32 @@ def test_config_roundtrip_and_errors(tmp_path):
 def test_float64_runs():
     traj = train(tiny_cfg(train__dtype="float64"))
     assert traj.theta.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_sparse_gossip_equals_the_matmul(dtype):
+    from dice_influence._kernels import _compiled
+
+    n = 64
+    W = T.mixing_matrix("exponential", n)
+    m = Mixer(W, dtype=dtype)
+    assert m.sparse
+    if _compiled() is not None:
+        assert m._kernel is not None
+    torch.manual_seed(0)
+    theta = torch.randn(n, 5000, dtype=dtype)
+    theta[3, 7] = float("nan")  # node 3's non-neighbours must stay finite
+    dense = torch.as_tensor(W, dtype=dtype)
+    out = torch.empty_like(theta)
+    m(theta, out=out)
+    ok = W[:, 3] == 0
+    ref = dense[ok] @ torch.nan_to_num(theta)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(out[ok], ref, atol=tol, rtol=0)
+    assert torch.isnan(out[~ok, 7]).all()
+    # under torch.func the compiled path declines and the differentiable fallback is used
+    from torch.func import jvp
+
+    tan = torch.randn_like(theta)
+    _, dout = jvp(lambda th: m(th), (torch.nan_to_num(theta),), (tan,))
+    assert torch.allclose(dout, dense @ tan, atol=tol, rtol=0)

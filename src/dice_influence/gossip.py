@@ -214,6 +214,13 @@ def lr_at(t: int, lr: float, schedule: str = "constant", *, total: int = 1, step
 # -------------------------------------------------------------------------------------- mixing
 
 
+def _tracked(t: torch.Tensor) -> bool:
+    """Whether autograd or torch.func tracks ``t`` (sparse CSR products cannot be differentiated
+    here, so the mixer then uses the dense matmul)."""
+    return (t.requires_grad and torch.is_grad_enabled()) or \
+        torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class Mixer:
     """Gossip with a fixed mixing matrix: ``out = W @ theta`` over the node axis.
 
@@ -231,10 +238,15 @@ class Mixer:
         self.has_zeros = nnz < self.n * self.n
         self.sparse = self.n > 32 and nnz <= 0.25 * self.n * self.n
         self._csr = None
+        self._kernel = None
         if self.sparse:
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 self._csr = Wt.to_sparse_csr()
+            if Wt.device.type == "cpu":
+                from ._kernels import csr_kernel
+
+                self._kernel = csr_kernel(self._csr)
 
     def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Mix ``theta`` of shape ``(n, d)`` or ``(..., n, d)`` (leading batch dims)."""
@@ -244,7 +256,7 @@ class Mixer:
             mixed = self(flat)
             return (mixed.reshape(self.n, -1, theta.shape[-1]).transpose(0, 1)
                     .reshape(*lead, self.n, theta.shape[-1]))
-        if self.sparse:
+        if self.sparse and not _tracked(theta):  # autograd / torch.func: the dense matmul
             return self._sparse_mm(theta, out)
         if self.has_zeros and not bool(torch.isfinite(theta.sum(1)).all()):
             mixed = self._masked(theta)
@@ -256,6 +268,8 @@ class Mixer:
     def _sparse_mm(self, theta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
             out = torch.empty_like(theta)
+        if self._kernel is not None and self._kernel(theta, out):
+            return out
         block = 4096
         for c in range(0, theta.shape[1], block):
             out[:, c : c + block] = torch.sparse.mm(self._csr, theta[:, c : c + block])
