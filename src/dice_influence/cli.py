@@ -162,6 +162,7 @@ def demo(
 EXTENSIONS = (
     "dice_influence.experiments.alignment",
     "dice_influence.experiments.anomaly",
+    "dice_influence.experiments.contribution",
     "dice_influence.distributed.cli",
     "dice_influence.bench.cli",
 )

@@ -46,6 +46,13 @@ class DataConfig(_Strict):
         None, ge=1, description="size of the shared test set z' (default: the whole test split)"
     )
     corruptions: list[CorruptionConfig] = []
+    size_multipliers: list[float] | None = Field(
+        None, description="node k holds round(m_k * samples_per_node) samples (iid partition)"
+    )
+    duplicate_of: dict[int, int] = Field(
+        default_factory=dict, description="copy: source - node `copy` holds exactly the "
+        "training samples of node `source` (a node with duplicated data)"
+    )
 
 
 class TopologyConfig(_Strict):
@@ -114,6 +121,7 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
+        _check_data_layout(self, n)
         from .plugins import parse
 
         for i, raw in enumerate(self.observers):
@@ -128,6 +136,29 @@ class RunConfig(_Strict):
                 "set topology.n to the matrix size"
             )
         return self
+
+
+def _check_data_layout(cfg: RunConfig, n: int) -> None:
+    """Per-node sizes and duplicated nodes must fit the network (messages name the key)."""
+    dc = cfg.data
+    m = dc.size_multipliers
+    if m is not None:
+        if len(m) != n:
+            raise ValueError(f"data.size_multipliers has {len(m)} entries but topology.n={n}; "
+                             "give one multiplier per node")
+        if dc.samples_per_node is None or dc.partition != "iid":
+            raise ValueError("data.size_multipliers needs data.samples_per_node and "
+                             "data.partition: iid")
+        bad = [x for x in m if not x > 0]
+        if bad:
+            raise ValueError(f"data.size_multipliers: {bad} must be > 0")
+    for c, s in dc.duplicate_of.items():
+        if not (0 <= c < n and 0 <= s < n) or c == s:
+            raise ValueError(f"data.duplicate_of: {c}: {s} needs two different node ids in "
+                             f"0..{n - 1}")
+        if s in dc.duplicate_of:
+            raise ValueError(f"data.duplicate_of: source {s} is itself a copy; point {c} at "
+                             "an original node")
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
