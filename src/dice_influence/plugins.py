@@ -69,10 +69,9 @@ class ContributionSettings(PluginSettings):
         "(the leave-one-node-out horizon), one per window, or off")
     window: int = Field(10, ge=1, description="rounds per sweep with horizon: window")
     rounds: int | None = Field(None, ge=1, description="run length (default train.rounds)")
-    curvature: Literal["exact", "fd", "none"] = Field(
-        "exact", description="local-step Jacobian in the sweep: forward-over-reverse, one "
-        "finite-difference gradient per round, or the identity")
-    fd_step: float = Field(1e-3, gt=0, description="finite-difference step (parameter units)")
+    curvature: Literal["exact", "none"] = Field(
+        "exact", description="local-step Jacobian in the sweep: forward-over-reverse "
+        "Hessian-vector products, or the identity (Hessian-free ablation)")
     exclude_self: bool = Field(False, description="leave each source's own test loss out of "
                                "its read-out (one sweep per receiver: n x the sweep's cost)")
     adjoint_test: Literal["shared", "own"] = Field(
@@ -80,7 +79,11 @@ class ContributionSettings(PluginSettings):
     q: Literal["uniform", "one"] = Field("uniform", description="node weight q_k: 1/n or 1")
     test_set: Literal["auto", "own", "shared"] = Field("auto", description="z'_k of (a)")
     test_batch: int | None = Field(None, ge=1, description="use only the first m test samples")
-    z: float = Field(3.0, gt=0, description="free rider: |t| of the update alignment below z")
+    free_rider_rule: Literal["rms", "t"] = Field(
+        "rms", description="flag a neighbour whose updates' alignment with the receiver's "
+        "descent direction is noise-sized (rms) or has no consistent sign (t)")
+    z: float = Field(3.0, gt=0, description="free rider: sqrt(d) x rms alignment (or |t|) "
+                     "below z")
     quorum: float = Field(0.5, ge=0, lt=1, description="free rider: share of out-neighbours "
                           "that must flag a node (strictly more than this)")
 

@@ -13,15 +13,17 @@ helpful**, positive = harmful; units: mean cross-entropy):
     read-out ``Σ_k q_k L(θ_k^{t1}; z')`` at the end of the window (``horizon: run``: the end of
     the run, the leave-one-node-out horizon). ``λ^t`` comes from **one reverse sweep per window**
     through the recorded rounds: gossip transposed, then the local step's Jacobian
-    (``curvature``: ``exact`` = forward-over-reverse, ``fd`` = one finite-difference gradient per
-    round, ``none`` = identity). With ``exclude_self`` the read-out of source ``j`` leaves out
+    (``curvature``: ``exact`` = forward-over-reverse Hessian-vector products, ``none`` = the
+    identity, a Hessian-free ablation). With ``exclude_self`` the read-out of source ``j`` leaves out
     ``j``'s own test loss (one sweep per receiver: ``n×`` the sweep's cost).
 
 Free riders (:func:`free_rider_flags`, a local rule): receiver ``k`` keeps, per in-neighbour
 ``j``, the alignment ``c_kj^t = cos(û_j^t, −G_k^t)`` of what ``j`` sent with its own descent
-direction; a node whose updates carry no detectable signal (``|t-statistic| < z`` over the
-rounds) is flagged by that receiver, and a node is a free rider when more than ``quorum`` of
-its out-neighbours flag it. Rewards: :func:`reward_split`.
+direction. An update that carries no data is zero or isotropic noise, whose cosine with any
+fixed direction is ``N(0, 1/d)``; so ``k`` flags ``j`` when ``√d · rms_t(c_kj)`` stays below
+``z`` (rule ``rms``; rule ``t``: the t-statistic of ``c_kj`` below ``z`` in magnitude, i.e. no
+consistent sign), and a node is a free rider when more than ``quorum`` of its out-neighbours
+flag it. Rewards: :func:`reward_split`.
 
 In the simulator the observer sees every row; on a peer (``view`` = its own row plus what
 arrived) it keeps its row of the ledger and its in-neighbours' alignment; the adjoint needs the
@@ -44,7 +46,7 @@ from .proximal import ProximalObserver
 from .reciprocity import node_reciprocity
 
 SIGN = "influence = loss with the data - loss without it; negative = helpful, positive = harmful"
-CURVATURES = ("exact", "fd", "none")
+CURVATURES = ("exact", "none")
 HORIZONS = ("run", "window", "off")
 
 
@@ -68,11 +70,11 @@ class ContributionObserver(Observer):
         window: int = 10,
         rounds: int | None = None,
         curvature: str = "exact",
-        fd_step: float = 1e-3,
         exclude_self: bool = False,
         adjoint_test: str = "shared",
         z: float = 3.0,
         quorum: float = 0.5,
+        rule: str = "rms",
     ) -> None:
         if horizon not in HORIZONS:
             raise ValueError(f"horizon={horizon!r}: choose one of {', '.join(HORIZONS)}")
@@ -87,9 +89,12 @@ class ContributionObserver(Observer):
         self.horizon = horizon if self.problem is not None else "off"
         self.window = int(window)
         self.rounds = rounds
-        self.curvature, self.fd_step = curvature, float(fd_step)
+        self.curvature = curvature
         self.exclude_self, self.adjoint_test = bool(exclude_self), adjoint_test
-        self.z, self.quorum = float(z), float(quorum)
+        if rule not in ("rms", "t"):
+            raise ValueError(f"rule={rule!r}: choose rms or t")
+        self.z, self.quorum, self.rule = float(z), float(quorum), rule
+        self.d = None if self.problem is None else int(self.problem.d)
         self.test_set, self.test_batch = "auto", None  # z'_k of (a), read by the runtime
         if self.horizon != "off":
             p = self.problem
@@ -97,8 +102,9 @@ class ContributionObserver(Observer):
                 raise ValueError("the adjoint contribution needs the W^t matmul; a robust "
                                  "aggregator is not linear (use horizon: off)")
             if p.opt.stateful and curvature != "none":
-                raise ValueError("curvature exact/fd needs a stateless optimizer (momentum 0); "
-                                 "use curvature: none or train.momentum: 0")
+                raise ValueError("curvature: exact needs a stateless optimizer (momentum 0): the "
+                                 "observer does not see the momentum buffer; use curvature: "
+                                 "none or train.momentum: 0")
         # (a): per-round outflow increments; free riders: alignment sums per edge [k, j]
         self.a_rounds: dict[int, np.ndarray] = {}
         self.align = np.zeros((3, n, n))  # count, sum, sum of squares
@@ -150,6 +156,7 @@ class ContributionObserver(Observer):
         """Per edge ``[k, j]``: ``cos(û_j, −G_k)`` (0 for a zero update), receivers' rows."""
         G = view.test_grad("pre").to(torch.float64)
         U = view.update().to(torch.float64)
+        self._d_seen = int(U.shape[1])
         gn = G.norm(dim=1, keepdim=True)
         un = U.norm(dim=1)
         C = -(G @ U.T) / (gn * un[None, :]).clamp_min(1e-300)
@@ -211,24 +218,16 @@ class ContributionObserver(Observer):
 
     def _jt(self, t: int, theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """``J_tᵀ λ`` of round ``t``'s local step at ``θ^t`` (transforms included). Stateless
-        steps are symmetric maps' Jacobians (``I − η H``, scaled or zeroed by transforms), so
-        ``Jᵀλ = Jλ``; ``λ`` may carry a leading receiver axis."""
+        steps have symmetric Jacobians (``I − η H``, scaled or zeroed by transforms), so
+        ``Jᵀλ = Jλ``, one forward-over-reverse product; ``λ`` may carry a receiver axis."""
         if self.curvature == "none":
             return lam
         if lam.ndim == 3:
             return torch.stack([self._jt(t, theta, lam[r]) for r in range(lam.shape[0])])
+        from torch.func import jvp
+
         p = self.problem
-
-        def step(th: torch.Tensor) -> torch.Tensor:
-            return p.local_step(th, None, t)[0]
-
-        if self.curvature == "exact":
-            from torch.func import jvp
-
-            return jvp(step, (theta,), (lam,))[1]
-        # fd: J λ ≈ (step(θ + ε λ) − step(θ)) / ε per node, ε = fd_step / |λ_k|
-        eps = self.fd_step / lam.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        return (step(theta + eps * lam) - step(theta)) / eps
+        return jvp(lambda th: p.local_step(th, None, t)[0], (theta,), (lam,))[1]
 
     # ------------------------------------------------------------------ read-outs
 
@@ -247,7 +246,9 @@ class ContributionObserver(Observer):
             if self.exclude_self:
                 B = B.sum(1) - np.einsum("trr->tr", B)  # receivers other than the source
             b = B.sum(0)
-        fr = free_rider_flags(self.align, self.edges, z=self.z, quorum=self.quorum)
+        d = self.d or getattr(self, "_d_seen", None) or 1
+        fr = free_rider_flags(self.align, self.edges, d=d, rule=self.rule, z=self.z,
+                              quorum=self.quorum)
         return {"proximal_out": rec["outflow"], "proximal_in": rec["inflow"],
                 "reciprocity": rec["R"], "adjoint": b, **fr}
 
@@ -264,9 +265,11 @@ class ContributionObserver(Observer):
             "settings": {"readout": self.prox.readout, "every": self.prox.every,
                          "horizon": self.horizon, "window": self.window,
                          "curvature": self.curvature, "exclude_self": self.exclude_self,
-                         "adjoint_test": self.adjoint_test, "z": self.z, "quorum": self.quorum},
+                         "adjoint_test": self.adjoint_test, "rule": self.rule, "z": self.z,
+                         "quorum": self.quorum},
             "axes": {"per_round": ["round", "node"], "P": ["receiver", "sender"],
-                     "alignment_t": ["receiver", "sender"]},
+                     "alignment_t": ["receiver", "sender"],
+                     "alignment_rms": ["receiver", "sender"]},
             **{k: _plain(v) for k, v in m.items()},
             "rounds_proximal": rounds_a,
             "proximal_per_round": _plain(np.stack([self.a_rounds[t] for t in rounds_a]))
@@ -309,21 +312,27 @@ def edge_t_statistic(align: np.ndarray) -> np.ndarray:
     return np.where(m >= 2, t, np.nan)
 
 
-def free_rider_flags(align: np.ndarray, edges: np.ndarray, *, z: float = 3.0,
-                     quorum: float = 0.5) -> dict[str, Any]:
-    """The local free-rider rule. Receiver ``k`` flags in-neighbour ``j`` when the alignment of
-    ``j``'s updates with its own descent direction is not significant (``|t_kj| < z``); node
-    ``j`` is a free rider when the flagging share of its out-neighbours exceeds ``quorum``.
-    A harmful node (significantly positive influence, ``t_kj < −z``) is *not* a free rider: it
-    sends signal, the wrong one. Returns per node ``free_rider_votes`` (share of out-neighbours
-    flagging), ``free_rider`` (bool) and the edge statistics ``alignment_t`` (receiver, sender)."""
+def free_rider_flags(align: np.ndarray, edges: np.ndarray, *, d: int, rule: str = "rms",
+                     z: float = 3.0, quorum: float = 0.5) -> dict[str, Any]:
+    """The local free-rider rule (module docstring). ``align`` = (count, sum, sum of squares)
+    of each edge's per-round alignment ``cos(û_j, −G_k)`` (receiver, sender); ``d`` = number of
+    parameters. Receiver ``k`` flags in-neighbour ``j`` when ``√d · rms(c_kj) < z`` (``rms``:
+    indistinguishable from isotropic noise) or ``|t_kj| < z`` (``t``: no consistent sign); node
+    ``j`` is a free rider when the flagging share of its out-neighbours exceeds ``quorum``. A
+    harmful node sends signal, the wrong one, and is not a free rider. Returns per node
+    ``free_rider_votes`` (share), ``free_rider`` (bool), and per edge ``alignment_t`` and
+    ``alignment_rms`` (``√d · rms``)."""
     t = edge_t_statistic(align)
-    E = np.asarray(edges, dtype=bool) & ~np.isnan(t)
-    flag = E & (np.abs(np.where(E, t, np.inf)) < z)
-    outdeg = E.sum(0)
+    m = align[0]
     with np.errstate(all="ignore"):
-        share = np.where(outdeg > 0, flag.sum(0) / np.maximum(outdeg, 1), 0.0)
-    return {"free_rider_votes": share, "free_rider": share > quorum, "alignment_t": t}
+        rms = np.where(m > 0, np.sqrt(align[2] / np.maximum(m, 1)) * math.sqrt(d), np.nan)
+    stat = np.abs(t) if rule == "t" else rms
+    E = np.asarray(edges, dtype=bool) & ~np.isnan(stat)
+    flag = E & (np.where(E, stat, np.inf) < z)
+    outdeg = E.sum(0)
+    share = np.where(outdeg > 0, flag.sum(0) / np.maximum(outdeg, 1), 0.0)
+    return {"free_rider_votes": share, "free_rider": share > quorum, "alignment_t": t,
+            "alignment_rms": rms}
 
 
 def reward_split(
@@ -407,7 +416,7 @@ def from_settings(s: Any, ctx: Any) -> ContributionObserver:
     obs = ContributionObserver(
         ctx.n, p, q=node_weight_vector(ctx.n, s.q), readout=s.readout, every=s.every,
         horizon=s.horizon, window=s.window, rounds=rounds, curvature=s.curvature,
-        fd_step=s.fd_step, exclude_self=s.exclude_self, adjoint_test=s.adjoint_test, z=s.z,
-        quorum=s.quorum)
+        exclude_self=s.exclude_self, adjoint_test=s.adjoint_test, z=s.z,
+        quorum=s.quorum, rule=s.free_rider_rule)
     obs.test_set, obs.test_batch = s.test_set, s.test_batch
     return obs

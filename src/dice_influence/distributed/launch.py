@@ -62,7 +62,7 @@ def common_checkpoint(out: str | Path, n: int) -> int | None:
 
 def _clear_outputs(out: Path, n: int) -> None:
     """Remove a previous run's results (not its checkpoints) so nothing stale is collected."""
-    for name in ("final.safetensors", "summary.json", "proximal.csv"):
+    for name in ("final.safetensors", "summary.json", "proximal.csv", "contribution_ledger.json"):
         (out / name).unlink(missing_ok=True)
     for k in range(n):
         for name in ("metrics.json", "proximal.json", "proximal.csv", "params.safetensors"):
@@ -193,8 +193,9 @@ def launch(
 def collect(
     out: str | Path, n: int, returncodes: list[int | None] | None = None, seconds: float = 0.0
 ) -> LaunchResult:
-    """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv`` and (when all
-    finished) ``final.safetensors`` with the stacked parameters."""
+    """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv``,
+    ``contribution_ledger.json`` (the summed ledger) and (when all finished)
+    ``final.safetensors`` with the stacked parameters."""
     import json
 
     import torch
@@ -227,6 +228,9 @@ def collect(
         save_file({"theta": theta.contiguous()}, str(tmp))
         os.replace(tmp, out / "final.safetensors")
     if P is not None:
+        from ..apps.contribution import write_ledger
+
+        write_ledger(out, P)  # the peers' rows summed: contribution (a) and reciprocity
         atomic_write_text(
             out / "proximal.csv",
             "receiver,"
