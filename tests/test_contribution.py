@@ -21,6 +21,7 @@ from dice_influence.apps.contribution import (
     edge_t_statistic,
     free_rider_flags,
     merge_ledgers,
+    reciprocity_factor,
     reward_split,
 )
 from dice_influence.attacks import AttackPlan, AttackSpec, attack_transforms
@@ -222,9 +223,9 @@ def test_network_shapley_sampler_matches_exact_on_four_nodes():
 def test_reward_rule_properties(c, budget, seed):
     c = np.array(c)
     rng = np.random.default_rng(seed)
-    R = rng.uniform(-2, 4, size=len(c))
+    out, inn = rng.uniform(-2, 1, size=len(c)), rng.uniform(-2, 1, size=len(c))
     excl = rng.random(len(c)) < 0.2
-    r = reward_split(c, R, budget=budget, excluded=excl)
+    r = reward_split(c, out, inn, budget=budget, excluded=excl)
     assert np.all(r >= 0)
     assert np.all(r[(c >= 0) | excl] == 0)  # harmful, useless or excluded: nothing
     if ((c < 0) & ~excl).any():
@@ -232,10 +233,19 @@ def test_reward_rule_properties(c, budget, seed):
     else:
         assert r.sum() == 0
     # more helpful, same reciprocity: not less reward
-    r2 = reward_split(np.where(np.arange(len(c)) == 0, c - 1.0, c), R, budget=budget,
+    r2 = reward_split(np.where(np.arange(len(c)) == 0, c - 1.0, c), out, inn, budget=budget,
                       excluded=excl)
-    if not excl[0]:
-        assert r2[0] >= r[0] * (1 - 1e-12) or r[0] == 0
+    assert r2[0] >= r[0] * (1 - 1e-12)
+    rho = reciprocity_factor(out, inn)
+    assert np.all((rho >= 0.5) & (rho <= 2.0))
+
+
+def test_reciprocity_factor():
+    rho = reciprocity_factor(np.array([-1.0, -1.0, 0.0, -1.0, 0.5, 0.0]),
+                             np.array([-1.0, 0.0, -1.0, -3.0, -1.0, 0.0]))
+    np.testing.assert_allclose(rho, [1.0, 2.0, 0.5, 0.5, 0.5, 1.0])
+    R = 3.0  # both helpful: 2R / (1 + R)
+    assert math.isclose(reciprocity_factor(np.array([-R]), np.array([-1.0]))[0], 2 * R / (1 + R))
 
 
 @pytest.mark.parametrize("rule", ["rms", "t"])

@@ -335,9 +335,26 @@ def free_rider_flags(align: np.ndarray, edges: np.ndarray, *, d: int, rule: str 
             "alignment_rms": rms}
 
 
+def reciprocity_factor(outflow: np.ndarray, inflow: np.ndarray,
+                       clip: tuple[float, float] = (0.5, 2.0)) -> np.ndarray:
+    """``ρ_j = 2 g_j / (g_j + k_j)`` clipped to ``clip``, with ``g_j = max(−outflow_j, 0)`` the
+    help node ``j`` gave and ``k_j = max(−inflow_j, 0)`` the help it took (proximal ledger;
+    negative = helpful). When both flows are helpful ``ρ = 2R/(1+R)`` with ``R`` = outflow /
+    inflow (SPEC §5): 1 for balanced give and take, up to 2 for a node that only gives, down to
+    ``clip[0]`` for one that only takes; unlike ``R`` it stays finite when a node takes ~0.
+    ``ρ = 1`` when a node neither gave nor took."""
+    g = np.maximum(-np.nan_to_num(np.asarray(outflow, dtype=np.float64)), 0.0)
+    k = np.maximum(-np.nan_to_num(np.asarray(inflow, dtype=np.float64)), 0.0)
+    tot = g + k
+    with np.errstate(all="ignore"):
+        rho = np.where(tot > 0, 2.0 * g / tot, 1.0)
+    return np.clip(rho, *clip)
+
+
 def reward_split(
     contribution: np.ndarray,
-    reciprocity: np.ndarray | None = None,
+    outflow: np.ndarray | None = None,
+    inflow: np.ndarray | None = None,
     *,
     budget: float = 1.0,
     excluded: np.ndarray | None = None,
@@ -346,22 +363,17 @@ def reward_split(
     """Split ``budget`` by measured helpful contribution, adjusted by reciprocity.
 
     ``h_j = max(−c_j, 0)`` (negative contribution = helpful; a harmful or zero contribution
-    earns nothing), set to 0 where ``excluded`` (e.g. flagged free riders), then weighted by
-    ``clip(R_j / median R, *clip)`` (``R`` = outflow / inflow of the proximal ledger among the
-    helpful nodes; NaN → 1): a node that gives more than it takes earns up to 2×, one that
-    mostly takes down to ½×. ``reward_j = budget · h_j ρ_j / Σ h ρ`` (all zeros if nobody
-    helped). Sums to ``budget`` whenever some node helped."""
+    earns nothing), 0 where ``excluded`` (flagged free riders), times the reciprocity factor
+    :func:`reciprocity_factor` of the proximal ledger's ``outflow`` / ``inflow`` (1 if not
+    given): ``reward_j = budget · h_j ρ_j / Σ h ρ``, all zeros if nobody helped. Sums to
+    ``budget`` whenever some node helped; attackers and free riders get 0 only because their
+    *measured* contribution is harmful or zero, or the free-rider rule flagged them."""
     c = np.asarray(contribution, dtype=np.float64)
     h = np.where(np.isfinite(c), np.maximum(-c, 0.0), 0.0)
     if excluded is not None:
         h = np.where(np.asarray(excluded, dtype=bool), 0.0, h)
-    rho = np.ones_like(h)
-    if reciprocity is not None:
-        R = np.asarray(reciprocity, dtype=np.float64)
-        ok = (h > 0) & np.isfinite(R)
-        med = float(np.median(R[ok])) if ok.any() else math.nan
-        if math.isfinite(med) and med > 0:
-            rho = np.where(np.isfinite(R), np.clip(R / med, *clip), 1.0)
+    rho = np.ones_like(h) if outflow is None or inflow is None else \
+        reciprocity_factor(outflow, inflow, clip)
     w = h * rho
     total = w.sum()
     return budget * w / total if total > 0 else np.zeros_like(w)

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._util import atomic_write_text, csv_text, write_json
-from ..apps.contribution import SIGN, reward_split
+from ..apps.contribution import SIGN, reciprocity_factor, reward_split
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from . import contribution_truth as truth
@@ -76,7 +77,7 @@ class ContributionConfig(_S):
     loo: LooConfig = LooConfig()
     shapley: ShapleyConfig = ShapleyConfig()
     reward: RewardConfig = RewardConfig()
-    timing_repeats: int = Field(2, ge=1, description="plain / measured runs, alternated")
+    timing_repeats: int = Field(3, ge=1, description="plain / measured runs, alternated")
     max_nodes: int = Field(1024, ge=1, description="nodes per vectorized retraining run")
     plots: bool = True
 
@@ -176,28 +177,41 @@ def build_scenario(cfg: RunConfig, ex: ContributionConfig) -> tuple[Any, AttackP
 
 def _timed_runs(cfg: RunConfig, problem: Any, repeats: int) -> tuple[Any, dict[str, Any]]:
     """Plain training and training with the config's plug-ins, alternated ``repeats`` times on
-    the same seed. Returns the last measured run's contribution observer and the times."""
+    the same seed after a short warm-up of both (first calls of torch.func compile). Times are
+    wall-clock and CPU (``process_time``: this process's threads only, so other jobs on a
+    shared machine distort it much less); the overhead is the median CPU-time ratio. Returns
+    the last measured run's contribution observer and the times."""
+    from ..apps.contribution import ContributionObserver
     from ..loop import Loop
     from ..plugins import build
 
     rounds = cfg.train.rounds
-    plain, measured, obs = [], [], None
     theta0 = problem.init_theta()
     state0 = problem.opt.init_state(theta0)
+    warm = ContributionObserver(problem.n, problem, rounds=2)
+    Loop(problem, [warm]).run(theta0, state0, 0, 2)
+    wall: dict[str, list[float]] = {"plain": [], "measured": []}
+    cpu: dict[str, list[float]] = {"plain": [], "measured": []}
+    obs = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        th_plain, _ = Loop(problem).run(theta0, state0, 0, rounds)
-        plain.append(time.perf_counter() - t0)
-        plugins = build(cfg, problem)
-        t0 = time.perf_counter()
-        th_meas, _ = Loop.from_plugins(problem, plugins).run(theta0, state0, 0, rounds)
-        measured.append(time.perf_counter() - t0)
-        obs = plugins.find("contribution")
-    same = bool((th_plain == th_meas).all())
-    ratios = [m / p for m, p in zip(measured, plain, strict=True)]
-    return obs, {"plain_seconds": plain, "measured_seconds": measured, "ratios": ratios,
-                 "observer_seconds": dict(obs.seconds), "passive": same,
-                 "final": problem.evaluate(th_plain)}
+        for arm in ("plain", "measured"):
+            plugins = build(cfg, problem) if arm == "measured" else None
+            loop = Loop(problem) if plugins is None else Loop.from_plugins(problem, plugins)
+            w0, c0 = time.perf_counter(), time.process_time()
+            theta, _ = loop.run(theta0, state0, 0, rounds)
+            wall[arm].append(time.perf_counter() - w0)
+            cpu[arm].append(time.process_time() - c0)
+            if plugins is None:
+                th_plain = theta
+            else:
+                th_meas, obs = theta, plugins.find("contribution")
+    ratios = [m / p for m, p in zip(cpu["measured"], cpu["plain"], strict=True)]
+    wall_ratios = [m / p for m, p in zip(wall["measured"], wall["plain"], strict=True)]
+    return obs, {"plain_seconds": wall["plain"], "measured_seconds": wall["measured"],
+                 "plain_cpu_seconds": cpu["plain"], "measured_cpu_seconds": cpu["measured"],
+                 "ratios": ratios, "wall_ratios": wall_ratios,
+                 "observer_seconds": dict(obs.seconds), "passive": bool(torch.equal(
+                     th_plain, th_meas)), "final": problem.evaluate(th_plain)}
 
 
 def _spearman(a: Any, b: Any) -> float | None:
@@ -228,11 +242,12 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
     if ex.shapley.permutations > 0 or ex.shapley.exact:
         util = truth.network_utility(problem, rounds, max_nodes=ex.max_nodes)
         if ex.shapley.permutations > 0:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sh = truth.shapley_permutations(util, n, ex.shapley.permutations,
                                             seed=ex.shapley.seed + cfg.seed,
                                             tolerance=ex.shapley.tolerance)
             sh["seconds"] = time.perf_counter() - t0
+            sh["cpu_seconds"] = time.process_time() - c0
             say(f"  seed {cfg.seed}: Shapley {sh['evaluations']} retrainings, "
                 f"{sh['seconds']:.1f} s")
         if ex.shapley.exact or (ex.shapley.exact is None and n <= 8):
@@ -242,8 +257,9 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
     measure = m["adjoint"] if ex.reward.measure == "adjoint" and m["adjoint"] is not None \
         else m["proximal_out"]
     fr = np.asarray(m["free_rider"], dtype=bool)
-    reward = reward_split(measure, m["reciprocity"], budget=ex.reward.budget, excluded=fr,
-                          clip=tuple(ex.reward.clip))
+    reward = reward_split(measure, m["proximal_out"], m["proximal_in"], budget=ex.reward.budget,
+                          excluded=fr, clip=tuple(ex.reward.clip))
+    rho = reciprocity_factor(m["proximal_out"], m["proximal_in"], tuple(ex.reward.clip))
     records = []
     quality = quality_score(roles)
     for k in range(n):
@@ -259,6 +275,7 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
                "shapley": None if sh is None else float(sh["phi"][k]),
                "shapley_se": None if sh is None else float(sh["se"][k]),
                "shapley_exact": None if exact is None else float(exact["phi"][k]),
+               "reciprocity_factor": float(rho[k]),
                "reward": float(reward[k]), "free_rider_flag": bool(fr[k]),
                "free_rider_votes": float(m["free_rider_votes"][k]),
                "harmful_flag": bool(measure[k] > 0)}
@@ -267,6 +284,7 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
     return {"seed": cfg.seed, "records": records, "agreement": agreement, "timing": timing,
             "shapley": None if sh is None else {k: v for k, v in sh.items() if k != "phi"},
             "loo": None if loo is None else {"seconds": loo["seconds"],
+                                             "cpu_seconds": loo["cpu_seconds"],
                                              "retrainings": loo["retrainings"],
                                              "networks_per_run": loo["networks_per_run"]},
             "summary": obs.summary()}
@@ -303,33 +321,36 @@ def _agreement(records: list[dict[str, Any]], c: np.ndarray, loo: Any, sh: Any, 
         out["shapley_se_mean"] = float(np.mean(sh["se"]))
     if exact is not None and sh is not None:
         out["shapley_sampler_max_error"] = float(np.max(np.abs(sh["phi"] - exact["phi"])))
-    if free.any():
+    out["free_riders_last"] = out["free_riders_last_among_helpful"] = None
+    if free.any() and (behaving & ~free).any():
         others = behaving & ~free
-        out["free_riders_last"] = bool(c[free].min() > c[others].max()) if others.any() \
-            else None
-    else:
-        out["free_riders_last"] = None
+        out["free_riders_last"] = bool(c[free].min() > c[others].max())
+        if loo is not None:  # ... below every honest-behaving node the truth calls helpful
+            helpful = others & (loo["loo"] < 0)
+            out["free_riders_last_among_helpful"] = bool(c[free].min() > c[helpful].max()) \
+                if helpful.any() else None
     tp = int((flags & free).sum())
     out["free_rider_precision"] = tp / int(flags.sum()) if flags.any() else (
         None if not free.any() else 0.0)
     out["free_rider_recall"] = tp / int(free.sum()) if free.any() else None
     out["attacker_reward"] = float(reward[role == "attacker"].sum() / budget) \
         if (role == "attacker").any() else None
-    out["online_overhead"] = float(np.mean(timing["ratios"]))
-    out["plain_seconds"] = float(np.mean(timing["plain_seconds"]))
-    out["measured_seconds"] = float(np.mean(timing["measured_seconds"]))
+    out["online_overhead"] = float(np.median(timing["ratios"]))  # CPU time, median of repeats
+    out["online_overhead_wall"] = float(np.median(timing["wall_ratios"]))
+    out["plain_seconds"] = float(np.median(timing["plain_cpu_seconds"]))
+    out["measured_seconds"] = float(np.median(timing["measured_cpu_seconds"]))
     if loo is not None:
-        out["loo_seconds"] = float(loo["seconds"])
+        out["loo_seconds"] = float(loo["cpu_seconds"])
         out["loo_over_plain"] = float(loo["seconds"] / out["plain_seconds"])
     if sh is not None:
-        out["shapley_seconds"] = float(sh["seconds"])
+        out["shapley_seconds"] = float(sh["cpu_seconds"])
         out["shapley_evaluations"] = int(sh["evaluations"])
     return out
 
 
 # ------------------------------------------------------------------------------------ aggregate
 
-_WORST_MAX = ("attacker_reward", "online_overhead", "plain_seconds", "measured_seconds",
+_WORST_MAX = ("attacker_reward", "online_overhead", "online_overhead_wall", "plain_seconds", "measured_seconds",
               "loo_seconds", "loo_over_plain", "shapley_seconds", "shapley_evaluations",
               "shapley_se_mean", "shapley_sampler_max_error")
 
@@ -386,7 +407,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "contribution.csv", csv_text(metrics["contribution"]))
     if ex.plots:
-        plots(per_seed[0], out)
+        plots(per_seed[0], out, ex.reward.budget)
     atomic_write_text(out / "README.md", readme(cfg, metrics))
     return metrics
 

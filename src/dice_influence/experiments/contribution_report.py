@@ -13,8 +13,9 @@ from .._util import atomic_savefig
 
 ROLE_LABEL = {"honest": "", "duplicate": "dup", "free_rider": "FR", "attacker": "ATK"}
 KEYS = ("spearman_loo", "spearman_loo_honest", "spearman_quality", "spearman_shapley",
-        "spearman_loo_shapley", "first_order_ratio", "free_riders_last",
-        "free_rider_precision", "free_rider_recall", "attacker_reward", "online_overhead",
+        "spearman_loo_shapley", "spearman_loo_proximal", "first_order_ratio",
+        "free_riders_last", "free_riders_last_among_helpful",
+        "free_rider_precision", "free_rider_recall", "attacker_reward", "shapley_sampler_max_error", "online_overhead", "online_overhead_wall",
         "plain_seconds", "measured_seconds", "loo_seconds", "loo_over_plain",
         "shapley_seconds", "shapley_evaluations", "shapley_se_mean")
 
@@ -44,7 +45,7 @@ def _quality_colours(records: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def plots(seed_result: dict[str, Any], out: Path) -> None:
+def plots(seed_result: dict[str, Any], out: Path, budget: float = 100.0) -> None:
     """``rewards.png``, ``contribution_vs_loo.png``, ``reciprocity.png`` for one seed."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -59,7 +60,7 @@ def plots(seed_result: dict[str, Any], out: Path) -> None:
     ax = fig.add_subplot()
     ax.bar(range(n), [r["reward"] for r in recs], color=cols, edgecolor="k", lw=0.5)
     ax.set_xticks(range(n), labels, fontsize=7)
-    ax.set_ylabel("reward (share of the budget)")
+    ax.set_ylabel(f"reward (budget {budget:g})")
     ax.set_title(f"Rewards by measured helpful contribution (seed {seed}); colour = true quality")
     ax.legend(handles=[Patch(color=colormaps_v(0.95), label="high quality (clean, more data)"),
                        Patch(color=colormaps_v(0.15), label="low quality (noisy, less data)"),
@@ -93,24 +94,38 @@ def plots(seed_result: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         atomic_savefig(fig, out / "contribution_vs_loo.png")
 
-    from ..apps.reciprocity import pairwise
-
-    P = np.array(seed_result["summary"]["P"], dtype=float)
-    R = pairwise(P)
-    fig = Figure(figsize=(7, 6), dpi=110)
-    ax = fig.add_subplot()
-    with np.errstate(all="ignore"):
-        L = np.sign(R) * np.log2(np.abs(R))
-    im = ax.imshow(np.clip(L, -3, 3), cmap="coolwarm_r", vmin=-3, vmax=3)
+    summ = seed_result["summary"]
+    P = np.array(summ["P"], dtype=float)
+    np.fill_diagonal(P, np.nan)
+    out_, in_ = np.array(summ["proximal_out"], float), np.array(summ["proximal_in"], float)
+    Rj = [np.nan if v is None else v for v in summ["reciprocity"]]
+    fig = Figure(figsize=(11, 5.5), dpi=110)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    lim = float(np.nanmax(np.abs(P))) or 1.0
+    im = ax.imshow(P, cmap="RdBu_r", vmin=-lim, vmax=lim)
     short = [lb.replace("\n", " ") for lb in labels]
     ax.set_xticks(range(n), short, rotation=90, fontsize=6)
     ax.set_yticks(range(n), short, fontsize=6)
-    ax.set_xlabel("sender j")
-    ax.set_ylabel("receiver k")
-    ax.set_title(f"Pairwise reciprocity R[k, j] = I(j→k) / I(k→j) (seed {seed})\n"
-                 "blue: j gives k more than it gets back; white/grey: no edge")
+    ax.set_xlabel("sender j (gives)")
+    ax.set_ylabel("receiver k (takes)")
+    ax.set_title("Who helped whom: proximal ledger I(j→k)\nblue = helpful, red = harmful",
+                 fontsize=10)
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
-    cb.set_label("sign(R)·log2|R| (clipped to ±3)")
+    cb.set_label("cumulative proximal influence (test loss)")
+    y = np.arange(n)
+    bx.barh(y - 0.2, out_, height=0.4, color="tab:blue", label="outflow Σ_k I(j→k) (gives)")
+    bx.barh(y + 0.2, in_, height=0.4, color="tab:orange", label="inflow Σ_l I(l→j) (takes)")
+    for yi, r in zip(y, Rj, strict=True):
+        bx.annotate("R –" if not np.isfinite(r) else f"R {r:.2f}", (0, yi), fontsize=6,
+                    xytext=(4, -2), textcoords="offset points")
+    bx.set_yticks(y, short, fontsize=6)
+    bx.invert_yaxis()
+    bx.axvline(0, color="0.3", lw=0.8)
+    bx.set_xlabel("proximal influence (negative = helpful)")
+    bx.set_title("Reciprocity R_j = outflow / inflow per node", fontsize=10)
+    bx.legend(fontsize=7, loc="lower right")
+    bx.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Reciprocity (seed {seed})")
     fig.tight_layout()
     atomic_savefig(fig, out / "reciprocity.png")
 

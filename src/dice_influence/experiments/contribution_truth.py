@@ -146,14 +146,15 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
                    max_nodes: int = 1024) -> dict[str, np.ndarray]:
     """Train one network per row of ``keep`` (bool (C, n): whose data is used) for ``rounds``
     rounds, ``max_nodes // n`` networks per vectorized run. Returns final per-node test loss
-    and accuracy on ``z'`` (``loss``, ``acc``: (C, n)) and ``seconds``."""
+    and accuracy on ``z'`` (``loss``, ``acc``: (C, n)), ``seconds`` (wall) and
+    ``cpu_seconds`` (this process)."""
     check_removable(problem)
     keep = np.asarray(keep, dtype=bool)
     n = problem.n
     per = max(1, max_nodes // n)
     loss = np.zeros(keep.shape)
     acc = np.zeros(keep.shape)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for c in range(0, len(keep), per):
         sp = stack(problem, keep[c:c + per])
         theta = sp.init_theta()
@@ -163,7 +164,8 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
         R = sp.copies
         loss[c:c + R] = lo.double().reshape(R, n).numpy()
         acc[c:c + R] = ac.double().reshape(R, n).numpy()
-    return {"loss": loss, "acc": acc, "seconds": np.float64(time.perf_counter() - t0)}
+    return {"loss": loss, "acc": acc, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
 
 
 # ----------------------------------------------------------------------------- LOO
@@ -187,7 +189,8 @@ def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None 
     acc = np.array([(A[0, o].mean() - A[i, o].mean()) for i, o in enumerate(others, start=1)])
     return {"nodes": nodes, "loo": loo, "loo_all": L[0].mean() - L[1:].mean(1),
             "loo_acc": acc, "factual_loss": L[0], "factual_acc": A[0],
-            "seconds": float(res["seconds"]), "retrainings": len(nodes),
+            "seconds": float(res["seconds"]), "cpu_seconds": float(res["cpu_seconds"]),
+            "retrainings": len(nodes),
             "networks_per_run": min(len(keep), max(1, max_nodes // n))}
 
 
@@ -233,8 +236,9 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     takes every position twice per block (the position, not the data, drives most of the
     variance) and every pair comes in both orders equally often. With ``tolerance > 0`` a permutation is truncated once ``|U(S) − U(N)|`` falls
     below ``tolerance · |U(∅) − U(N)|`` (later marginals taken as 0; evaluations then run in
-    ``n`` position stages). Returns ``phi``, its standard error ``se`` (from the block means,
-    or the marginals' spread with a single block), ``evaluations`` (coalitions trained)."""
+    ``n`` position stages). Returns ``phi``, its standard error ``se`` (positions as strata:
+    the spread of each player's marginals at the same position), ``evaluations`` (coalitions
+    trained)."""
     if permutations < 1:
         raise ValueError(f"permutations={permutations} must be >= 1")
     rng = np.random.default_rng([int(seed), 0x5A9])
@@ -287,10 +291,24 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     for m, p in enumerate(perms):
         marg[m, p] = np.diff(prefix[m])  # U(S ∪ j) − U(S): loss with j − without
     phi = marg.mean(0)
-    if blocks >= 2 and M % (2 * n) == 0:
-        bm = marg.reshape(blocks, 2 * n, n).mean(1)
-        se = bm.std(0, ddof=1) / math.sqrt(blocks)
-    else:
-        se = marg.std(0, ddof=1) / math.sqrt(M) if M > 1 else np.full(n, np.nan)
+    se = _stratified_se(marg, perms)
     return {"phi": phi, "se": se, "permutations": M, "evaluations": evaluations,
             "tolerance": tolerance, "u_full": float(u_full), "u_empty": float(u_empty)}
+
+
+def _stratified_se(marg: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """Standard error of the mean marginal of each player with its positions as strata:
+    ``se_j² = Σ_p s²_{jp} / (n_{jp} n²)`` (``s²_{jp}``: variance of player ``j``'s marginals at
+    position ``p``); the plain standard error where a position was seen fewer than twice."""
+    M, n = marg.shape
+    pos = np.argsort(perms, axis=1)  # pos[m, j] = position of player j in order m
+    se = np.zeros(n)
+    for j in range(n):
+        var = 0.0
+        for p in range(n):
+            x = marg[pos[:, j] == p, j]
+            if len(x) < 2:
+                return marg.std(0, ddof=1) / math.sqrt(M) if M > 1 else np.full(n, np.nan)
+            var += x.var(ddof=1) / len(x)
+        se[j] = math.sqrt(var) / n
+    return se
