@@ -78,6 +78,10 @@ class ContributionConfig(_S):
     shapley: ShapleyConfig = ShapleyConfig()
     reward: RewardConfig = RewardConfig()
     timing_repeats: int = Field(3, ge=1, description="plain / measured runs, alternated")
+    ablation: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"curvature": "none"}, {"horizon": "window", "window": 10}],
+        description="contribution-observer settings overriding the config's, each scored "
+        "against LOO in one extra training run (spearman_loo_<key>_<value>)")
     max_nodes: int = Field(1024, ge=1, description="nodes per vectorized retraining run")
     plots: bool = True
 
@@ -109,11 +113,48 @@ def parse_experiment(cfg: RunConfig) -> ContributionConfig:
     if ex.shapley.exact and n > 12:
         raise ConfigError(f"experiment.shapley.exact needs n <= 12 (2^n retrainings); "
                           f"topology.n={n}")
+    from ..plugins import parse
+
+    for i, over in enumerate(ex.ablation):
+        try:
+            parse("observer", {**_observer_raw(cfg), **over, "kind": "contribution"},
+                  f"experiment.ablation.{i}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     lo, hi = ex.reward.clip
     if not 0 < lo <= 1 <= hi:
         raise ConfigError(f"experiment.reward.clip={list(ex.reward.clip)} must satisfy "
                           "0 < low <= 1 <= high")
     return ex
+
+
+def _observer_raw(cfg: RunConfig) -> dict[str, Any]:
+    return next((o for o in cfg.observers if o.get("kind") == "contribution"),
+                {"kind": "contribution"})
+
+
+def ablation_name(over: dict[str, Any]) -> str:
+    """``{"curvature": "none"}`` → ``curvature_none``."""
+    return "_".join(f"{k}_{v}" for k, v in over.items())
+
+
+def _ablation(cfg: RunConfig, ex: ContributionConfig, problem: Any) -> dict[str, np.ndarray]:
+    """Contribution (b) of each ablation variant, all observed in one extra training run."""
+    from ..loop import Loop
+    from ..plugins import BuildContext, Plugins, parse
+
+    if not ex.ablation:
+        return {}
+    from ..apps.contribution import from_settings
+
+    ctx = BuildContext(n=problem.n, problem=problem, plugins=Plugins())
+    obs = {ablation_name(o): from_settings(parse("observer", {**_observer_raw(cfg), **o,
+                                                              "kind": "contribution"},
+                                                 "ablation"), ctx) for o in ex.ablation}
+    theta = problem.init_theta()
+    Loop(problem, list(obs.values())).run(theta, problem.opt.init_state(theta), 0,
+                                          cfg.train.rounds)
+    return {k: o.measures()["adjoint"] for k, o in obs.items()}
 
 
 def with_contribution_observer(cfg: RunConfig) -> RunConfig:
@@ -235,6 +276,7 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
         f"{timing['measured_seconds']} s")
     m = obs.measures()
     roles = scenario_roles(cfg, plan)
+    ablation = _ablation(cfg, ex, problem)
     loo = truth.leave_one_out(problem, rounds, max_nodes=ex.max_nodes) if ex.loo.enabled else None
     if loo is not None:
         say(f"  seed {cfg.seed}: leave-one-node-out {loo['seconds']:.1f} s")
@@ -281,6 +323,9 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict
                "harmful_flag": bool(measure[k] > 0)}
         records.append(rec)
     agreement = _agreement(records, measure, loo, sh, exact, timing, obs, ex.reward.budget)
+    if loo is not None:
+        for name, vals in ablation.items():
+            agreement[f"spearman_loo_{name}"] = _spearman(vals, loo["loo"])
     return {"seed": cfg.seed, "records": records, "agreement": agreement, "timing": timing,
             "shapley": None if sh is None else {k: v for k, v in sh.items() if k != "phi"},
             "loo": None if loo is None else {"seconds": loo["seconds"],

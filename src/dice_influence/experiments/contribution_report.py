@@ -150,7 +150,8 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     """Agreement with the truths and costs: mean and worst over seeds."""
     mean, worst = metrics["agreement"], metrics["agreement_worst"]
     lines = ["| metric | mean | worst |", "|---|---|---|"]
-    for k in KEYS:
+    extra = [k for k in mean if k.startswith("spearman_loo_") and k not in KEYS]
+    for k in (*KEYS, *extra):
         if k in mean:
             lines.append(f"| {k} | {_fmt(mean[k])} | {_fmt(worst[k])} |")
     return "\n".join(lines)
