@@ -237,15 +237,17 @@ def test_reward_rule_properties(c, budget, seed):
                       excluded=excl)
     assert r2[0] >= r[0] * (1 - 1e-12)
     rho = reciprocity_factor(out, inn)
-    assert np.all((rho >= 0.5) & (rho <= 2.0))
+    assert np.all((rho >= 0.5) & (rho <= 1.0))
 
 
 def test_reciprocity_factor():
     rho = reciprocity_factor(np.array([-1.0, -1.0, 0.0, -1.0, 0.5, 0.0]),
                              np.array([-1.0, 0.0, -1.0, -3.0, -1.0, 0.0]))
-    np.testing.assert_allclose(rho, [1.0, 2.0, 0.5, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(rho, [1.0, 1.0, 0.5, 0.5, 0.5, 1.0])  # no bonus by default
     R = 3.0  # both helpful: 2R / (1 + R)
-    assert math.isclose(reciprocity_factor(np.array([-R]), np.array([-1.0]))[0], 2 * R / (1 + R))
+    assert math.isclose(reciprocity_factor(np.array([-R]), np.array([-1.0]), (0, 2))[0],
+                        2 * R / (1 + R))
+    assert math.isclose(reciprocity_factor(np.array([-1.0]), np.array([-3.0]))[0], 0.5)
 
 
 @pytest.mark.parametrize("rule", ["rms", "t"])

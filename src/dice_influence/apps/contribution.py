@@ -336,13 +336,15 @@ def free_rider_flags(align: np.ndarray, edges: np.ndarray, *, d: int, rule: str 
 
 
 def reciprocity_factor(outflow: np.ndarray, inflow: np.ndarray,
-                       clip: tuple[float, float] = (0.5, 2.0)) -> np.ndarray:
+                       clip: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
     """``ρ_j = 2 g_j / (g_j + k_j)`` clipped to ``clip``, with ``g_j = max(−outflow_j, 0)`` the
     help node ``j`` gave and ``k_j = max(−inflow_j, 0)`` the help it took (proximal ledger;
     negative = helpful). When both flows are helpful ``ρ = 2R/(1+R)`` with ``R`` = outflow /
-    inflow (SPEC §5): 1 for balanced give and take, up to 2 for a node that only gives, down to
-    ``clip[0]`` for one that only takes; unlike ``R`` it stays finite when a node takes ~0.
-    ``ρ = 1`` when a node neither gave nor took."""
+    inflow (SPEC §5): 1 for balanced give and take, 2 for a node that only gives, 0 for one
+    that only takes; unlike ``R`` it stays finite when a node takes ~0. The default clip
+    ``(½, 1)`` only penalizes net takers (at most halving their reward): how much help a node
+    happens to receive depends on its neighbours, so it earns no bonus. ``ρ = 1`` when a node
+    neither gave nor took."""
     g = np.maximum(-np.nan_to_num(np.asarray(outflow, dtype=np.float64)), 0.0)
     k = np.maximum(-np.nan_to_num(np.asarray(inflow, dtype=np.float64)), 0.0)
     tot = g + k
@@ -358,7 +360,7 @@ def reward_split(
     *,
     budget: float = 1.0,
     excluded: np.ndarray | None = None,
-    clip: tuple[float, float] = (0.5, 2.0),
+    clip: tuple[float, float] = (0.5, 1.0),
 ) -> np.ndarray:
     """Split ``budget`` by measured helpful contribution, adjusted by reciprocity.
 

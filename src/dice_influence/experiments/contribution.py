@@ -65,7 +65,9 @@ class RewardConfig(_S):
     """Reward split (docs/contribution.md)."""
 
     budget: float = Field(100.0, gt=0)
-    clip: tuple[float, float] = Field((0.5, 2.0), description="reciprocity factor range")
+    clip: tuple[float, float] = Field(
+        (0.5, 1.0), description="range of the reciprocity factor 2R/(1+R): the default only "
+        "penalizes net takers")
     measure: Literal["adjoint", "proximal"] = Field(
         "adjoint", description="which contribution the reward follows")
 

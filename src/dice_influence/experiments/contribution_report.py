@@ -56,10 +56,10 @@ def plots(seed_result: dict[str, Any], out: Path, budget: float = 100.0) -> None
     cols = _quality_colours(recs)
     labels = [_label(r) for r in recs]
 
-    fig = Figure(figsize=(max(8, 0.6 * n), 4.2), dpi=110)
+    fig = Figure(figsize=(max(8, 0.8 * n), 4.4), dpi=110)
     ax = fig.add_subplot()
     ax.bar(range(n), [r["reward"] for r in recs], color=cols, edgecolor="k", lw=0.5)
-    ax.set_xticks(range(n), labels, fontsize=7)
+    ax.set_xticks(range(n), [lb.replace("% ", "%\n") for lb in labels], fontsize=6.5)
     ax.set_ylabel(f"reward (budget {budget:g})")
     ax.set_title(f"Rewards by measured helpful contribution (seed {seed}); colour = true quality")
     ax.legend(handles=[Patch(color=colormaps_v(0.95), label="high quality (clean, more data)"),
