@@ -70,8 +70,8 @@ class ContributionSettings(PluginSettings):
     window: int = Field(10, ge=1, description="rounds per sweep with horizon: window")
     rounds: int | None = Field(None, ge=1, description="run length (default train.rounds)")
     curvature: Literal["exact", "none"] = Field(
-        "exact", description="local-step Jacobian in the sweep: forward-over-reverse "
-        "Hessian-vector products, or the identity (Hessian-free ablation)")
+        "exact", description="local-step Jacobian in the sweep: Hessian-vector products by "
+        "automatic differentiation, or the identity (Hessian-free ablation)")
     exclude_self: bool = Field(False, description="leave each source's own test loss out of "
                                "its read-out (one sweep per receiver: n x the sweep's cost)")
     adjoint_test: Literal["shared", "own"] = Field(

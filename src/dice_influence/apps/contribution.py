@@ -13,8 +13,8 @@ helpful**, positive = harmful; units: mean cross-entropy):
     read-out ``Σ_k q_k L(θ_k^{t1}; z')`` at the end of the window (``horizon: run``: the end of
     the run, the leave-one-node-out horizon). ``λ^t`` comes from **one reverse sweep per window**
     through the recorded rounds: gossip transposed, then the local step's Jacobian
-    (``curvature``: ``exact`` = forward-over-reverse Hessian-vector products, ``none`` = the
-    identity, a Hessian-free ablation). With ``exclude_self`` the read-out of source ``j`` leaves out
+    (``curvature``: ``exact`` = Hessian-vector products by automatic differentiation, ``none``
+    = the identity, a Hessian-free ablation). With ``exclude_self`` the read-out of source ``j`` leaves out
     ``j``'s own test loss (one sweep per receiver: ``n×`` the sweep's cost).
 
 Free riders (:func:`free_rider_flags`, a local rule): receiver ``k`` keeps, per in-neighbour
@@ -217,17 +217,17 @@ class ContributionObserver(Observer):
         return out
 
     def _jt(self, t: int, theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """``J_tᵀ λ`` of round ``t``'s local step at ``θ^t`` (transforms included). Stateless
-        steps have symmetric Jacobians (``I − η H``, scaled or zeroed by transforms), so
-        ``Jᵀλ = Jλ``, one forward-over-reverse product; ``λ`` may carry a receiver axis."""
+        """``J_tᵀ λ`` of round ``t``'s local step at ``θ^t`` (transforms included): one
+        reverse-over-reverse product (for plain SGD ``J = I − η H``); ``λ`` may carry a
+        leading receiver axis."""
         if self.curvature == "none":
             return lam
         if lam.ndim == 3:
             return torch.stack([self._jt(t, theta, lam[r]) for r in range(lam.shape[0])])
-        from torch.func import jvp
+        from torch.func import vjp
 
         p = self.problem
-        return jvp(lambda th: p.local_step(th, None, t)[0], (theta,), (lam,))[1]
+        return vjp(lambda th: p.local_step(th, None, t)[0], theta)[1](lam)[0]
 
     # ------------------------------------------------------------------ read-outs
 
