@@ -245,7 +245,7 @@ def test_selection_experiment_runs_on_a_tiny_config(tmp_path):
     cfg = tmp_path / "sel.yaml"
     raw = group_cfg(n=8, rounds=8).model_dump(mode="json")
     raw["train"]["dtype"] = "float32"
-    raw["experiment"] = {"degree": 1, "every": 2, "candidates": 2, "ari_round": 4}
+    raw["experiment"] = {"degree": 2, "every": 2, "candidates": 2, "ari_round": 4}
     import yaml
 
     cfg.write_text(yaml.safe_dump(raw))
@@ -260,6 +260,27 @@ def test_selection_experiment_runs_on_a_tiny_config(tmp_path):
     assert -1.0 <= s["ari_final"] <= 1.0 and s["ari_per_round"][0]["round"] == 0
     for f in ("arms.csv", "ari.csv", "accuracy.csv", "selection.png", "kept_graph.png"):
         assert (tmp_path / "run" / f).is_file()
-    bad = CliRunner().invoke(app, ["experiment", "selection", str(cfg), "--out",
-                                   str(tmp_path / "r2"), "--set", "data.groups=null"])
-    assert bad.exit_code == 2 and "data.groups must be set" in bad.output
+    for opt, needle in (("data.groups=null", "data.groups must be set"),
+                        ("experiment.degree=1", "experiment.degree=1: the static arm")):
+        bad = CliRunner().invoke(app, ["experiment", "selection", str(cfg), "--out",
+                                       str(tmp_path / "r2"), "--set", opt])
+        assert bad.exit_code == 2 and needle in bad.output, bad.output
+
+
+def test_selection_same_on_peers_as_in_the_simulator(tmp_path):
+    """4 real peers in 2 hidden groups, the complete graph as the pool: each peer rewires its own
+    row from the half steps that arrived and ends with the simulator's parameters."""
+    from dice_influence.distributed import launch, simulate
+
+    raw = group_cfg(n=4, rounds=8).model_dump(mode="json")
+    raw["train"]["dtype"] = "float32"
+    raw["policy"] = {"kind": "select", "degree": 1, "every": 2, "candidates": 2}
+    raw["experiment"] = {"distributed": {"timeout_s": 20}}
+    cfg = load_config(raw)
+    sim = train(cfg)
+    assert len({w.tobytes() for w in sim.W_used.values()}) > 1, "the policy should rewire"
+    ref = simulate(cfg)
+    assert torch.allclose(sim.theta, ref.theta, atol=1e-6, rtol=0)
+    res = launch(cfg, 4, tmp_path, wall_timeout=150)
+    assert res.ok, res.errors
+    assert torch.allclose(res.theta, ref.theta, atol=1e-5, rtol=0)

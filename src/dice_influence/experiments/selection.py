@@ -74,6 +74,14 @@ def parse_experiment(cfg: RunConfig) -> SelectionConfig:
     if cfg.policy is not None:
         raise ConfigError("remove the top-level policy: section; the selection experiment sets "
                           "each arm's policy itself")
+    if "static" in ex.arms:
+        from ..topology import TopologyError, mixing_matrix
+
+        try:
+            mixing_matrix("random-regular", n, degree=ex.degree, seed=cfg.seed)
+        except TopologyError as exc:
+            raise ConfigError(f"experiment.degree={ex.degree}: the static arm's graph: {exc}") \
+                from None
     return ex
 
 
