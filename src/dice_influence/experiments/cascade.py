@@ -93,6 +93,8 @@ def parse_experiment(cfg: RunConfig) -> CascadeConfig:
     if cfg.train.rounds < need:
         raise ConfigError(f"train.rounds={cfg.train.rounds} is too short: warmup + event_rounds "
                           f"- 1 + hops = {need}; set train.rounds >= {need}")
+    for g in ex.graphs + ex.asymmetric:
+        graph_matrix(g, cfg.topology.n, cfg.seed)
     labels = [g.key for g in ex.graphs + ex.asymmetric]
     if ex.picture.graph not in labels:
         raise ConfigError(f"experiment.picture.graph={ex.picture.graph!r} is none of the graphs "
@@ -103,8 +105,6 @@ def parse_experiment(cfg: RunConfig) -> CascadeConfig:
     if ex.picture.offset >= ex.event_rounds:
         raise ConfigError(f"experiment.picture.offset={ex.picture.offset} must be < "
                           f"event_rounds={ex.event_rounds}")
-    for g in ex.graphs + ex.asymmetric:
-        graph_matrix(g, cfg.topology.n, cfg.seed)
     return ex
 
 
