@@ -284,3 +284,16 @@ def test_selection_same_on_peers_as_in_the_simulator(tmp_path):
     res = launch(cfg, 4, tmp_path, wall_timeout=150)
     assert res.ok, res.errors
     assert torch.allclose(res.theta, ref.theta, atol=1e-5, rtol=0)
+
+
+def test_selection_state_survives_a_checkpoint():
+    from dice_influence.plugins import build, pack_states, unpack_states
+
+    traj = selection_run()
+    tensors, meta = pack_states(traj.plugins)
+    fresh = build(traj.train_problem.cfg, traj.train_problem)
+    unpack_states(fresh, tensors, meta)
+    a, b = traj.plugins.policy, fresh.policy
+    assert np.array_equal(a.neighbours, b.neighbours) and a.epoch == b.epoch
+    assert np.allclose(a._sum, b._sum) and [t for t, _ in a.decisions] == \
+        [t for t, _ in b.decisions]

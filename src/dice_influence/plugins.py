@@ -78,8 +78,8 @@ class PruneSettings(PluginSettings):
 
 class _RewireSettings(PluginSettings):
     degree: int = Field(3, ge=1, description="in-neighbours each node keeps")
-    every: int = Field(5, ge=1, description="rounds between rewirings (an epoch)")
-    candidates: int = Field(3, ge=0, description="pool members the peer sampler adds per epoch")
+    every: int = Field(3, ge=1, description="rounds between rewirings (an epoch)")
+    candidates: int = Field(6, ge=0, description="pool members the peer sampler adds per epoch")
     start: int = Field(0, ge=0, description="first round index at which a node may rewire")
     initial: Literal["none", "random"] = Field(
         "none", description="first neighbours: none (probe candidates first) or random")
@@ -98,7 +98,7 @@ class SelectSettings(_RewireSettings):
                               "node's own-update influence (default: link 1.0, update -0.5)")
     reciprocity: float = Field(0.0, ge=0.0, description="weight of what the sender measured "
                                "of this node (simulator only)")
-    memory: float = Field(0.5, ge=0.0, le=1.0, description="decay of earlier probed epochs in "
+    memory: float = Field(1.0, ge=0.0, le=1.0, description="decay of earlier probed epochs in "
                           "a sender's score (0: last epoch only, 1: plain mean)")
 
 
@@ -115,9 +115,9 @@ class InfluenceWeightSettings(PluginSettings):
     neighbour's proximal influence over the median |influence| of k's neighbours."""
 
     kind: Literal["influence_weight"] = "influence_weight"
-    temperature: float = Field(1.0, gt=0.0, description="large: nominal weights; small: hard")
+    temperature: float = Field(0.5, gt=0.0, description="large: nominal weights; small: hard")
     score: Literal["cumulative", "window"] = "cumulative"
-    start: int = Field(1, ge=0, description="first round index reweighted")
+    start: int = Field(0, ge=0, description="first round index reweighted")
 
 
 # ----------------------------------------------------------------------------- aggregators

@@ -83,8 +83,8 @@ class RewirePolicy(Policy):
 
     name = "rewire"
 
-    def __init__(self, n: int, seed: int, *, degree: int = 3, every: int = 5,
-                 candidates: int = 3, start: int = 0, initial: str = "none") -> None:
+    def __init__(self, n: int, seed: int, *, degree: int = 3, every: int = 3,
+                 candidates: int = 6, start: int = 0, initial: str = "none") -> None:
         if initial not in ("none", "random"):
             raise ValueError(f"selection initial={initial!r}: choose 'none' (start alone, "
                              "probe candidates) or 'random' (degree random pool members)")
@@ -237,10 +237,10 @@ class SelectPolicy(RewirePolicy):
 
     name = "select"
 
-    def __init__(self, n: int, seed: int, proximal: Any, *, degree: int = 3, every: int = 5,
-                 candidates: int = 3, start: int = 0, initial: str = "none",
+    def __init__(self, n: int, seed: int, proximal: Any, *, degree: int = 3, every: int = 3,
+                 candidates: int = 6, start: int = 0, initial: str = "none",
                  score: str = "link_exact", bar: float | None = None,
-                 reciprocity: float = 0.0, memory: float = 0.5, fm: Any = None,
+                 reciprocity: float = 0.0, memory: float = 1.0, fm: Any = None,
                  own_test: Any = None) -> None:
         super().__init__(n, seed, degree=degree, every=every, candidates=candidates,
                          start=start, initial=initial)
@@ -390,7 +390,7 @@ class PensPolicy(RewirePolicy):
     name = "pens"
 
     def __init__(self, n: int, seed: int, fm: Any, own_data: Any, *, degree: int = 3,
-                 every: int = 5, candidates: int = 3, start: int = 0, initial: str = "none",
+                 every: int = 3, candidates: int = 6, start: int = 0, initial: str = "none",
                  samples: int | None = None) -> None:
         super().__init__(n, seed, degree=degree, every=every, candidates=candidates,
                          start=start, initial=initial)

@@ -80,8 +80,8 @@ class InfluenceWeightPolicy(Policy):
 
     name = "influence_weight"
 
-    def __init__(self, n: int, proximal: Any, *, temperature: float = 1.0,
-                 score: str = "cumulative", start: int = 1) -> None:
+    def __init__(self, n: int, proximal: Any, *, temperature: float = 0.5,
+                 score: str = "cumulative", start: int = 0) -> None:
         if not temperature > 0:
             raise ValueError(f"influence_weight temperature={temperature} must be > 0")
         if score not in ("cumulative", "window"):

@@ -54,9 +54,9 @@ class ScenarioConfig(_S):
 class DiceWeighting(_S):
     """Settings of the ``dice`` arm's ``influence_weight`` policy."""
 
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(0.5, gt=0.0)
     score: Literal["cumulative", "window"] = "cumulative"
-    start: int = Field(1, ge=0)
+    start: int = Field(0, ge=0)
     readout: Literal["pre", "post", "midpoint"] = "pre"
     window: int = Field(10, ge=1)
 

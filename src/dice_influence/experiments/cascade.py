@@ -126,10 +126,16 @@ def hubs_matrix(n: int, degree: int, zipf: float, seed: int) -> np.ndarray:
     return A / A.sum(1, keepdims=True)
 
 
+GRAPH_SEED_STRIDE = 1000  # random graphs of run seed s use seeds 1000 s, 1000 s + 1, ...
+
+
 def graph_matrix(g: GraphSpec, n: int, seed: int) -> np.ndarray:
-    """The mixing matrix of ``g`` (raises :class:`ConfigError` naming the graph)."""
+    """The mixing matrix of ``g`` (raises :class:`ConfigError` naming the graph). Random graphs
+    draw from ``GRAPH_SEED_STRIDE * seed``: the topology module retries seed, seed + 1, ...
+    until a graph is connected, so consecutive run seeds could otherwise share a graph."""
     from ..topology import TopologyError, mixing_matrix
 
+    seed = GRAPH_SEED_STRIDE * int(seed)
     try:
         if g.name == "hubs":
             return hubs_matrix(n, 3 if g.degree is None else g.degree, g.zipf, seed)

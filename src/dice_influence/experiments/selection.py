@@ -45,14 +45,14 @@ class SelectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     degree: int = Field(3, ge=1, description="neighbours kept (and the static graph's degree)")
-    every: int = Field(5, ge=1, description="rounds between rewirings")
-    candidates: int = Field(3, ge=0, description="sampled candidates per node and epoch")
+    every: int = Field(3, ge=1, description="rounds between rewirings")
+    candidates: int = Field(6, ge=0, description="sampled candidates per node and epoch")
     start: int = Field(0, ge=0)
     initial: Literal["none", "random"] = "none"
     reciprocity: float = Field(0.0, ge=0.0)
     score: Literal["link_exact", "link", "update"] = "link_exact"
     bar: float | None = None
-    memory: float = Field(0.5, ge=0.0, le=1.0)
+    memory: float = Field(1.0, ge=0.0, le=1.0)
     pens_samples: int | None = Field(None, ge=1)
     ari_round: int = Field(50, ge=0, description="round at which the ARI target is read")
     arms: list[Literal[ARMS]] = list(ARMS)  # type: ignore[valid-type]
@@ -228,7 +228,21 @@ def summarize(per_seed: list[dict[str, Any]], ex: SelectionConfig) -> dict[str, 
     if "pens" in ex.arms:
         fin = [r["ari"]["pens"][-1]["ari"] for r in per_seed]
         sel["pens_ari_final"], sel["pens_ari_final_worst"] = mean_worst(fin)
+    for arm in ("dice", "pens"):  # first decision round from which ARI stays >= 0.9
+        if arm in ex.arms:
+            sel[f"{arm}_rounds_to_ari_0.9"] = [_settled(r["ari"][arm]) for r in per_seed]
     return sel
+
+
+def _settled(series: list[dict[str, Any]], level: float = 0.9) -> int | None:
+    """First decision round from which the ARI stays >= ``level`` (None: never)."""
+    out = None
+    for e in series:
+        if e["ari"] >= level:
+            out = e["round"] if out is None else out
+        else:
+            out = None
+    return out
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
@@ -292,7 +306,8 @@ def _plots(per_seed: list[dict[str, Any]], out: Path) -> None:
         acc = np.mean([[e["acc_mean"] for e in r["curves"][arm]] for r in per_seed], axis=0)
         a1.plot(rounds, acc, label=arm)
     a1.set_xlabel("round")
-    a1.set_ylabel("own-distribution accuracy (mean over nodes and seeds)")
+    a1.set_ylabel("own-distribution accuracy")
+    a1.set_title("mean over nodes and seeds", fontsize=9)
     a1.legend()
     for arm in per_seed[0]["ari"]:
         for i, r in enumerate(per_seed):
@@ -302,7 +317,8 @@ def _plots(per_seed: list[dict[str, Any]], out: Path) -> None:
                     label=arm if i == 0 else None)
     a2.axhline(0.9, color="gray", ls="--", lw=0.8)
     a2.set_xlabel("round")
-    a2.set_ylabel("ARI of kept links vs hidden groups")
+    a2.set_ylabel("ARI, kept links vs hidden groups")
+    a2.set_title("one line per seed", fontsize=9)
     a2.set_ylim(-0.1, 1.05)
     a2.legend()
     fig.tight_layout()
