@@ -228,6 +228,25 @@ def test_gt_on_a_selection_run_equals_a_naive_replay():
         assert np.allclose(W_last[k, keep], 1.0 / len(keep))
 
 
+def test_dice_train_with_selection_writes_a_replayable_run_dir(tmp_path):
+    from dice_influence.config import dump_config
+    from dice_influence.trajectory import Trajectory
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(group_cfg(rounds=8)))
+    res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "run"), "-q",
+                                   "--set", "policy={kind: select, degree: 2, every: 2}"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["policy"]["select"]["decisions"][0]["round"] == 0
+    back = Trajectory.load(tmp_path / "run")
+    assert sorted(back.W_used) == m["W_used_rounds"] and len(back.W_used) == 8
+    want = back.theta.clone()
+    back.checkpoints = {0: back.checkpoints[0]}  # replay every round on the recorded W^t
+    back._cache = None
+    assert torch.equal(back.params_at(back.rounds_done)[0], want)
+
+
 def test_group_ari_reads_the_kept_graph():
     g = np.array([0, 0, 1, 1, 2, 2])
     N = np.zeros((6, 6), dtype=bool)

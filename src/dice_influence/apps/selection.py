@@ -172,13 +172,11 @@ class RewirePolicy(Policy):
         """``W^t``: the nominal rows without the pool senders a node does not keep (rows
         repaired by :func:`~dice_influence.apps.defense.repair_rows`)."""
         key = (W_nominal.tobytes(), self.neighbours.tobytes())
-        if self._W is not None and self._W[:2] == key:
-            return self._W[2]
-        blocked = (W_nominal > 0) & ~self.neighbours
-        np.fill_diagonal(blocked, False)
-        W = repair_rows(W_nominal, blocked)
-        self._W = (*key, W)
-        return W
+        if self._W is None or self._W[:2] != key:
+            blocked = (W_nominal > 0) & ~self.neighbours
+            np.fill_diagonal(blocked, False)
+            self._W = (*key, repair_rows(W_nominal, blocked))
+        return self._W[2].copy()  # one array per round: the loop records each round's W^t
 
     # -------------------------------------------------------------------- records
     def summary(self) -> dict[str, Any]:
