@@ -179,6 +179,12 @@ def test_reciprocity_needs_the_full_network():
                                                                           dtype=p.dtype))
     with pytest.raises(ValueError, match="reciprocity: 0 on peers"):
         pol.decide(view)
+    from dice_influence.plugins import build  # a peer refuses it when building its plug-ins
+
+    raw = cfg.model_dump(mode="json")
+    raw["policy"] = {"kind": "select", "reciprocity": 0.5}
+    with pytest.raises(ConfigError, match="policy.reciprocity=0.5"):
+        build(load_config(raw), build_local(load_config(raw), 0))
 
 
 # ------------------------------------------------------------------------------ replay

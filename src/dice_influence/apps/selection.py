@@ -472,7 +472,13 @@ def own_training_data(problem: Any) -> Any:
 
 def select_from_settings(s: Any, ctx: Any) -> SelectPolicy:
     """Factory for ``policy: kind: select`` (adds a proximal observer when the config has
-    none)."""
+    none). On a peer (a local problem) ``reciprocity > 0`` is refused up front."""
+    if s.reciprocity > 0 and not hasattr(ctx.problem, "node_data"):
+        from ..config import ConfigError
+
+        raise ConfigError(f"policy.reciprocity={s.reciprocity}: needs what each sender measured "
+                          "of this node, which real peers do not exchange; set "
+                          "policy.reciprocity: 0 for dice launch")
     return SelectPolicy(ctx.n, _seed(ctx), _proximal(ctx), degree=s.degree, every=s.every,
                         candidates=s.candidates, start=s.start, initial=s.initial,
                         score=s.score, bar=s.bar, reciprocity=s.reciprocity, memory=s.memory,
