@@ -124,7 +124,38 @@ def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
             "data.test_samples_per_node must be set: each node reads proximal "
             "influence on its own test split z'_k (e.g. 64)"
         )
-    return ex
+    return _with_plugin_sections(cfg, ex)
+
+
+def _with_plugin_sections(cfg: RunConfig, ex: AnomalyConfig) -> AnomalyConfig:
+    """The run config's plug-in sections, where given, set the arms' plug-ins (the same keys
+    as ``dice train`` / ``dice launch``): a ``proximal`` observer → tracking, a ``prune``
+    policy → detection + defence of the defended arms, an aggregator → the baseline arm."""
+    from ..plugins import parse
+
+    upd: dict[str, Any] = {}
+    prox = [parse("observer", o, f"observers.{i}") for i, o in enumerate(cfg.observers)]
+    prox = [o for o in prox if o.kind == "proximal"]
+    if prox:
+        o = prox[0]
+        upd["tracking"] = TrackingConfig(every=o.every, readout=o.readout, window=o.window,
+                                         history=o.history, q=o.q, test_batch=o.test_batch)
+    if cfg.policy is not None:
+        pol = parse("policy", cfg.policy, "policy")
+        if pol.kind != "prune":
+            raise ConfigError(f"policy.kind={pol.kind!r}: the anomaly experiment's defended "
+                              "arms use the prune policy")
+        upd["detection"] = ex.detection.model_copy(update={
+            "rule": pol.rule, "score": pol.score, "z_threshold": pol.z_threshold,
+            "margin": pol.margin})
+        upd["defense"] = ex.defense.model_copy(update={
+            "check_every": pol.check_every, "start": pol.start, "readmit": pol.readmit,
+            "max_norm_ratio": pol.max_norm_ratio})
+    if cfg.aggregator is not None:
+        agg = parse("aggregator", cfg.aggregator, "aggregator")
+        upd["baseline"] = BaselineConfig(kind=agg.kind, **{k: v for k, v in agg.model_dump()
+                                                          .items() if k != "kind"})
+    return ex.model_copy(update=upd) if upd else ex
 
 
 def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
@@ -193,6 +224,8 @@ def run_seed(
     """All arms of one seed; returns plain results plus the raw runs under ``"_runs"``."""
     from ..simulator import build_problem
 
+    # the arms choose their own plug-ins (parse_experiment read the config's sections)
+    cfg = cfg.model_copy(update={"observers": [], "policy": None, "aggregator": None})
     n = cfg.topology.n
     plan = AttackPlan.resolve(ex.attacks, n, cfg.seed)
     malicious = plan.mask
