@@ -27,6 +27,7 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
     final = traj.final_metrics
     atomic_write_text(out / "config.yaml", dump_config(p.cfg))
     metrics = {
+        "kind": "train",  # the report's section provider (dice_influence.report)
         "rounds": traj.rounds_done,
         "n_nodes": p.n,
         "n_params": p.d,
