@@ -103,8 +103,15 @@ def p2p_sections(run: Run) -> list[Section]:
         Stat("wall time", f"{s.get('seconds', float('nan')):.1f} s", SINGLE),
         Stat("bytes sent per peer per round", fmt(s.get("bytes_sent_per_peer_per_round"), 0)),
     ]
-    rows = [[k, st, r] for k, (st, r) in enumerate(zip(status, s.get("rounds_done", []),
-                                                       strict=False))]
+    rows = []
+    for k, st in enumerate(status):
+        pm = run.json(f"peer-{k}/metrics.json") or {}
+        fin = pm.get("final") or {}
+        dropped = [e.get("peer") for e in pm.get("events", []) if e.get("event") == "dropped"]
+        rows.append([k, st, pm.get("rounds_done", "–"), fmt(fin.get("acc"), 3),
+                     fmt(pm.get("steady_rounds_per_s"), 1),
+                     fmt(pm.get("bytes_sent_per_round"), 0) if pm else "–",
+                     ", ".join(map(str, dropped)) or "–"])
     figs: list[Figure | None] = []
     P = s.get("proximal")
     if P:
@@ -114,7 +121,11 @@ def p2p_sections(run: Run) -> list[Section]:
     notes = [str(e) for e in s.get("errors", [])]
     return [Section(title="Peers", text="One process per node, gossiping over torch.distributed "
                     "on loopback; each peer measures its in-neighbours' proximal influence.",
-                    stats=stats, tables=[Table(["peer", "status", "rounds"], rows)] if rows else [],
+                    stats=stats,
+                    tables=[Table(["peer", "status", "rounds", "test acc", "rounds/s",
+                                   "bytes sent/round", "dropped"], rows,
+                                  caption="rounds/s after the first round, " + SINGLE)]
+                    if rows else [],
                     figures=figs, notes=notes)]
 
 

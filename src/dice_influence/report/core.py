@@ -150,11 +150,13 @@ def detect_kind(path: str | Path) -> str | None:
     if isinstance(m, dict) and isinstance(m.get("kind"), str):
         return m["kind"]
     if isinstance(m, dict):
+        if "peer" in m and "status" in m:
+            return "p2p-peer"  # one peer of a `dice launch` run: part of its parent's report
         if "results" in m and (path / "events.csv").is_file():
             return "alignment"
         if "defense" in m:
             return "anomaly"
-        if (path / "trajectory.json").is_file() or "history" in m:
+        if (path / "trajectory.json").is_file() or "per_node" in m:
             return "train"
     if (path / "summary.json").is_file() and (path / "peer-0").is_dir():
         return "p2p"
@@ -169,7 +171,8 @@ def child_runs(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
     runs = [p for p in path.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and detect_kind(p) not in (None, "run")]
+            if p.is_dir() and not p.name.startswith(".")
+            and detect_kind(p) not in (None, "run", "p2p-peer")]
 
     def written(p: Path) -> tuple[float, str]:
         m = p / "metrics.json"
