@@ -107,7 +107,8 @@ def test_train_writes_files_that_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
-    for f in ("config.yaml", "metrics.json", "README.md", "report.html", "nodes.csv"):
+    for f in ("config.yaml", "metrics.json", "README.md", "report.html", "nodes.csv",
+              "final.safetensors", "accuracy.png"):
         assert (tmp_path / "run" / f).stat().st_mode & 0o777 == 0o644, f
     assert "report:" in r.output
 

@@ -51,6 +51,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_tensors(path: str | Path, tensors: dict[str, Any],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically, with the umask's mode (``safetensors.torch.
+    save_file`` creates ``0o600`` files)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
 def did_you_mean(word: str, choices: Any) -> str:
     """``" (did you mean 'ring'?)"`` for the closest of ``choices`` to ``word``, else ``""``."""
     import difflib

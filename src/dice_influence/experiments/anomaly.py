@@ -397,7 +397,7 @@ def demo_anomaly(out: Path, console: Any) -> dict[str, Any]:
     from ..report import write_report
 
     cfg = load_config(demo_config())
-    m = run_experiment(cfg, out, progress=True)
+    m = run_experiment(cfg, out, progress=True, log=console.print)
     write_report(out, "anomaly")
     det = m["detection"]
     caught = m["per_seed"][0]["detection"]["caught"]
