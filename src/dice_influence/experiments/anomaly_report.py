@@ -357,7 +357,7 @@ def report_sections_anomaly(run: Run) -> list[Section]:
     n = len(m.get("seeds", [])) or 1
     det, arms = table_rows(m)
     heads = det_headers(rounds)
-    d = m.get("detection", {})
+    d = m.get("detection") or {}
     dfn = m.get("defense", {})
     stats = []
     first = (m.get("per_seed") or [{}])[0]
@@ -379,10 +379,15 @@ def report_sections_anomaly(run: Run) -> list[Section]:
                               f"worst honest node {fmt(dfn[arm]['honest_acc_worst'], 3)}"))
     over = f"mean / worst over {n} seeds" if n > 1 else "one seed"
     tables = []
-    if det:
-        tables.append(Table([heads[k] for k in DET_KEYS], det,
-                            caption=f"detection ({over}), rule "
-                                    f"{m.get('detection_rule', {}).get('rule', '?')}"))
+    if det:  # one row per measure: readable however many columns
+        dw = m.get("detection_worst", {})
+        cols = ["detection", "mean over seeds", "worst seed"] if n > 1 else ["detection", "value"]
+        rows = [[heads[k], fmt(d.get(k)), fmt(dw.get(k))] if n > 1 else [heads[k], fmt(d.get(k))]
+                for k in DET_KEYS]
+        arms_scored = ", ".join(sorted(set(m.get("detection_scored_arm") or [])))
+        tables.append(Table(cols, rows, caption=f"detection rule "
+                            f"{m.get('detection_rule', {}).get('rule', '?')}"
+                            + (f", scored in arm {arms_scored}" if arms_scored else "")))
     tables.append(Table(["arm"] + [ARM_HEADERS[k] for k in ARM_KEYS], arms,
                         caption=f"defence, honest nodes ({over})"))
     return [Section(

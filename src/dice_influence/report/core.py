@@ -152,7 +152,7 @@ def detect_kind(path: str | Path) -> str | None:
     if isinstance(m, dict):
         if "peer" in m and "status" in m:
             return "p2p-peer"  # one peer of a `dice launch` run: part of its parent's report
-        if "results" in m and (path / "events.csv").is_file():
+        if "results" in m and "setting" in m:
             return "alignment"
         if "defense" in m:
             return "anomaly"
