@@ -254,8 +254,9 @@ def legend(rounds: tuple[int, int], n_seeds: int) -> str:
         "fraction and rounds). An edge is flagged when the receiver's detection rule marks the "
         "sender. precision/recall/F1 (end): flags at the last round, over attacker->honest "
         f"edges; min precision / min recall: the lowest value over every round from {a} to {b} "
-        "(the rule re-applied each round), so min recall <= recall at the end. 'honest graph "
-        "connected': seeds where it stays connected."
+        "(the rule re-applied each round), so min recall <= recall at the end. Rounds to flag "
+        "90 %: first round with 90 % of attacker edges flagged ('-': not reached in some seed). "
+        "'honest graph connected': seeds where it stays connected."
     )
 
 
@@ -310,12 +311,15 @@ def rich_tables(metrics: dict[str, Any], rounds: tuple[int, int] = (3, 100)) -> 
     heads = det_headers(rounds)
     det, arms = table_rows(metrics)
     out = []
-    if det:
-        t = Table(title=f"detection ({over})")
+    if det:  # one row per measure
+        d, w = metrics["detection"], metrics["detection_worst"]
+        t = Table(title=f"detection, rule {metrics.get('detection_rule', {}).get('rule', '?')}")
+        t.add_column("measure")
+        t.add_column("mean over seeds" if n > 1 else "value", justify="right")
+        if n > 1:
+            t.add_column("worst seed", justify="right")
         for k in DET_KEYS:
-            t.add_column(heads[k], justify="right")
-        for r in det:
-            t.add_row(*r)
+            t.add_row(heads[k], _fmt(d.get(k)), *([_fmt(w.get(k))] if n > 1 else []))
         out.append(t)
     t = Table(title=f"defence: honest nodes per arm ({over})")
     t.add_column("arm")
