@@ -78,6 +78,7 @@ def _focus_node(E: np.ndarray, malicious: np.ndarray, want: int | None) -> int:
 
 def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     runs = r["_runs"]
     mal = np.zeros(len(r["W0"]), dtype=bool)
@@ -98,6 +99,7 @@ def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
             ax2.plot(rounds, np.cumsum(H[:, k, j]), label=lab, **kw)
         for ax, title in ((ax1, "per round"), (ax2, "cumulative")):
             ax.axhline(0, color="0.3", lw=0.6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
             ax.set_title(f"I_prox(j → {k}), {title}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -133,6 +135,7 @@ def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
         rr = [e["round"] for e in res.evals]
         ax.plot(rr, [e["honest_acc_mean"] for e in res.evals], color=f"C{i}", label=arm)
         ax.plot(rr, [e["honest_acc_worst"] for e in res.evals], color=f"C{i}", ls=":", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("honest test accuracy (— mean, ··· worst)")
     ax.set_title("honest nodes' test accuracy per arm", fontsize=10)
