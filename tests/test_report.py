@@ -90,11 +90,11 @@ def test_browser_check_catches_network_requests_and_blank_images(tmp_path):
     blank = base64.b64encode(buf.getvalue()).decode()
     (tmp_path / "bad.html").write_text(
         f'<html><body><img src="data:image/png;base64,{blank}">'
-        '<img src="http://192.0.2.1/x.png"><script>console.error("boom")</script></body></html>')
+        '<img src="http://127.0.0.1:9/x.png"><script>console.error("boom")</script></body></html>')
     res = check_report(tmp_path / "bad.html")
     text = "\n".join(res.problems)
     assert "blank (one colour)" in text
-    assert "request to http://192.0.2.1/x.png" in text
+    assert "request to http://127.0.0.1:9/x.png" in text
     assert "console error: boom" in text
 
 
