@@ -47,7 +47,8 @@ def write_report(run_dir: str | Path, kind: str | None = None, *, title: str | N
     ``children``) and return its path. ``kind`` overrides what the run dir records."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ReportError(f"run directory {str(run_dir)!r} not found; pass a directory that a "
+        what = "is a file, not a directory" if run_dir.exists() else "not found"
+        raise ReportError(f"run directory {str(run_dir)!r} {what}; pass a directory that a "
                           "dice command wrote (e.g. runs/demo)")
     kind = kind or detect_kind(run_dir)
     if kind is None:
