@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ._util import did_you_mean
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
@@ -136,11 +138,39 @@ def _format_validation(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `dice config` prints every valid key)"
+            keys = _keys_at(e["loc"][:-1])
+            hint = did_you_mean(str(e["loc"][-1]), keys) if keys else ""
+            msg = (f"unknown key{hint}" if hint else
+                   f"unknown key; valid keys here: {', '.join(keys)}" if keys else
+                   "unknown key (check the spelling; `dice config` prints every valid key)")
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the config section at ``loc`` (e.g. ``("train",)``); [] if unknown."""
+    import typing
+
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann, model = field.annotation, None
+        todo = [ann]
+        while todo:  # unwrap Optional[...] / list[...] down to a config section
+            a = todo.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                model = a
+                break
+            todo.extend(typing.get_args(a))
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._util import atomic_savefig, atomic_write_text, csv_text, write_json
+from ._util import atomic_savefig, atomic_write_text, csv_text, save_tensors, write_json
 from .config import dump_config
 from .trajectory import Trajectory
 
@@ -19,14 +19,13 @@ from .trajectory import Trajectory
 def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | None = None,
                   plots: bool = True) -> Path:
     """Write the run directory for ``traj`` into ``out`` and return its path."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = traj.problem
     final = traj.final_metrics
     atomic_write_text(out / "config.yaml", dump_config(p.cfg))
     metrics = {
+        "kind": "train",  # the report's section provider (dice_influence.report)
         "rounds": traj.rounds_done,
         "n_nodes": p.n,
         "n_params": p.d,
@@ -45,10 +44,8 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
              "min_acc": min(h["acc"]), "avg_model_acc": h["avg_model_acc"],
              "consensus_distance": h["consensus_distance"]} for h in traj.history]
     atomic_write_text(out / "history.csv", csv_text(hist))
-    tmp = out / ".final.safetensors.tmp"
-    save_file({"theta": traj.theta.contiguous().cpu()}, str(tmp),
-              metadata={"layout": "theta[k] = flat parameters of node k"})
-    tmp.replace(out / "final.safetensors")
+    save_tensors(out / "final.safetensors", {"theta": traj.theta.contiguous().cpu()},
+                 metadata={"layout": "theta[k] = flat parameters of node k"})
     traj.save(out)
     if plots and traj.history:
         plot_history(traj, out / "accuracy.png")

@@ -282,7 +282,15 @@ def _file_key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
 
 
 def _looked_in(folders: Sequence[Path]) -> str:
-    return ", ".join(str(f) for f in folders) if folders else "(nowhere)"
+    if not folders:
+        return f"nowhere (no --data-dir / data.data_dir given and ${ENV_DATA_DIR} is unset)"
+    return ", ".join(str(f) for f in folders)
+
+
+_WHERE_TO_PUT = (
+    f"pass --data-dir DIR (dice train / experiment / launch), set data.data_dir in the config "
+    f"or set ${ENV_DATA_DIR}"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,13 +499,13 @@ def load_dataset(
         files = _find_idx_set(folders)
         if files is None:
             hint = (
-                "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir / "
-                f"set {ENV_DATA_DIR}"
+                "install it with `apt-get install dataset-fashion-mnist`, or put the files in a "
+                f"folder and {_WHERE_TO_PUT}"
                 if n == "fashion-mnist"
-                else f"put the four MNIST idx files there, then pass --data-dir / set {ENV_DATA_DIR}"
+                else f"put the four MNIST idx files in a folder and {_WHERE_TO_PUT}"
             )
             raise DataError(
-                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
+                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in: "
                 f"{_looked_in(folders)}; {hint}"
             )
         named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
@@ -508,8 +516,8 @@ def load_dataset(
         if folder is None:
             raise DataError(
                 f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
-                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}; download the "
-                f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
+                f"{', '.join(_CIFAR10_FILES)}; looked in: {_looked_in(folders)}; download the "
+                f"CIFAR-10 python version, extract it, then {_WHERE_TO_PUT}"
             )
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])
         key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))

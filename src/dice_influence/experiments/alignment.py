@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._util import atomic_savefig, atomic_write_text, write_json
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig
+from ..report import write_report
 
 DEMO_ALIGNMENT: dict[str, Any] = {
     "seed": 0,
@@ -114,6 +115,7 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                    "e_s_per_event": es.seconds / len(events)}
             results.append(rec)
     metrics = {
+        "kind": "alignment",
         "sign": "influence = loss with the data - loss without it; positive = harmful",
         "setting": {"dataset": cfg.data.dataset, "n": cfg.topology.n,
                     "topology": cfg.topology.name, "model": cfg.model.name,
@@ -135,6 +137,7 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     atomic_write_text(out / "README.md", _readme(metrics))
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     write_json(out / "metrics.json", metrics)
+    write_report(out, "alignment")
     return metrics
 
 
@@ -160,6 +163,7 @@ def _events_csv(events, gt, ests, hops) -> str:
 
 def _scatter(path: Path, gt, ests, hops: int, results, cfg: RunConfig) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     keys = list(ests)
     fig = Figure(figsize=(3.4 * hops, 3.2 * len(keys)), dpi=100)
@@ -172,13 +176,18 @@ def _scatter(path: Path, gt, ests, hops: int, results, cfg: RunConfig) -> None:
             e = ests[(ro, cv)].values(r).numpy()
             ax.scatter(g, e, s=12, alpha=0.8)
             lo, hi = float(min(g.min(), e.min())), float(max(g.max(), e.max()))
-            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x (E = GT)")
+            ax.legend(loc="upper left", fontsize=6, frameon=False)
             m = lookup[(r, ro, cv)]
             ax.set_title(f"{r}-hop, {ro}, {'curv' if cv else 'no curv'}\n"
                          f"pearson {m['pearson']:.4f}  spearman {m['spearman']:.3f}", fontsize=8)
             ax.set_xlabel("DICE-GT (positive = harmful)", fontsize=7)
             ax.set_ylabel("DICE-E", fontsize=7)
             ax.tick_params(labelsize=6)
+            ax.ticklabel_format(style="sci", scilimits=(-2, 3), useMathText=True)
+            ax.xaxis.get_offset_text().set_fontsize(6)
+            ax.yaxis.get_offset_text().set_fontsize(6)
+            ax.xaxis.set_major_locator(MaxNLocator(5))
     fig.suptitle(f"{cfg.data.dataset}, {cfg.topology.n} nodes {cfg.topology.name}, "
                  f"{cfg.model.name}, batch {cfg.train.batch_size}, lr {cfg.train.lr}", fontsize=9)
     fig.tight_layout()
@@ -199,6 +208,7 @@ def _hop_plot(path: Path, gt, ests) -> None:
     ax.semilogy(hops, mags(gt), "o-", color="k", label="DICE-GT")
     for (ro, cv), es in ests.items():
         ax.semilogy(hops, mags(es), ".--", label=f"DICE-E {ro}{'' if cv else ', no curv'}")
+    ax.set_xticks(hops)
     ax.set_xlabel("hop s (0 = the source's own step)")
     ax.set_ylabel("mean |term at hop s|")
     ax.set_title("influence cascade: per-hop terms")
@@ -231,7 +241,8 @@ def _readme(metrics: dict[str, Any]) -> str:
 def print_results(metrics: dict[str, Any], console: Any, title: str = "alignment") -> None:
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption="GT s/ev, E s/ev: seconds per event, single measurement "
+              "(all events timed once, divided by their number)")
     for c in ("hops", "readout", "curv", "pearson", "spearman", "kendall", "sign", "med rel err",
               "GT s/ev", "E s/ev"):
         t.add_column(c, justify="right")
@@ -246,7 +257,7 @@ def print_results(metrics: dict[str, Any], console: Any, title: str = "alignment
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     import typer
 
-    from ..cli_support import SET_HELP, console, friendly
+    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, friendly, load_run_config
 
     @experiment_app.command("alignment")
     @friendly
@@ -254,9 +265,13 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         config: Path = typer.Argument(..., help="Run config with an experiment.alignment map."),
         out: Path = typer.Option(Path("runs/alignment"), "--out", "-o"),
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+        data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     ) -> None:
-        """DICE-E vs DICE-GT for r = 1..R hops: correlations, errors, costs, plots."""
-        cfg = load_config(config, set_ or [])
+        """DICE-E vs DICE-GT for r = 1..R hops: correlations, errors, costs, plots, report."""
+        from rich.markup import escape
+
+        cfg = load_run_config(config, set_, data_dir)
         metrics = run_alignment(cfg, out, log=console.print)
         print_results(metrics, console)
-        console.print(f"total {metrics['seconds']['total']:.1f} s; wrote [bold]{out}[/]")
+        console.print(f"total {metrics['seconds']['total']:.1f} s; wrote [bold]"
+                      f"{escape(str(out))}[/] (report: report.html)")
