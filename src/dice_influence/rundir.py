@@ -70,6 +70,7 @@ def _plugin_summaries(traj: Trajectory) -> dict[str, Any]:
 
 def plot_history(traj: Trajectory, path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 3.5), dpi=110)
     ax = fig.add_subplot()
@@ -81,6 +82,7 @@ def plot_history(traj: Trajectory, path: Path) -> None:
     ax.plot(rounds, [h["avg_model_acc"] for h in traj.history], color="C1", lw=1.5, ls="--",
             label="averaged model")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{traj.problem.cfg.data.dataset}: {traj.problem.n} nodes, "
                  f"{traj.problem.cfg.topology.name}")

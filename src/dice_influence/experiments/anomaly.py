@@ -247,6 +247,7 @@ def run_seed(
             _options(ex, arm, cfg.train.eval_every),
             malicious=malicious,
             progress=progress,
+            label=f"seed {cfg.seed}, arm {arm}",
         )
         secs = time.perf_counter() - t0
         if log:
