@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .cli_support import SET_HELP, console, friendly, load_run_config
+from .cli_support import SET_HELP, console, fail, friendly, load_run_config
 
 app = typer.Typer(
     add_completion=False,
@@ -32,17 +32,33 @@ def train(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory to write."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its latest checkpoint (same "
+        "config; train.rounds may grow)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace another run's files in --out."),
 ) -> None:
-    """Train decentralized SGD and write a run directory (config, metrics, CSVs, checkpoints)."""
-    from .rundir import write_run_dir
-    from .simulator import train as run_train
+    """Train decentralized SGD and write a run directory (config, metrics, CSVs, checkpoints).
+    Checkpoints go to OUT/progress/ as training goes, so a killed run continues with --resume."""
+    from rich.markup import escape
+
+    from .rundir import check_writable, open_run, progress_writer, write_run_dir
+    from .simulator import build_problem
+    from .trajectory import DivergenceError
 
     cfg = load_run_config(config, set_)
-    traj = run_train(cfg, progress=not quiet)
+    check_writable(out)
+    traj = open_run(out, build_problem(cfg), resume=resume, overwrite=overwrite)
+    try:
+        traj.run(cfg.train.rounds - traj.rounds_done, progress=not quiet,
+                 on_checkpoint=progress_writer(traj, out))
+    except DivergenceError as exc:
+        write_run_dir(traj, out)
+        fail(f"{exc}; {out} holds the run up to that checkpoint")
     write_run_dir(traj, out)
     if not quiet:
         _print_nodes(traj)
-    console.print(f"run directory: [bold]{out}[/]")
+    console.print(f"run directory: [bold]{escape(str(out))}[/]")
 
 
 def _print_nodes(traj: Any, title: str | None = None) -> None:

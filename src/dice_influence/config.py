@@ -1,7 +1,9 @@
 """Validated run configuration (pydantic) that round-trips to YAML.
 
 Every section forbids unknown keys, so a typo fails with a message naming the key. ``--set
-key=value`` overrides use dotted paths (``train.lr=0.05``) and YAML values.
+key=value`` overrides use dotted paths (``train.lr=0.05``) and YAML values. Floats must be finite
+(``.inf``/``.nan`` are refused), seeds are 32-bit (0..2**32-1), and an explicit matrix must be
+square with one row per node.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0..2**32-1
+MAX_NODES = 4096  # mixing matrices are dense (n, n) float64: 4096 nodes = 128 MiB each
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CorruptionConfig(_Strict):
@@ -29,7 +35,7 @@ class CorruptionConfig(_Strict):
     fraction: float = Field(1.0, ge=0.0, le=1.0)
     sigma: float = Field(1.0, ge=0.0)
     permutation: list[int] | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class DataConfig(_Strict):
@@ -50,7 +56,7 @@ class DataConfig(_Strict):
 
 class TopologyConfig(_Strict):
     name: str = "exponential"
-    n: int = Field(16, ge=1)
+    n: int = Field(16, ge=1, le=MAX_NODES)
     weights: Literal["uniform", "metropolis"] = "uniform"
     time_varying: Literal["one-peer-exponential", "random-matching", "permuted"] | None = None
     p: float | None = None
@@ -88,7 +94,7 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: data, topology, model, training. ``seed`` drives every random draw."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
@@ -107,11 +113,19 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
-        if self.topology.matrix is not None and len(self.topology.matrix) != n:
+        m = self.topology.matrix
+        if m is not None and len(m) != n:
             raise ValueError(
-                f"topology.matrix has {len(self.topology.matrix)} rows but topology.n={n}; "
+                f"topology.matrix has {len(m)} rows but topology.n={n}; "
                 "set topology.n to the matrix size"
             )
+        for k, row in enumerate(m or []):
+            if len(row) != n:
+                raise ValueError(
+                    f"topology.matrix row {k} has {len(row)} entries but the matrix has {n} "
+                    f"rows; it must be square ({n} x {n}, W[k][j] = weight receiver k puts "
+                    "on sender j)"
+                )
         return self
 
 

@@ -6,11 +6,16 @@ with that cache, so callers must never modify them in place (clone first). File 
 execute code from the files they read: idx files are parsed byte by byte, and the CIFAR-10
 "python version" batches (pickles, by upstream format) are read with a restricted unpickler that
 only resolves the few numpy/codec names an array needs.
+
+A folder the user names (``data_dir``, else ``$DICE_DATA_DIR``) is the only place looked in: if
+it lacks the data that is an error, never a silent fallback to another copy. Every
+:class:`Dataset` lists the files it was read from (path, size, sha256) in ``files``.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import math
 import os
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +75,9 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     input_shape: tuple[int, ...]
+    files: tuple[dict[str, Any], ...] = ()
+    """The files the data was read from: ``{"path", "size", "sha256"}`` each (empty for
+    generated data)."""
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -119,7 +128,10 @@ _IDX_DTYPES = {
 
 def _read_bytes(path: Path) -> bytes:
     """File contents, transparently gunzipped when the file starts with the gzip magic."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -165,6 +177,37 @@ def parse_idx(path: str | Path) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"cannot read {path}: {exc.strerror or exc}; check that the file exists and is "
+        "readable (permissions), or point data.data_dir / --data-dir at a readable copy"
+    )
+
+
+@lru_cache(maxsize=64)
+def _file_record(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise _unreadable(Path(path), exc) from None
+    return {"path": path, "size": size, "sha256": h.hexdigest()}
+
+
+def file_records(paths: Sequence[Path]) -> tuple[dict[str, Any], ...]:
+    """``{"path", "size", "sha256"}`` of each file (hashes cached by path, mtime and size)."""
+    out = []
+    for p in paths:
+        try:
+            st = Path(p).stat()
+        except OSError as exc:
+            raise _unreadable(Path(p), exc) from None
+        out.append(dict(_file_record(str(Path(p).resolve()), st.st_mtime_ns, st.st_size)))
+    return tuple(out)
+
+
 _ALLOWED_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -205,6 +248,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as fh:
             batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from exc
     except Exception as exc:  # any unpickling failure means a corrupt file
@@ -232,12 +277,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _user_dirs(data_dir: str | Path | None, subfolders: Sequence[str]) -> list[Path]:
-    """Candidate folders: data_dir, then $DICE_DATA_DIR, each followed by its subfolders."""
+    """Candidate folders: data_dir if given, else $DICE_DATA_DIR, followed by its subfolders.
+    The folder the user names is the only one: a miss there is an error, not a fallback."""
     roots: list[Path] = []
+    env = os.environ.get(ENV_DATA_DIR)
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(ENV_DATA_DIR)
-    if env:
+    elif env:
         roots.append(Path(env).expanduser())
     out: list[Path] = []
     for root in roots:
@@ -279,6 +325,19 @@ def _file_key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
         st = p.stat()
         out.append((str(p.resolve()), st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+def _named(data_dir: str | Path | None) -> str:
+    """Why only the named folder was searched (no fallback to another copy)."""
+    if data_dir is not None:
+        where = f"data_dir {str(data_dir)!r}"
+        if not Path(data_dir).expanduser().is_dir():
+            where += " (which does not exist)"
+    elif os.environ.get(ENV_DATA_DIR):
+        where = f"${ENV_DATA_DIR}={os.environ[ENV_DATA_DIR]!r}"
+    else:
+        return ""
+    return f" (only the folder you named, {where}, is searched: fix that path or unset it)"
 
 
 def _looked_in(folders: Sequence[Path]) -> str:
@@ -336,7 +395,17 @@ def _load_digits(seed: int, test_fraction: float, normalize: bool) -> Dataset:
     if normalize:
         mean, std = float(x_tr.mean()), float(x_tr.std())
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-    return _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
+    ds = _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
+    csv = _digits_file()
+    ds.files = file_records([csv]) if csv.is_file() else ()
+    return ds
+
+
+def _digits_file() -> Path:
+    """The copy of the UCI digits that scikit-learn bundles (what ``load_digits`` reads)."""
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
 
 
 def _load_synthetic(
@@ -378,7 +447,7 @@ def _load_idx_dataset(
             x /= std
         return x
 
-    return _to_dataset(
+    ds = _to_dataset(
         name,
         prep(arrays["train_images"]),
         arrays["train_labels"],
@@ -386,6 +455,8 @@ def _load_idx_dataset(
         arrays["test_labels"],
         10,
     )
+    ds.files = file_records([files[k] for k in _IDX_STEMS])
+    return ds
 
 
 def _load_cifar10(folder: Path, normalize: bool) -> Dataset:
@@ -402,7 +473,9 @@ def _load_cifar10(folder: Path, normalize: bool) -> Dataset:
             x = (x - mean) / std
         return x
 
-    return _to_dataset("cifar10", prep(x_tr), y_tr, prep(x_te), y_te, 10)
+    ds = _to_dataset("cifar10", prep(x_tr), y_tr, prep(x_te), y_te, 10)
+    ds.files = file_records([folder / f for f in _CIFAR10_FILES])
+    return ds
 
 
 @lru_cache(maxsize=8)
@@ -449,9 +522,11 @@ def load_dataset(
     """Load a dataset by name (one of :data:`DATASETS`), cached in-process.
 
     ``seed`` and ``test_fraction`` only affect datasets without an official split ("digits",
-    "synthetic"). File datasets are looked up in ``data_dir``, then ``$DICE_DATA_DIR`` (and a
-    dataset-named subfolder of each); Fashion-MNIST also in ``/usr/share/datasets/fashion-mnist``.
-    The returned tensors are shared with the cache: do not modify them in place.
+    "synthetic"). File datasets are looked up in ``data_dir`` if given, else in
+    ``$DICE_DATA_DIR`` (and a dataset-named subfolder); only when neither is given, Fashion-MNIST
+    also in ``/usr/share/datasets/fashion-mnist``. A named folder that lacks the data raises
+    :class:`DataError`. The returned tensors are shared with the cache: do not modify them in
+    place; ``files`` lists what was read.
     """
     n = _canonical_name(name)
     if n in ("digits", "synthetic") and not 0.0 < test_fraction < 1.0:
@@ -486,7 +561,7 @@ def load_dataset(
             else ("mnist", "MNIST/raw")
         )
         folders = _user_dirs(data_dir, subs)
-        if n == "fashion-mnist":
+        if n == "fashion-mnist" and not folders:
             folders.append(SYSTEM_FASHION_MNIST_DIR)
         files = _find_idx_set(folders)
         if files is None:
@@ -498,7 +573,7 @@ def load_dataset(
             )
             raise DataError(
                 f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
-                f"{_looked_in(folders)}; {hint}"
+                f"{_looked_in(folders)}{_named(data_dir)}; {hint}"
             )
         named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
         key = (n, named, _file_key([Path(p) for _, p in named]), bool(normalize))
@@ -508,7 +583,8 @@ def load_dataset(
         if folder is None:
             raise DataError(
                 f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
-                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}; download the "
+                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}"
+                f"{_named(data_dir)}; download the "
                 f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
             )
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])

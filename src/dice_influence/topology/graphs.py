@@ -11,6 +11,7 @@ import numpy as np
 from ._common import (
     _DIRECTED,
     _MAX_TRIES,
+    MAX_NODES,
     TOPOLOGIES,
     WEIGHTS,
     TopologyError,
@@ -48,7 +49,7 @@ def mixing_matrix(
     key = _norm_name(name)
     if key not in TOPOLOGIES:
         raise TopologyError(f"unknown topology {name!r}; valid names: {', '.join(TOPOLOGIES)}")
-    n = _as_int(n, "n (number of nodes)", minimum=1)
+    n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
     _check_weights(weights, WEIGHTS)
     seed = _as_int(seed, "seed")
     if weights == "metropolis" and key in _DIRECTED:
