@@ -92,6 +92,14 @@ def test_markup_in_config_error_is_printed_verbatim():
     assert "[/oops]" in one_error(r)
 
 
+def test_train_prints_an_out_path_holding_markup(tmp_path):
+    out = tmp_path / "a[" / "x]"
+    r = runner.invoke(app, ["train", str(write_cfg(tmp_path, tiny(train__rounds=1))), "-o",
+                            str(out), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert str(out) in r.output.replace("\n", "")
+
+
 def test_topology_command_refuses_huge_n_in_one_line():
     r = runner.invoke(app, ["topology", "ring", "-n", "100000"])
     assert "100000" in one_error(r)

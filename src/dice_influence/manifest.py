@@ -3,7 +3,7 @@
 **Run identity.** A hash of everything that changes a run's numbers: the config without its
 purely operational keys, plus the size and SHA-256 of every data file read. Left out:
 ``experiment`` (settings of what is built on the run; the peer runtime adds the distributed
-keys that change numbers, see :func:`distributed_identity_extra`), ``data.data_dir`` (the files'
+keys that change numbers, see ``distributed.peer.peer_identity``), ``data.data_dir`` (the files'
 hashes stand for it, so moving the data keeps the identity), ``train.eval_every`` and
 ``train.checkpoint_every`` (when to measure and save, not what is computed) and
 ``train.rounds`` (so a run can be extended) except under the cosine schedule, whose learning

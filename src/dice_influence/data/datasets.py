@@ -508,6 +508,55 @@ def _canonical_name(name: str) -> str:
     return n
 
 
+def dataset_files(name: str, *, data_dir: str | Path | None = None) -> tuple[dict[str, Any], ...]:
+    """The files :func:`load_dataset` reads for ``name`` (path, size, sha256), without parsing
+    them; raises :class:`DataError` like the loader when they are missing."""
+    n = _canonical_name(name)
+    if n == "synthetic":
+        return ()
+    if n == "digits":
+        csv = _digits_file()
+        return file_records([csv]) if csv.is_file() else ()
+    if n in ("fashion-mnist", "mnist"):
+        files = _locate_idx(n, data_dir)
+        return file_records([files[k] for k in _IDX_STEMS])
+    folder = _locate_cifar(data_dir)
+    return file_records([folder / f for f in _CIFAR10_FILES])
+
+
+def _locate_idx(n: str, data_dir: str | Path | None) -> dict[str, Path]:
+    subs = ("fashion-mnist", "FashionMNIST/raw") if n == "fashion-mnist" else ("mnist", "MNIST/raw")
+    folders = _user_dirs(data_dir, subs)
+    if n == "fashion-mnist" and not folders:
+        folders.append(SYSTEM_FASHION_MNIST_DIR)
+    files = _find_idx_set(folders)
+    if files is None:
+        hint = (
+            "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir / "
+            f"set {ENV_DATA_DIR}"
+            if n == "fashion-mnist"
+            else f"put the four MNIST idx files there, then pass --data-dir / set {ENV_DATA_DIR}"
+        )
+        raise DataError(
+            f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
+            f"{_looked_in(folders)}{_named(data_dir)}; {hint}"
+        )
+    return files
+
+
+def _locate_cifar(data_dir: str | Path | None) -> Path:
+    folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
+    folder = _find_cifar_dir(folders)
+    if folder is None:
+        raise DataError(
+            f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
+            f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}"
+            f"{_named(data_dir)}; download the "
+            f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
+        )
+    return folder
+
+
 def load_dataset(
     name: str,
     *,
@@ -555,38 +604,11 @@ def load_dataset(
             bool(normalize),
         )
     elif n in ("fashion-mnist", "mnist"):
-        subs = (
-            ("fashion-mnist", "FashionMNIST/raw")
-            if n == "fashion-mnist"
-            else ("mnist", "MNIST/raw")
-        )
-        folders = _user_dirs(data_dir, subs)
-        if n == "fashion-mnist" and not folders:
-            folders.append(SYSTEM_FASHION_MNIST_DIR)
-        files = _find_idx_set(folders)
-        if files is None:
-            hint = (
-                "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir / "
-                f"set {ENV_DATA_DIR}"
-                if n == "fashion-mnist"
-                else f"put the four MNIST idx files there, then pass --data-dir / set {ENV_DATA_DIR}"
-            )
-            raise DataError(
-                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
-                f"{_looked_in(folders)}{_named(data_dir)}; {hint}"
-            )
+        files = _locate_idx(n, data_dir)
         named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
         key = (n, named, _file_key([Path(p) for _, p in named]), bool(normalize))
     else:  # cifar10
-        folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
-        folder = _find_cifar_dir(folders)
-        if folder is None:
-            raise DataError(
-                f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
-                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}"
-                f"{_named(data_dir)}; download the "
-                f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
-            )
+        folder = _locate_cifar(data_dir)
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])
         key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))
     return replace(_load_cached(key))

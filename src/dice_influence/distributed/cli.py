@@ -39,16 +39,21 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         resume: bool = typer.Option(
             False, "--resume", help="Continue from the last checkpoint all peers share."
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace another run's checkpoints in --out."
+        ),
         timeout: float = typer.Option(None, "--timeout", help="Kill everything after SECONDS."),
     ) -> None:
         """Start N local peers on loopback (one process each) and collect their outputs."""
+        from rich.markup import escape
         from rich.table import Table
 
         from .launch import launch as run_launch
 
-        console.print(f"launching {peers} peers on loopback -> [bold]{out}[/]")
+        console.print(f"launching {peers} peers on loopback -> [bold]{escape(str(out))}[/]")
         res = run_launch(
-            config, peers, out, overrides=set_ or [], resume=resume, wall_timeout=timeout
+            config, peers, out, overrides=set_ or [], resume=resume, overwrite=overwrite,
+            wall_timeout=timeout,
         )
         table = Table(title=f"{peers} peers, {res.seconds:.1f} s")
         for col in ("peer", "status", "rounds", "test acc", "rounds/s", "bytes/round", "dropped"):
@@ -70,10 +75,10 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
                 ",".join(map(str, dropped)) or "-",
             )
         console.print(table)
-        for e in res.errors:
-            console.print(f"[bold red]{e}[/]")
+        for e in res.errors:  # peers' messages quote gloo, e.g. "[/pytorch/...]": not markup
+            console.print(f"[bold red]{escape(e)}[/]")
         console.print(
-            f"outputs: [bold]{out}[/] (summary.json, proximal.csv, final.safetensors, "
+            f"outputs: [bold]{escape(str(out))}[/] (summary.json, proximal.csv, final.safetensors, "
             "peer-<k>/); proximal influence sign: positive = harmful"
         )
         if not res.ok:

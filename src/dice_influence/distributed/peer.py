@@ -16,15 +16,19 @@ Each round ``t`` peer ``k`` (SPEC §2, §5):
 
 Outputs go to ``OUT/peer-<k>/``: ``params.safetensors``, ``proximal.json``/``proximal.csv``,
 ``metrics.json`` (written also when the run fails, with the error naming peer and round) and
-``checkpoints/round-<t>.safetensors``.
+``checkpoints/round-<t>.safetensors``. Every checkpoint records the run identity (see
+:func:`peer_identity`); resuming from another run's checkpoint, or starting afresh over one, is
+refused with one message naming what differs.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +38,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._util import atomic_write_text, write_json
+from .._util import atomic_path, atomic_write_text, json_safe, write_json
 from ..config import ConfigError, RunConfig, dump_config
+from ..data import dataset_files
 from ..gossip import loss_grads, node_grads
+from ..manifest import RunDirError, RunIdentity
 from .local import LocalProblem, build_local
 from .settings import DistributedSettings, distributed_settings
 from .transport import FLAG_DROP, FLAG_KEEP, PeerFailure, Transport
 
 SIGN = "influence = loss with the data - loss without it; positive = harmful"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def peer_identity(cfg: RunConfig, s: DistributedSettings | None = None) -> RunIdentity:
+    """The run identity of a peer-to-peer run: the simulator's (config keys that change the
+    numbers, data files read) plus the distributed settings that change them (read-out, test
+    set, node weights, detection). Timeouts, checkpointing, backend, rendezvous and fault
+    drills are left out."""
+    s = s or distributed_settings(cfg)
+    files = dataset_files(cfg.data.dataset, data_dir=cfg.data.data_dir)
+    extra = {"distributed": {"readout": s.readout, "test_set": s.test_set, "q": s.q,
+                             "detection": s.detection.model_dump(mode="json")}}
+    return RunIdentity.of(cfg, files, extra)
+
+
+def checkpoint_identity(path: str | Path) -> RunIdentity | None:
+    """The run identity a peer checkpoint records (None when it records none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return RunIdentity.from_json(json.loads(meta["identity"]), str(path))
+    except Exception:  # damaged, old format or no identity: not verifiable
+        return None
 
 
 @dataclass
@@ -90,7 +120,27 @@ class Peer:
         self.seconds = 0.0
         self.first_round_s: float | None = None
         self.rounds_run = 0
+        self.identity = peer_identity(cfg, self.s)
+        if not self.s.resume:
+            self._start_afresh()
         self._warm_up()
+
+    def _start_afresh(self) -> None:
+        """A fresh start: refuse another run's checkpoints in this peer's folder; remove this
+        run's old ones (they would outrank the new ones when pruning and resuming)."""
+        d = self.out / "checkpoints"
+        for t in self.checkpoint_rounds():
+            path = d / f"round-{t}.safetensors"
+            other = checkpoint_identity(path)
+            if other is None or other.digest != self.identity.digest:
+                why = ("records no run identity" if other is None
+                       else f"belongs to another run ({self.identity.differences(other)})")
+                raise RunDirError(
+                    f"{path} {why}; resume it with its own config, delete it, or use "
+                    "`dice launch --overwrite`"
+                )
+        for t in self.checkpoint_rounds():
+            (d / f"round-{t}.safetensors").unlink(missing_ok=True)
 
     def _warm_up(self) -> None:
         """One local gradient and test gradient before joining the network: torch.func imports
@@ -215,7 +265,7 @@ class Peer:
                 if self.first_round_s is None:
                     self.first_round_s = time.perf_counter() - t0
                 if st.t % eval_every == 0 or st.t == total:
-                    st.history.append({"round": st.t, **self.lp.evaluate(st.theta)})
+                    st.history.append(self._evaluate(st))
                 if ck is not None and st.t % ck == 0:
                     self.save_checkpoint(st)
         except PeerFailure as exc:
@@ -226,6 +276,16 @@ class Peer:
         self.write_outputs(st)
         return st
 
+    def _evaluate(self, st: PeerState) -> dict[str, Any]:
+        """This peer's evaluation at ``st.t``; a non-finite loss means this peer diverged."""
+        rec = {"round": st.t, **self.lp.evaluate(st.theta)}
+        if not all(math.isfinite(v) for k, v in rec.items() if k.endswith("loss")):
+            raise PeerFailure(
+                self.k, st.t, "diverged: this peer's test loss is non-finite (lower train.lr, "
+                "or use train.dtype=float64)"
+            )
+        return rec
+
     # ------------------------------------------------------------------------------ files
 
     def write_outputs(self, st: PeerState, error: PeerFailure | None = None) -> None:
@@ -235,9 +295,9 @@ class Peer:
         tensors = {"theta": st.theta[0].contiguous().cpu()}
         if st.opt_state is not None:
             tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
-        tmp = self.out / ".params.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k)})
-        os.replace(tmp, self.out / "params.safetensors")
+        with atomic_path(self.out / "params.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k),
+                                                   "identity": self.identity.digest})
         prox = {
             "sign": SIGN,
             "receiver": self.k,
@@ -289,6 +349,7 @@ class Peer:
             "history": st.history,
             "final": st.history[-1] if st.history else None,
             "checkpoints": self.checkpoint_rounds(),
+            "identity": self.identity.digest,
         }
         write_json(self.out / "metrics.json", metrics)
 
@@ -312,19 +373,20 @@ class Peer:
             "round": str(st.t),
             "peer": str(self.k),
             "n": str(self.n),
+            "identity": json.dumps(self.identity.to_json(), allow_nan=False),
             "state": json.dumps(
-                {
+                json_safe({
                     "dropped_in": sorted(st.dropped_in),
                     "dropped_by": sorted(st.dropped_by),
                     "events": st.events,
                     "rounds": st.rounds,
                     "history": st.history,
-                }
+                }),
+                allow_nan=False,
             ),
         }
-        tmp = d / f".round-{st.t}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, d / f"round-{st.t}.safetensors")
+        with atomic_path(d / f"round-{st.t}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         for old in self.checkpoint_rounds()[: -self.s.keep_checkpoints]:
             (d / f"round-{old}.safetensors").unlink(missing_ok=True)
 
@@ -352,6 +414,13 @@ class Peer:
             opt = f.get_tensor("opt_state") if "opt_state" in f.keys() else None
         if int(meta["peer"]) != self.k or int(meta["n"]) != self.n or theta.numel() != self.lp.d:
             raise ConfigError(f"resume: {path} belongs to another peer or another model")
+        other = checkpoint_identity(path)
+        if other is None:
+            raise RunDirError(f"resume: {path} records no run identity (written by an older "
+                              "version); start afresh with `dice launch --overwrite`")
+        self.identity.require_same(
+            other, f"resume: {path}", "resume with the config it was trained with, or start "
+            "afresh with `dice launch --overwrite`")
         extra = json.loads(meta["state"])
         dev, dt = self.lp.device, self.lp.dtype
         return PeerState(
@@ -378,7 +447,9 @@ def _inject(kind: str) -> None:
 
 
 def _guard_network(s: DistributedSettings, init_method: str) -> None:
-    """Keep traffic on loopback unless ``allow_network`` is set."""
+    """Keep traffic on loopback unless ``allow_network`` is set. (torch.distributed has no
+    authentication: anyone who reaches the rendezvous or a gloo port can join or inject; use
+    it on trusted networks only.)"""
     if s.allow_network:
         return
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
@@ -435,13 +506,57 @@ def run_peer(
     elif cfg.train.device.startswith("cuda"):
         device = torch.device("cpu")
     peer = Peer(cfg, rank, out, s, device=device)  # build before joining: data loading is slow
-    dist.init_process_group(
-        backend,
-        init_method=init,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s)),
-    )
+    timeout = datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s))
+    store = rendezvous_store(init, rank, world, timeout)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                timeout=timeout)
     st = peer.run()  # on PeerFailure the caller exits hard: a pending receive cannot be cancelled
     dist.destroy_process_group()
     return st
+
+
+_LISTENERS: list[socket.socket] = []  # the store server's socket lives as long as the process
+
+
+def rendezvous_store(init_method: str, rank: int, world: int,
+                     timeout: datetime.timedelta) -> Any:
+    """For ``env://``: the rendezvous TCPStore on ``MASTER_ADDR:MASTER_PORT``, its server (rank
+    0) listening on that address only (torch's own ``env://`` store listens on every
+    interface). Under torchrun's agent store every rank is a client, as in torch. None for
+    other init methods (``file://`` needs no listener; ``tcp://`` is torch's)."""
+    from torch.distributed import TCPStore
+
+    if not init_method.startswith("env://"):
+        return None
+    addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    raw_port = os.environ.get("MASTER_PORT")
+    try:
+        port = int(raw_port or "")
+        if not 0 < port < 2**16:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"MASTER_PORT={raw_port!r} is not a port number (1..65535); set MASTER_PORT, or "
+            "start peers with torchrun or `dice launch`"
+        ) from None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or rank != 0:
+        return TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            addr, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(max(world, 16))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on MASTER_ADDR={addr!r} MASTER_PORT={port} ({exc.strerror or exc}); "
+            "pick a free port and an address of this machine"
+        ) from None
+    _LISTENERS.append(sock)
+    return TCPStore(addr, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                    master_listen_fd=sock.fileno(), use_libuv=True)
