@@ -72,6 +72,10 @@ def one_error(r) -> str:
         ("topology.n=100000", "topology.n"),
         ("topology.matrix=[[0.5,0.5],[1.0]]", "topology.matrix"),
         ("topology.matrix=[[.nan,1.0],[0.5,0.5]]", "topology.matrix"),
+        ("model.width=0", "model.width"),
+        ("model.hidden=[0]", "model.hidden"),
+        ("train.device=banana", "train.device"),
+        ("train.device=cuda:9", "train.device"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_training(tmp_path, override, needle):
@@ -324,3 +328,43 @@ def test_resume_refuses_another_run_and_fresh_run_needs_overwrite(tmp_path):
                             "--overwrite"])
     assert r.exit_code == 0, r.output
     assert Trajectory.load(out).problem.cfg.seed == 2
+
+
+def test_resume_with_nothing_saved_yet_starts_at_round_zero(tmp_path):
+    """Killed before the first checkpoint: --resume has nothing to continue and starts over."""
+    cfg = write_cfg(tmp_path, tiny())
+    full, out = tmp_path / "full", tmp_path / "empty"
+    assert runner.invoke(app, ["train", str(cfg), "-o", str(full), "-q"]).exit_code == 0
+    r = runner.invoke(app, ["train", str(cfg), "-o", str(out), "-q", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(Trajectory.load(out).theta, Trajectory.load(full).theta)
+
+
+# ------------------------------------------------------------------------------ influence
+# These need the two-line fix in influence/common.py described in issue 13's report (owned by
+# another engineer); strict xfail flips to a failure once it is in: then drop the marks.
+
+NEEDS_FIX = pytest.mark.xfail(strict=True, reason="needs the influence/common.py fix (issue 13)")
+
+
+@NEEDS_FIX
+@pytest.mark.parametrize("node,hops", [(1.0, 1), (True, 1), (1, -1)])
+def test_influence_events_and_hops_are_validated(node, hops):
+    from dice_influence.influence import estimate
+    from dice_influence.influence.common import Event
+
+    traj = train(load_config(tiny()))
+    with pytest.raises(ValueError, match="node|hops"):
+        estimate(traj, [Event(node, 2)], hops=hops)
+
+
+@NEEDS_FIX
+def test_influence_on_a_non_finite_trajectory_raises():
+    from dice_influence.influence import ground_truth
+    from dice_influence.influence.common import Event
+    from dice_influence.trajectory import DivergenceError
+
+    traj = train(load_config(tiny()))
+    traj.checkpoints[2][0][0, 0] = float("nan")
+    with pytest.raises(DivergenceError):
+        ground_truth(traj, [Event(1, 2)], hops=1)

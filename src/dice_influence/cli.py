@@ -42,11 +42,13 @@ def train(
     Checkpoints go to OUT/progress/ as training goes, so a killed run continues with --resume."""
     from rich.markup import escape
 
+    from .config import check_device
     from .rundir import check_writable, open_run, progress_writer, write_run_dir
     from .simulator import build_problem
     from .trajectory import DivergenceError
 
     cfg = load_run_config(config, set_)
+    check_device(cfg)
     check_writable(out)
     traj = open_run(out, build_problem(cfg), resume=resume, overwrite=overwrite)
     try:

@@ -9,7 +9,7 @@ square with one row per node.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0..2**32-1
 MAX_NODES = 4096  # mixing matrices are dense (n, n) float64: 4096 nodes = 128 MiB each
 
@@ -69,9 +70,9 @@ class TopologyConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["logreg", "mlp", "cnn", "resnet"] = "mlp"
-    hidden: list[int] = [128, 64]
-    channels: list[int] = [16, 32]
-    width: int = 16
+    hidden: list[PositiveInt] = [128, 64]
+    channels: list[PositiveInt] = [16, 32]
+    width: int = Field(16, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -88,7 +89,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=1)
     eval_every: int = Field(10, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,3})?|mps)$",
+                        description="cpu, cuda, cuda:N or mps")
 
 
 class RunConfig(_Strict):
@@ -113,6 +115,11 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
+        if self.model.name == "resnet" and self.model.width % 4:
+            raise ValueError(
+                f"model.width={self.model.width}: the resnet's GroupNorm uses 4 groups, so the "
+                "width must be a multiple of 4 (e.g. 16)"
+            )
         m = self.topology.matrix
         if m is not None and len(m) != n:
             raise ValueError(
@@ -127,6 +134,23 @@ class RunConfig(_Strict):
                     "on sender j)"
                 )
         return self
+
+
+def check_device(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` unless ``train.device`` exists on this machine."""
+    import torch
+
+    dev = cfg.train.device
+    kind, _, idx = dev.partition(":")
+    if kind == "cuda":
+        ok = torch.cuda.is_available() and int(idx or 0) < torch.cuda.device_count()
+    elif kind == "mps":
+        ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"train.device={dev!r} is not available on this machine; use "
+                          "train.device=cpu (or a device that torch sees here)")
 
 
 def _format_validation(err: ValidationError, source: str) -> str:

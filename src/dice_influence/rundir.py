@@ -246,16 +246,18 @@ def clear_run_dir(out: str | Path) -> None:
 def open_run(out: str | Path, problem: Problem, *, resume: bool = False,
              overwrite: bool = False) -> Trajectory:
     """The trajectory to train into ``out``: with ``resume``, the latest state of this same run
-    found there (progress checkpoints or the committed run); otherwise a fresh start, refused
-    when ``out`` holds another run unless ``overwrite``. Raises :class:`RunDirError`."""
+    found there (progress checkpoints or the committed run; round 0 when ``out`` holds nothing
+    of any run, e.g. after a kill before the first checkpoint); otherwise a fresh start,
+    refused when ``out`` holds another run unless ``overwrite``. Raises :class:`RunDirError`."""
     out = Path(out)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite discards it; "
                           "pass one of them")
     ident = RunIdentity.of(problem.cfg, problem.dataset.files)
-    if resume:
+    found = _found_runs(out)
+    if resume and found:
         return _resume(out, problem, ident)
-    foreign = [(w, i) for w, i in _found_runs(out) if i is None or i.digest != ident.digest]
+    foreign = [(w, i) for w, i in found if i is None or i.digest != ident.digest]
     if foreign and not overwrite:
         where, other = foreign[0]
         why = (f"files whose run cannot be verified ({where})" if other is None else
@@ -287,8 +289,8 @@ def _resume(out: Path, problem: Problem, ident: RunIdentity) -> Trajectory:
         every = int(meta["checkpoint_every"])
     target = problem.cfg.train.rounds
     if not sources:
-        raise RunDirError(f"--resume: {out} holds no checkpoint of a run; start it without "
-                          "--resume")
+        raise RunDirError(f"--resume: {out} holds no checkpoint to continue from (only run "
+                          "files that cannot be verified); start afresh with --overwrite")
     usable = [t for t in sources if t <= target]
     if not usable:
         raise RunDirError(f"--resume: the run in {out} is already at round {min(sources)}, past "

@@ -15,7 +15,6 @@ it lacks the data that is an error, never a silent fallback to another copy. Eve
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib
 import math
 import os
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .files import file_records as _records
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
@@ -184,28 +185,12 @@ def _unreadable(path: Path, exc: OSError) -> DataError:
     )
 
 
-@lru_cache(maxsize=64)
-def _file_record(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise _unreadable(Path(path), exc) from None
-    return {"path": path, "size": size, "sha256": h.hexdigest()}
-
-
 def file_records(paths: Sequence[Path]) -> tuple[dict[str, Any], ...]:
-    """``{"path", "size", "sha256"}`` of each file (hashes cached by path, mtime and size)."""
-    out = []
-    for p in paths:
-        try:
-            st = Path(p).stat()
-        except OSError as exc:
-            raise _unreadable(Path(p), exc) from None
-        out.append(dict(_file_record(str(Path(p).resolve()), st.st_mtime_ns, st.st_size)))
-    return tuple(out)
+    """``{"path", "size", "sha256"}`` of each file; :class:`DataError` if one is unreadable."""
+    try:
+        return _records(paths)
+    except OSError as exc:
+        raise _unreadable(Path(exc.filename or "?"), exc) from None
 
 
 _ALLOWED_PICKLE_GLOBALS = {
@@ -395,10 +380,7 @@ def _load_digits(seed: int, test_fraction: float, normalize: bool) -> Dataset:
     if normalize:
         mean, std = float(x_tr.mean()), float(x_tr.std())
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-    ds = _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
-    csv = _digits_file()
-    ds.files = file_records([csv]) if csv.is_file() else ()
-    return ds
+    return _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
 
 
 def _digits_file() -> Path:
@@ -447,7 +429,7 @@ def _load_idx_dataset(
             x /= std
         return x
 
-    ds = _to_dataset(
+    return _to_dataset(
         name,
         prep(arrays["train_images"]),
         arrays["train_labels"],
@@ -455,8 +437,6 @@ def _load_idx_dataset(
         arrays["test_labels"],
         10,
     )
-    ds.files = file_records([files[k] for k in _IDX_STEMS])
-    return ds
 
 
 def _load_cifar10(folder: Path, normalize: bool) -> Dataset:
@@ -473,9 +453,7 @@ def _load_cifar10(folder: Path, normalize: bool) -> Dataset:
             x = (x - mean) / std
         return x
 
-    ds = _to_dataset("cifar10", prep(x_tr), y_tr, prep(x_te), y_te, 10)
-    ds.files = file_records([folder / f for f in _CIFAR10_FILES])
-    return ds
+    return _to_dataset("cifar10", prep(x_tr), y_tr, prep(x_te), y_te, 10)
 
 
 @lru_cache(maxsize=8)
@@ -611,4 +589,4 @@ def load_dataset(
         folder = _locate_cifar(data_dir)
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])
         key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))
-    return replace(_load_cached(key))
+    return replace(_load_cached(key), files=dataset_files(n, data_dir=data_dir))
