@@ -28,7 +28,6 @@ import json
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +43,11 @@ from ..data import dataset_files
 from ..gossip import loss_grads, node_grads
 from ..manifest import RunDirError, RunIdentity
 from .local import LocalProblem, build_local
+from .rendezvous import guard_network, rendezvous_store
 from .settings import DistributedSettings, distributed_settings
 from .transport import FLAG_DROP, FLAG_KEEP, PeerFailure, Transport
 
 SIGN = "influence = loss with the data - loss without it; positive = harmful"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def peer_identity(cfg: RunConfig, s: DistributedSettings | None = None) -> RunIdentity:
@@ -446,36 +445,6 @@ def _inject(kind: str) -> None:
 # ------------------------------------------------------------------------------ entry points
 
 
-def _guard_network(s: DistributedSettings, init_method: str) -> None:
-    """Keep traffic on loopback unless ``allow_network`` is set. (torch.distributed has no
-    authentication: anyone who reaches the rendezvous or a gloo port can join or inject; use
-    it on trusted networks only.)"""
-    if s.allow_network:
-        return
-    iface = os.environ.get("GLOO_SOCKET_IFNAME")
-    if iface not in (None, "lo"):
-        raise ConfigError(
-            f"GLOO_SOCKET_IFNAME={iface!r} is not loopback; set "
-            "experiment.distributed.allow_network=true to run across machines"
-        )
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    if init_method.startswith("env://"):
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        if addr not in LOOPBACK:
-            raise ConfigError(
-                f"MASTER_ADDR={addr!r} is not loopback; set "
-                "experiment.distributed.allow_network=true to run across machines"
-            )
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    elif init_method.startswith("tcp://"):
-        host = init_method[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-        if host not in LOOPBACK:
-            raise ConfigError(
-                f"init_method {init_method!r} is not loopback; set "
-                "experiment.distributed.allow_network=true to run across machines"
-            )
-
-
 def run_peer(
     cfg: RunConfig, out: str | Path, *, rank: int | None = None, world_size: int | None = None
 ) -> PeerState:
@@ -496,7 +465,7 @@ def run_peer(
             "per node (e.g. dice launch CONFIG --peers N with N = topology.n)"
         )
     init = os.environ.get("DICE_INIT_METHOD") or s.init_method or "env://"
-    _guard_network(s, init)
+    guard_network(s, init)
     use_cuda = cfg.train.device.startswith("cuda") and torch.cuda.is_available()
     backend = s.backend if s.backend != "auto" else ("nccl" if use_cuda else "gloo")
     device = None
@@ -518,45 +487,3 @@ def run_peer(
     dist.destroy_process_group()
     return st
 
-
-_LISTENERS: list[socket.socket] = []  # the store server's socket lives as long as the process
-
-
-def rendezvous_store(init_method: str, rank: int, world: int,
-                     timeout: datetime.timedelta) -> Any:
-    """For ``env://``: the rendezvous TCPStore on ``MASTER_ADDR:MASTER_PORT``, its server (rank
-    0) listening on that address only (torch's own ``env://`` store listens on every
-    interface). Under torchrun's agent store every rank is a client, as in torch. None for
-    other init methods (``file://`` needs no listener; ``tcp://`` is torch's)."""
-    from torch.distributed import TCPStore
-
-    if not init_method.startswith("env://"):
-        return None
-    addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    raw_port = os.environ.get("MASTER_PORT")
-    try:
-        port = int(raw_port or "")
-        if not 0 < port < 2**16:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(
-            f"MASTER_PORT={raw_port!r} is not a port number (1..65535); set MASTER_PORT, or "
-            "start peers with torchrun or `dice launch`"
-        ) from None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or rank != 0:
-        return TCPStore(addr, port, world, is_master=False, timeout=timeout)
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            addr, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(max(world, 16))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on MASTER_ADDR={addr!r} MASTER_PORT={port} ({exc.strerror or exc}); "
-            "pick a free port and an address of this machine"
-        ) from None
-    _LISTENERS.append(sock)
-    return TCPStore(addr, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
-                    master_listen_fd=sock.fileno(), use_libuv=True)
