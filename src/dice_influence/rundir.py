@@ -276,7 +276,10 @@ def _resume(out: Path, problem: Problem, ident: RunIdentity) -> Trajectory:
     checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     every = None
     if (out / MANIFEST).is_file():
-        done = Trajectory.load(out, problem=problem)  # refuses another run or a damaged folder
+        for _where, other in _found_runs(out)[:1]:
+            if other is not None:
+                ident.require_same(other, f"--resume: {out}", fix)
+        done = Trajectory.load(out, problem=problem)  # refuses a damaged folder
         checkpoints.update(done.checkpoints)
         sources[done.rounds_done] = done.history
         every = done.checkpoint_every
