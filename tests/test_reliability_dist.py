@@ -216,3 +216,19 @@ def test_peer_metrics_record_identity(tmp_path):
     ids = {m["identity"] for m in res.metrics}
     assert len(ids) == 1 and len(ids.pop()) == 64
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == ["ok", "ok"]
+
+
+def test_resume_without_a_common_checkpoint_starts_at_round_zero(tmp_path):
+    """A peer that is not a neighbour of the dead one can run a round ahead and save alone:
+    there is then no round every peer saved, and round 0 is the common state."""
+    import torch
+
+    ref = launch(load_config(cfg_for(rounds=4)), 2, tmp_path / "ref", wall_timeout=WALL)
+    res = launch(load_config(cfg_for(rounds=2)), 2, tmp_path / "run", wall_timeout=WALL)
+    assert ref.ok and res.ok, (ref.errors, res.errors)
+    for p in (tmp_path / "run" / "peer-1" / "checkpoints").glob("*.safetensors"):
+        p.unlink()
+    res = launch(load_config(cfg_for(rounds=4)), 2, tmp_path / "run", resume=True,
+                 wall_timeout=WALL)
+    assert res.ok, res.errors
+    assert torch.equal(res.theta, ref.theta)

@@ -168,7 +168,8 @@ def launch(
     """Run ``peers`` local peers of ``config`` and collect their outputs under ``out``.
 
     ``resume``: continue from the latest round every peer has a checkpoint of (of this same
-    run: another run's checkpoints are refused; with no checkpoint at all, start at round 0). ``overwrite``: a fresh run may replace
+    run: another run's checkpoints are refused; with no round that every peer saved, start at
+    round 0). ``overwrite``: a fresh run may replace
     another run's checkpoints in ``out``. ``wall_timeout``: kill everything after this many
     seconds (default: none)."""
     from .peer import peer_identity
@@ -188,9 +189,9 @@ def launch(
     out.mkdir(parents=True, exist_ok=True)
     ident = peer_identity(cfg)
     r = common_checkpoint(out, peers) if resume else None
-    if resume and r is None and _checkpoint_files(out):
-        raise ConfigError(f"--resume: no round that every peer has a checkpoint of in {out}")
-    resume = resume and r is not None  # nothing saved yet (killed early): start at round 0
+    # no round that every peer saved (killed before the first checkpoint, or only a peer that
+    # ran ahead saved one): round 0, which every peer recomputes exactly, is the common state
+    resume = resume and r is not None
     check_checkpoints(out, ident, resume_round=r, n=peers, overwrite=overwrite)
     if resume:
         raw = cfg.model_dump(mode="json")
