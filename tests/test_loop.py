@@ -229,3 +229,23 @@ def test_dice_train_takes_the_plugin_keys(tmp_path):
     assert m["W_used_rounds"]
     back = Trajectory.load(tmp_path / "run")
     assert sorted(back.W_used) == m["W_used_rounds"]
+
+
+def test_a_policy_driven_run_resumes_to_the_same_bits(tmp_path):
+    from dice_influence.rundir import open_run, progress_writer, write_run_dir
+
+    cfg = cfg_for(rounds=14, policy={"kind": "prune", "rule": "sign", "start": 2})
+    whole = train(cfg)
+    out = tmp_path / "run"
+    first = open_run(out, build_problem(cfg))
+    first.run(8, on_checkpoint=progress_writer(first, out))  # "killed" after round 8
+    again = open_run(out, build_problem(cfg), resume=True)
+    assert again.rounds_done == 8 and again.plugins.policy is not None
+    again.run(cfg.train.rounds - again.rounds_done, on_checkpoint=progress_writer(again, out))
+    assert torch.equal(again.theta, whole.theta)
+    assert again.plugins.policy.prune_log == whole.plugins.policy.prune_log
+    assert sorted(again.W_used) == sorted(whole.W_used)
+    write_run_dir(again, out)
+    back = Trajectory.load(out)
+    assert np.array_equal(back.plugins.policy.blocked, whole.plugins.policy.blocked)
+    assert torch.equal(back.params_at(back.rounds_done)[0], whole.theta)

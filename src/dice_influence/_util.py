@@ -1,12 +1,19 @@
-"""Small shared helpers: atomic file writes (following the umask) and progress bars."""
+"""Small shared helpers: atomic file writes and progress bars.
+
+Every write goes to a uniquely named temporary file in the target folder (two writers never
+share one), is flushed to disk (fsync), given the mode a plain ``open()`` would give (``0o666``
+less the umask) and then renamed over the target, so a reader sees the old file or the new one,
+never half of one.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,27 +34,57 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename (never half-written).
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename) to disk; best effort where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    The file gets the mode a plain ``open()`` would give (``0o666`` less the umask), not the
-    ``0o600`` of :func:`tempfile.mkstemp`."""
+
+def temp_name(path: str | Path) -> Path:
+    """A temporary path next to ``path``, unique to this call (process id + random suffix)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a unique temporary path to write ``path`` through (e.g. ``save_file(t, tmp)``); on
+    success it is fsynced and renamed over ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_name(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (module docstring)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -83,25 +120,34 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented, strict JSON: NaN and ±inf (which JSON cannot
+    hold) are written as ``null``, as JavaScript's ``JSON.stringify`` does."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_safe(o: Any) -> Any:
+    """``o`` with arrays/tensors as lists, numpy/torch scalars as Python numbers and
+    non-finite floats as ``None``."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (str, int, bool)):
+        return o
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
     if hasattr(o, "tolist"):
-        return o.tolist()
+        return json_safe(o.tolist())
     if hasattr(o, "item"):
-        return o.item()
+        return json_safe(o.item())
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 
 def atomic_savefig(fig: Any, path: str | Path, **kw: Any) -> None:
     """Save a matplotlib figure atomically (PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, **kw)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=kw.pop("format", Path(path).suffix.lstrip(".") or "png"), **kw)
 
 
 @contextmanager

@@ -147,15 +147,31 @@ def train(
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
     data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its latest checkpoint (same "
+        "config; train.rounds may grow)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace another run's files in --out."),
 ) -> None:
     """Train decentralized SGD; write a run directory (config, metrics, CSVs, checkpoints,
-    report.html)."""
+    report.html). Checkpoints go to OUT/progress/ as training goes, so a killed run continues
+    with --resume."""
+    from .config import check_device
     from .report import write_report
-    from .rundir import write_run_dir
-    from .simulator import train as run_train
+    from .rundir import check_writable, open_run, progress_writer, write_run_dir
+    from .simulator import build_problem
+    from .trajectory import DivergenceError
 
     cfg = load_run_config(config, set_, data_dir)
-    traj = run_train(cfg, progress=not quiet)
+    check_device(cfg)
+    check_writable(out)
+    traj = open_run(out, build_problem(cfg), resume=resume, overwrite=overwrite)
+    try:
+        traj.run(cfg.train.rounds - traj.rounds_done, progress=not quiet,
+                 on_checkpoint=progress_writer(traj, out))
+    except DivergenceError as exc:
+        write_run_dir(traj, out)
+        fail(f"{exc}; {out} holds the run up to that checkpoint")
     write_run_dir(traj, out)
     report = write_report(out, "train")
     if not quiet:

@@ -20,6 +20,7 @@ from .datasets import (
     SYSTEM_FASHION_MNIST_DIR,
     DataError,
     Dataset,
+    dataset_files,
     load_dataset,
     parse_idx,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Corruption",
     "DataError",
     "Dataset",
+    "dataset_files",
     "NodeData",
     "gather_batch",
     "load_dataset",

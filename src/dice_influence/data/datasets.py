@@ -6,6 +6,10 @@ with that cache, so callers must never modify them in place (clone first). File 
 execute code from the files they read: idx files are parsed byte by byte, and the CIFAR-10
 "python version" batches (pickles, by upstream format) are read with a restricted unpickler that
 only resolves the few numpy/codec names an array needs.
+
+A folder the user names (``data_dir``, else ``$DICE_DATA_DIR``) is the only place looked in: if
+it lacks the data that is an error, never a silent fallback to another copy. Every
+:class:`Dataset` lists the files it was read from (path, size, sha256) in ``files``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from .files import file_records as _records
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
@@ -69,6 +76,9 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     input_shape: tuple[int, ...]
+    files: tuple[dict[str, Any], ...] = ()
+    """The files the data was read from: ``{"path", "size", "sha256"}`` each (empty for
+    generated data)."""
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -119,7 +129,10 @@ _IDX_DTYPES = {
 
 def _read_bytes(path: Path) -> bytes:
     """File contents, transparently gunzipped when the file starts with the gzip magic."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -165,6 +178,21 @@ def parse_idx(path: str | Path) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"cannot read {path}: {exc.strerror or exc}; check that the file exists and is "
+        "readable (permissions), or point data.data_dir / --data-dir at a readable copy"
+    )
+
+
+def file_records(paths: Sequence[Path]) -> tuple[dict[str, Any], ...]:
+    """``{"path", "size", "sha256"}`` of each file; :class:`DataError` if one is unreadable."""
+    try:
+        return _records(paths)
+    except OSError as exc:
+        raise _unreadable(Path(exc.filename or "?"), exc) from None
+
+
 _ALLOWED_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -205,6 +233,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as fh:
             batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from exc
     except Exception as exc:  # any unpickling failure means a corrupt file
@@ -232,12 +262,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _user_dirs(data_dir: str | Path | None, subfolders: Sequence[str]) -> list[Path]:
-    """Candidate folders: data_dir, then $DICE_DATA_DIR, each followed by its subfolders."""
+    """Candidate folders: data_dir if given, else $DICE_DATA_DIR, followed by its subfolders.
+    The folder the user names is the only one: a miss there is an error, not a fallback."""
     roots: list[Path] = []
+    env = os.environ.get(ENV_DATA_DIR)
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(ENV_DATA_DIR)
-    if env:
+    elif env:
         roots.append(Path(env).expanduser())
     out: list[Path] = []
     for root in roots:
@@ -279,6 +310,19 @@ def _file_key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
         st = p.stat()
         out.append((str(p.resolve()), st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+def _named(data_dir: str | Path | None) -> str:
+    """Why only the named folder was searched (no fallback to another copy)."""
+    if data_dir is not None:
+        where = f"data_dir {str(data_dir)!r}"
+        if not Path(data_dir).expanduser().is_dir():
+            where += " (which does not exist)"
+    elif os.environ.get(ENV_DATA_DIR):
+        where = f"${ENV_DATA_DIR}={os.environ[ENV_DATA_DIR]!r}"
+    else:
+        return ""
+    return f" (only the folder you named, {where}, is searched: fix that path or unset it)"
 
 
 def _looked_in(folders: Sequence[Path]) -> str:
@@ -345,6 +389,13 @@ def _load_digits(seed: int, test_fraction: float, normalize: bool) -> Dataset:
         mean, std = float(x_tr.mean()), float(x_tr.std())
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
+
+
+def _digits_file() -> Path:
+    """The copy of the UCI digits that scikit-learn bundles (what ``load_digits`` reads)."""
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
 
 
 def _load_synthetic(
@@ -443,6 +494,55 @@ def _canonical_name(name: str) -> str:
     return n
 
 
+def dataset_files(name: str, *, data_dir: str | Path | None = None) -> tuple[dict[str, Any], ...]:
+    """The files :func:`load_dataset` reads for ``name`` (path, size, sha256), without parsing
+    them; raises :class:`DataError` like the loader when they are missing."""
+    n = _canonical_name(name)
+    if n == "synthetic":
+        return ()
+    if n == "digits":
+        csv = _digits_file()
+        return file_records([csv]) if csv.is_file() else ()
+    if n in ("fashion-mnist", "mnist"):
+        files = _locate_idx(n, data_dir)
+        return file_records([files[k] for k in _IDX_STEMS])
+    folder = _locate_cifar(data_dir)
+    return file_records([folder / f for f in _CIFAR10_FILES])
+
+
+def _locate_idx(n: str, data_dir: str | Path | None) -> dict[str, Path]:
+    subs = ("fashion-mnist", "FashionMNIST/raw") if n == "fashion-mnist" else ("mnist", "MNIST/raw")
+    folders = _user_dirs(data_dir, subs)
+    if n == "fashion-mnist" and not folders:
+        folders.append(SYSTEM_FASHION_MNIST_DIR)
+    files = _find_idx_set(folders)
+    if files is None:
+        hint = (
+            "install it with `apt-get install dataset-fashion-mnist`, or put the files in a "
+            f"folder and {_WHERE_TO_PUT}"
+            if n == "fashion-mnist"
+            else f"put the four MNIST idx files in a folder and {_WHERE_TO_PUT}"
+        )
+        raise DataError(
+            f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in: "
+            f"{_looked_in(folders)}{_named(data_dir)}; {hint}"
+        )
+    return files
+
+
+def _locate_cifar(data_dir: str | Path | None) -> Path:
+    folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
+    folder = _find_cifar_dir(folders)
+    if folder is None:
+        raise DataError(
+            f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
+            f"{', '.join(_CIFAR10_FILES)}; looked in: {_looked_in(folders)}"
+            f"{_named(data_dir)}; download the CIFAR-10 python version, extract it, then "
+            f"{_WHERE_TO_PUT}"
+        )
+    return folder
+
+
 def load_dataset(
     name: str,
     *,
@@ -457,9 +557,11 @@ def load_dataset(
     """Load a dataset by name (one of :data:`DATASETS`), cached in-process.
 
     ``seed`` and ``test_fraction`` only affect datasets without an official split ("digits",
-    "synthetic"). File datasets are looked up in ``data_dir``, then ``$DICE_DATA_DIR`` (and a
-    dataset-named subfolder of each); Fashion-MNIST also in ``/usr/share/datasets/fashion-mnist``.
-    The returned tensors are shared with the cache: do not modify them in place.
+    "synthetic"). File datasets are looked up in ``data_dir`` if given, else in
+    ``$DICE_DATA_DIR`` (and a dataset-named subfolder); only when neither is given, Fashion-MNIST
+    also in ``/usr/share/datasets/fashion-mnist``. A named folder that lacks the data raises
+    :class:`DataError`. The returned tensors are shared with the cache: do not modify them in
+    place; ``files`` lists what was read.
     """
     n = _canonical_name(name)
     if n in ("digits", "synthetic") and not 0.0 < test_fraction < 1.0:
@@ -488,37 +590,11 @@ def load_dataset(
             bool(normalize),
         )
     elif n in ("fashion-mnist", "mnist"):
-        subs = (
-            ("fashion-mnist", "FashionMNIST/raw")
-            if n == "fashion-mnist"
-            else ("mnist", "MNIST/raw")
-        )
-        folders = _user_dirs(data_dir, subs)
-        if n == "fashion-mnist":
-            folders.append(SYSTEM_FASHION_MNIST_DIR)
-        files = _find_idx_set(folders)
-        if files is None:
-            hint = (
-                "install it with `apt-get install dataset-fashion-mnist`, or put the files in a "
-                f"folder and {_WHERE_TO_PUT}"
-                if n == "fashion-mnist"
-                else f"put the four MNIST idx files in a folder and {_WHERE_TO_PUT}"
-            )
-            raise DataError(
-                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in: "
-                f"{_looked_in(folders)}; {hint}"
-            )
+        files = _locate_idx(n, data_dir)
         named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
         key = (n, named, _file_key([Path(p) for _, p in named]), bool(normalize))
     else:  # cifar10
-        folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
-        folder = _find_cifar_dir(folders)
-        if folder is None:
-            raise DataError(
-                f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
-                f"{', '.join(_CIFAR10_FILES)}; looked in: {_looked_in(folders)}; download the "
-                f"CIFAR-10 python version, extract it, then {_WHERE_TO_PUT}"
-            )
+        folder = _locate_cifar(data_dir)
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])
         key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))
-    return replace(_load_cached(key))
+    return replace(_load_cached(key), files=dataset_files(n, data_dir=data_dir))

@@ -41,6 +41,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         resume: bool = typer.Option(
             False, "--resume", help="Continue from the last checkpoint all peers share."
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace another run's checkpoints in --out."
+        ),
         timeout: float = typer.Option(None, "--timeout", help="Kill everything after SECONDS."),
     ) -> None:
         """Start one local peer per node on loopback (one process each); collect outputs."""
@@ -59,7 +62,8 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
                 f"--peers (it defaults to {n}) or pass --set topology.n={peers}"
             )
         console.print(f"launching {n} peers on loopback -> [bold]{escape(str(out))}[/]")
-        res = run_launch(cfg, n, out, resume=resume, wall_timeout=timeout)
+        res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
+                         wall_timeout=timeout)
         table = Table(title=f"{n} peers, {res.seconds:.1f} s",
                       caption="rounds/s: rounds done / wall time of each peer, single "
                       "measurement")
@@ -82,7 +86,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
                 ",".join(map(str, dropped)) or "-",
             )
         console.print(table)
-        for e in res.errors:
+        for e in res.errors:  # peers' messages quote gloo, e.g. "[/pytorch/...]": not markup
             console.print(f"[bold red]{escape(str(e))}[/]")
         report = write_report(out, "p2p")
         console.print(

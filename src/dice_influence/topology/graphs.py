@@ -12,6 +12,7 @@ from .._util import did_you_mean
 from ._common import (
     _DIRECTED,
     _MAX_TRIES,
+    MAX_NODES,
     TOPOLOGIES,
     WEIGHTS,
     TopologyError,
@@ -50,7 +51,7 @@ def mixing_matrix(
     if key not in TOPOLOGIES:
         raise TopologyError(f"unknown topology {name!r}{did_you_mean(key, TOPOLOGIES)}; "
                             f"valid names: {', '.join(TOPOLOGIES)}")
-    n = _as_int(n, "n (number of nodes)", minimum=1)
+    n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
     _check_weights(weights, WEIGHTS)
     seed = _as_int(seed, "seed")
     if weights == "metropolis" and key in _DIRECTED:
