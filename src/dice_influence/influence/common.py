@@ -20,8 +20,10 @@ from ..topology import reach_sets
 class Event:
     """Remove samples of node ``node``'s batch at round ``round``.
 
-    ``samples``: positions within that batch (0..B-1); ``None`` removes the whole batch (the
-    node then skips its update, SPEC §3)."""
+    ``samples``: positions within that batch (0..B-1); ``None`` removes the whole batch: every
+    sample weight is zero, so the batch contributes no gradient while momentum from earlier
+    rounds and weight decay still act (SPEC §3; under plain SGD the node skips its update).
+    A batch's first-order influence is the sum of its samples'."""
 
     node: int
     round: int
@@ -58,6 +60,24 @@ def validate_events(traj: Any, events: Sequence[Event], horizon: int) -> list[Ev
             if bad:
                 raise ValueError(f"event {e}: sample positions {bad} outside the batch 0..{B - 1}")
         out.append(e)
+    return out
+
+
+def factual_path(traj: Any, start: int, stop: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Factual ``(θ^r, state^r)`` for ``r = start..stop`` (inclusive), bit-identical to training:
+    recorded checkpoints are used as they are, rounds in between are recomputed once."""
+    from ..loop import run_rounds
+
+    ckpt = getattr(traj, "checkpoints", {})
+    th, st = traj.params_at(start)
+    out = [(th, st)]
+    for r in range(start, stop):
+        if r + 1 in ckpt:
+            th, st = ckpt[r + 1]
+        else:
+            th, st = run_rounds(traj.problem, th, st, r, r + 1)
+        out.append((th, st))
     return out
 
 
