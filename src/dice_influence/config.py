@@ -66,6 +66,7 @@ class ModelConfig(_Strict):
     hidden: list[int] = [128, 64]
     channels: list[int] = [16, 32]
     width: int = 16
+    activation: Literal["relu", "gelu", "tanh", "softplus"] = "relu"
 
 
 class TrainConfig(_Strict):
