@@ -107,3 +107,28 @@ def test_adjoint_hops_time_varying_momentum(tv):
         fwd = estimate(traj, events, hops=hops, readout=ro)
         a = torch.stack([H.scores[e.round - t0, e.node, e.samples[0]] for e in events])
         assert torch.allclose(a, fwd.values(hops), rtol=1e-6, atol=1e-14), ro
+
+
+@pytest.mark.parametrize("opt", [{}, {"weight_decay": 0.1}, {"momentum": 0.9},
+                                 {"momentum": 0.8, "nesterov": True, "weight_decay": 0.05}])
+def test_update_transpose_matches_vjp(opt):
+    """The written-out transpose of the optimizer update equals autograd's vjp of it."""
+    from dataclasses import dataclass
+
+    from dice_influence.gossip import Optimizer
+    from dice_influence.influence.adjoint import _update_transpose
+
+    @dataclass(frozen=True)
+    class Generic(Optimizer):  # any other type takes the generic vjp path
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    theta, lt, ls = (torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    fast, slow = Optimizer(**opt), Generic(**opt)
+    state = fast.init_state(theta)
+    if state is not None:
+        state = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    a = _update_transpose(fast, theta, state, 0.3, lt, None if state is None else ls)
+    b = _update_transpose(slow, theta, state, 0.3, lt, None if state is None else ls)
+    for x, y in zip(a, b, strict=True):
+        assert (x is None and y is None) or torch.allclose(x, y, rtol=1e-12, atol=1e-15)

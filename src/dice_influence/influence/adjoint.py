@@ -238,16 +238,8 @@ def _pullback(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
     st = None if state is None else (state if fold == 1 else state.repeat(fold, 1))
     lt = lam_th.reshape(fold * n, d)
     ls = None if lam_st is None else lam_st.reshape(fold * n, d)
-    zero = torch.zeros_like(th)
     with torch.no_grad():
-        # (∂(θ + u, state')/∂(θ, state, g))ᵀ at the factual point; linear, so exact
-        if st is None:
-            _, pull = vjp(lambda a, g: _half(p, a, None, g, lr)[0], th, zero)
-            c_th, c_g = pull(lt)
-            c_st = None
-        else:
-            _, pull = vjp(lambda a, b, g: _half(p, a, b, g, lr), th, st, zero)
-            c_th, c_st, c_g = pull((lt, ls if ls is not None else torch.zeros_like(lt)))
+        c_th, c_st, c_g = _update_transpose(p.opt, th, st, lr, lt, ls)
         x, y = p.batch(r)
         if fold > 1:
             x = x.repeat(fold, *([1] * (x.ndim - 1)))
@@ -263,8 +255,40 @@ def _pullback(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
     return scores, a_th, a_st
 
 
-def _half(p: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Tensor, lr: float):
-    u, ns = p.opt.update(theta, state, g, lr)
+def _update_transpose(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, lr: float,
+                      lam_th: torch.Tensor, lam_st: torch.Tensor | None):
+    """Cotangents on ``(θ, state, g)`` of the half step ``(θ + u, state')`` given cotangents on
+    its outputs. The update is linear, so for the built-in :class:`~dice_influence.gossip.
+    Optimizer` (SGD, heavy-ball or Nesterov momentum, weight decay) the transpose is written out;
+    any other optimizer goes through ``vjp`` (exact only if its update is linear in ``g``)."""
+    from ..gossip import Optimizer
+
+    if type(opt) is not Optimizer:
+        zero = torch.zeros_like(theta)
+        if state is None:
+            _, pull = vjp(lambda a, g: a + opt.update(a, None, g, lr)[0], theta, zero)
+            c_th, c_g = pull(lam_th)
+            return c_th, None, c_g
+        _, pull = vjp(lambda a, b, g: _half(opt, a, b, g, lr), theta, state, zero)
+        return pull((lam_th, lam_st if lam_st is not None else torch.zeros_like(lam_th)))
+    wd, mu = opt.weight_decay, opt.momentum
+    if not opt.stateful:  # θ' = θ − η (g + wd θ)
+        c_g = -lr * lam_th
+        c_st = None
+    else:  # b' = μ b + g + wd θ;  θ' = θ − η (g + wd θ + μ b') (Nesterov) or θ − η b'
+        c_step = -lr * lam_th
+        c_buf = c_step * mu if opt.nesterov else c_step.clone()
+        if lam_st is not None:
+            c_buf = c_buf + lam_st
+        c_g = c_buf + c_step if opt.nesterov else c_buf
+        c_st = mu * c_buf
+    c_th = lam_th + wd * c_g if wd else lam_th
+    return c_th, c_st, c_g
+
+
+def _half(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Tensor,
+          lr: float):
+    u, ns = opt.update(theta, state, g, lr)
     return theta + u, ns
 
 
