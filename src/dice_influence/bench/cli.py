@@ -76,7 +76,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
             console.print(
                 f"digits, momentum {d['momentum']}: {d['samples']} samples, "
                 f"{d['seconds']:.3f} s warm = {d['ratio_to_training']:.2f}x training "
-                f"(first call {d['cold_seconds']:.2f} s)")
+                f"(first call on that run {d['first_call_seconds']:.2f} s)")
         console.print(f"wrote [bold]{json_path}[/]")
 
     @bench_app.command("proximal")
