@@ -4,8 +4,9 @@ For an event (node ``j``, round ``t``, samples ``S``), round ``t`` is replayed w
 of ``S`` in ``j``'s batch loss set to zero (denominator kept). Removing the whole batch zeroes
 every weight: the batch contributes no gradient, but momentum built from earlier rounds and
 weight decay still act (under plain SGD that is "``j`` skips its update"). Every later round is
-replayed identically. The factual network is replayed in the
-same batched computation as the counterfactuals, so an empty removal gives exactly zero.
+replayed identically. The factual network is replayed in the same batched computation as the
+counterfactuals, so nodes the removal never reaches give exactly zero (identical inputs in
+different rows of one batched computation can still differ in the last bit after mixing).
 """
 
 from __future__ import annotations
