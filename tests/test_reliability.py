@@ -341,13 +341,8 @@ def test_resume_with_nothing_saved_yet_starts_at_round_zero(tmp_path):
 
 
 # ------------------------------------------------------------------------------ influence
-# These need the two-line fix in influence/common.py described in issue 13's report (owned by
-# another engineer); strict xfail flips to a failure once it is in: then drop the marks.
-
-NEEDS_FIX = pytest.mark.xfail(strict=True, reason="needs the influence/common.py fix (issue 13)")
 
 
-@NEEDS_FIX
 @pytest.mark.parametrize("node,hops", [(1.0, 1), (True, 1), (1, -1)])
 def test_influence_events_and_hops_are_validated(node, hops):
     from dice_influence.influence import estimate
@@ -358,7 +353,6 @@ def test_influence_events_and_hops_are_validated(node, hops):
         estimate(traj, [Event(node, 2)], hops=hops)
 
 
-@NEEDS_FIX
 def test_influence_on_a_non_finite_trajectory_raises():
     from dice_influence.influence import ground_truth
     from dice_influence.influence.common import Event

@@ -75,6 +75,7 @@ class ModelConfig(_Strict):
     hidden: list[PositiveInt] = [128, 64]
     channels: list[PositiveInt] = [16, 32]
     width: int = Field(16, ge=1)
+    activation: Literal["relu", "gelu", "tanh", "softplus"] = "relu"
 
 
 class TrainConfig(_Strict):
