@@ -11,20 +11,16 @@ import yaml
 from typer.testing import CliRunner
 
 from dice_influence.cli import app
-from dice_influence.experiments.cascade import (
-    concentric_layout,
-    draw_cascade,
-    hop_distance,
-    hubs_matrix,
-)
+from dice_influence.experiments.cascade import hubs_matrix
+from dice_influence.report.cascade import concentric_layout, hop_distances, plot_cascade
 from dice_influence.topology import describe, mixing_matrix
 
 
 def test_concentric_layout_puts_each_node_on_its_hop_circle():
     W = mixing_matrix("ring", 8)
-    d = hop_distance(W, 2)
+    d = hop_distances(W, 2)
     assert d.tolist() == [2, 1, 0, 1, 2, 3, 4, 3]
-    pos = concentric_layout(W, 2)
+    pos = concentric_layout(W, d)
     assert np.allclose(np.linalg.norm(pos, axis=1), d)
 
 
@@ -39,7 +35,7 @@ def test_hubs_graph_is_connected_with_unequal_out_weights():
 def test_draw_cascade_writes_a_png(tmp_path):
     W = mixing_matrix("torus", 9)
     V = np.random.default_rng(0).normal(size=(4, 9))
-    draw_cascade(W, V, 4, tmp_path / "c.png", title="test")
+    plot_cascade(W, V, 4, tmp_path / "c.png", title="test")
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

@@ -217,7 +217,7 @@ def build_functional_model(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
                            device: torch.device) -> FunctionalModel:
     mc = cfg.model
     module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
-                         channels=tuple(mc.channels), width=mc.width)
+                         channels=tuple(mc.channels), width=mc.width, activation=mc.activation)
     return FunctionalModel(module.to(device=device, dtype=dtype))
 
 

@@ -20,6 +20,7 @@ from .datasets import (
     SYSTEM_FASHION_MNIST_DIR,
     DataError,
     Dataset,
+    dataset_files,
     load_dataset,
     parse_idx,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "Corruption",
     "DataError",
     "Dataset",
+    "dataset_files",
     "NodeData",
     "apply_groups",
     "gather_batch",

@@ -10,7 +10,8 @@ positive = harmful):
 
 - ``cascade``: one event (``picture``) drawn on its graph: nodes on circles by hop distance from
   the source, colour = influence (diverging, 0 = white), one panel per hop
-  (:func:`draw_cascade`); its per-node and per-hop values are in ``metrics["cascade"]``;
+  (:func:`dice_influence.report.cascade.plot_cascade`); its per-node and per-hop values are in
+  ``metrics["cascade"]``;
 - ``decay[graph]``: for ``s = 1..hops``, the mean over events of ``|hop_terms[e, s-1]|`` (the
   per-hop term: ``Σ_{k ∈ N^(s)(j)} q_k per_node[e, s, k]``, nodes first reached at hop ``s``)
   and of the per-node magnitude ``|per_node[e, s, k]|`` over ``k ∈ N^(s)(j)``; ``rate`` = the
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..report.cascade import hop_distances, plot_cascade
 from ._common import SIGN, add_command, parse_settings
 
 
@@ -145,17 +147,6 @@ def graph_matrix(g: GraphSpec, n: int, seed: int) -> np.ndarray:
         raise ConfigError(f"experiment graph {g.key!r}: {exc}") from None
 
 
-def hop_distance(W: np.ndarray, j: int) -> np.ndarray:
-    """Hops from ``j`` to every node along sender -> receiver edges (-1: unreachable)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import shortest_path
-
-    A = (np.asarray(W) > 0).T.astype(float)  # A[j, k]: j sends to k
-    np.fill_diagonal(A, 0.0)
-    d = shortest_path(csr_matrix(A), directed=True, unweighted=True, indices=[j])[0]
-    return np.where(np.isfinite(d), d, -1).astype(int)
-
-
 def run_graph(cfg: RunConfig, ex: CascadeConfig, g: GraphSpec) -> dict[str, Any]:
     """Train on ``g`` and replay every node's batch removal at the event rounds (DICE-GT)."""
     from ..influence import Event, ground_truth
@@ -219,7 +210,7 @@ def picture_values(run: dict[str, Any], node: int, offset: int, warmup: int
     return {"source": node, "round": warmup + offset, "axes": ["hop", "node"],
             "per_node": gt.per_node[i].tolist(), "per_hop": gt.hop_terms[i].tolist(),
             "self_term": float(gt.self_term[i]),
-            "hop_distance": hop_distance(run["W"], node).tolist()}
+            "hop_distance": hop_distances(run["W"], node).tolist()}
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
@@ -278,8 +269,9 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     _tables(metrics, out)
     if ex.plots:
-        draw_cascade(picture["W"], np.asarray(picture["per_node"]), picture["source"],
-                     out / "cascade.png", hops=ex.picture.hops,
+        H = ex.picture.hops if ex.picture.hops is not None else ex.hops
+        plot_cascade(picture["W"], np.asarray(picture["per_node"])[:H + 1], picture["source"],
+                     out / "cascade.png", round=picture["round"],
                      title=f"{picture['graph']}: node {picture['source']}'s batch at round "
                            f"{picture['round']} (seed {picture['seed']})")
         _plot_decay(decay, out / "decay.png")
@@ -323,74 +315,6 @@ def _tables(m: dict[str, Any], out: Path) -> None:
                      for j, (w, o) in enumerate(zip(a["out_weight"], a["outgoing"],
                                                     strict=True))]
     atomic_write_text(out / "asymmetry.csv", csv_text(rows))
-
-
-def concentric_layout(W: np.ndarray, source: int) -> np.ndarray:
-    """Positions (n, 2): the source at the centre, nodes at hop distance ``s`` on the circle of
-    radius ``s`` (unreachable nodes on an outer circle), ordered around it by id."""
-    d = hop_distance(W, source)
-    n = len(d)
-    far = d.max() + 1
-    d = np.where(d < 0, far, d)
-    pos = np.zeros((n, 2))
-    for s in np.unique(d):
-        if s == 0:
-            continue
-        ring = np.flatnonzero(d == s)
-        ang = np.pi / 2 - 2 * np.pi * np.arange(len(ring)) / len(ring) + 0.3 * s
-        pos[ring] = s * np.stack([np.cos(ang), np.sin(ang)], axis=1)
-    return pos
-
-
-def draw_cascade(W: np.ndarray, values: np.ndarray, source: int, path: str | Path, *,
-                 hops: int | None = None, title: str = "") -> None:
-    """One event's cascade on its graph: a panel per hop ``s = 1..hops``, nodes on circles by
-    hop distance from ``source`` (marked with a star), colour = ``values[s, k]`` (the loss
-    change of node ``k`` at round ``t+s``; diverging map centred at 0, red = harmful, blue =
-    helpful, one colour scale for all panels); edges sender -> receiver in grey.
-
-    ``values``: ``(hops + 1, n)`` = ``InfluenceResult.per_node[e]`` (row 0, the source's half
-    step, is not drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-
-    W = np.asarray(W)
-    V = np.asarray(values, dtype=float)
-    H = V.shape[0] - 1 if hops is None else min(hops, V.shape[0] - 1)
-    pos = concentric_layout(W, source)
-    d = hop_distance(W, source)
-    vmax = float(np.nanmax(np.abs(V[1:H + 1]))) or 1.0
-    norm = TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
-    cols = min(H, 4)
-    rows = math.ceil(H / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.6, 3.4 * rows), squeeze=False)
-    snd, rcv = np.nonzero((W > 0).T & ~np.eye(len(W), dtype=bool))
-    sc = None
-    for s in range(1, H + 1):
-        ax = axes[(s - 1) // cols][(s - 1) % cols]
-        for r in range(1, d.max() + 1):
-            ax.add_patch(plt.Circle((0, 0), r, fill=False, color="0.85", lw=0.6, zorder=0))
-            ax.text(0, r, f"hop {r}", fontsize=6, color="0.5", ha="center", va="bottom")
-        for j, k in zip(snd, rcv, strict=True):
-            ax.plot(*zip(pos[j], pos[k], strict=True), color="0.75", lw=0.5, zorder=1)
-        others = np.arange(len(W)) != source
-        sc = ax.scatter(pos[others, 0], pos[others, 1], c=V[s, others], cmap="RdBu_r",
-                        norm=norm, s=90, edgecolors="k", linewidths=0.5, zorder=2)
-        ax.scatter(*pos[source], c=[V[s, source]], cmap="RdBu_r", norm=norm, marker="*",
-                   s=320, edgecolors="k", linewidths=1.0, zorder=3)
-        ax.set_title(f"round t+{s}", fontsize=9)
-        ax.set_aspect("equal")
-        ax.axis("off")
-    for i in range(H, rows * cols):
-        axes[i // cols][i % cols].axis("off")
-    fig.colorbar(sc, ax=axes, shrink=0.8, label="loss with − without the batch "
-                 "(positive = harmful)")
-    fig.suptitle(title + "\nrings: hop distance from the source (star)", fontsize=10)
-    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _plot_decay(decay: dict[str, Any], path: Path) -> None:
@@ -451,25 +375,6 @@ def table(m: dict[str, Any]) -> str:
     for g, a in m["asymmetry_spearman"].items():
         lines.append(f"| {g} | {_num(a['mean'])} | {_num(a['worst'])} |")
     return "\n".join(lines)
-
-
-def demo_cascade(out: Path, console: Any) -> dict[str, Any]:
-    """A short cascade stage for ``dice demo``: one torus of 16 digits nodes, the picture and
-    the per-hop decay (about a minute on 2 cores)."""
-    cfg = load_config({
-        "seed": 0,
-        "data": {"dataset": "digits", "samples_per_node": 60, "validation_samples": 200},
-        "topology": {"name": "torus", "n": 16},
-        "model": {"name": "mlp", "hidden": [32]},
-        "train": {"rounds": 14, "batch_size": 16, "lr": 0.1},
-        "experiment": {"graphs": [{"name": "torus"}], "asymmetric": [{"name": "star"}],
-                       "warmup": 10, "event_rounds": 1, "hops": 4,
-                       "picture": {"graph": "torus", "node": 0}},
-    })
-    m = run_experiment(cfg, out)
-    console.print(table(m))
-    console.print(f"cascade picture: [bold]{out / 'cascade.png'}[/]")
-    return m
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
