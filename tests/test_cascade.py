@@ -61,6 +61,9 @@ def test_cascade_experiment_on_a_tiny_config(tmp_path):
                                    str(tmp_path / "run"), "-q"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["kind"] == "cascade"
+    page = (tmp_path / "run" / "report.html").read_text()  # the run's report
+    assert "data:image/png;base64" in page and "http://" not in page
     c = m["cascade"]
     assert c["graph"] == "ring" and c["source"] == 1 and c["axes"] == ["hop", "node"]
     V = np.array(c["per_node"])

@@ -278,6 +278,9 @@ def test_selection_experiment_runs_on_a_tiny_config(tmp_path):
                                    str(tmp_path / "run"), "--seeds", "0,1", "-q"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["kind"] == "selection"
+    page = (tmp_path / "run" / "report.html").read_text()  # the run's report
+    assert "data:image/png;base64" in page and "http://" not in page
     s = m["selection"]
     assert set(s["arms"]) == {"dice", "static", "pens", "oracle", "local"}
     for a in s["arms"].values():

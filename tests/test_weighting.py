@@ -109,6 +109,9 @@ def test_aggregation_experiment_runs_on_a_tiny_config(tmp_path):
                                    str(tmp_path / "run"), "-q"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["kind"] == "aggregation"
+    page = (tmp_path / "run" / "report.html").read_text()  # the run's report
+    assert "data:image/png;base64" in page and "http://" not in page
     assert set(m["aggregation"]) == {"iid", "signflip", "noniid"}
     for sc in m["aggregation"].values():
         assert set(sc) == {"dice", "uniform", "clipped_gossip", "trimmed_mean"}

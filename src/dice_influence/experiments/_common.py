@@ -102,3 +102,39 @@ def add_command(experiment_app: Any, name: str, help_text: str,
 
     cmd.__doc__ = help_text
     experiment_app.command(name)(friendly(cmd))
+
+
+def markdown_tables(text: str) -> list[Any]:
+    """The pipe tables of a markdown text as report :class:`~dice_influence.report.Table` s."""
+    from ..report import Table
+
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2:
+            tables.append(Table(block[0], [r for r in block[2:]]))
+        block = []
+    return tables
+
+
+def register_report(kind: str, title: str, text: str,
+                    table: Callable[[dict[str, Any]], str],
+                    figures: list[tuple[str, str]]) -> None:
+    """Register the report section of run kind ``kind``: ``text``, the experiment's summary
+    tables (``table(metrics)``) and the plots ``figures`` (file name, "what this shows")."""
+    from ..report import Section, report_sections
+
+    @report_sections(kind)
+    def _sections(run: Any) -> list[Any]:
+        return [Section(title=title, text=text, tables=markdown_tables(table(run.metrics)),
+                        figures=[f for f in (run.figure(n, c) for n, c in figures) if f],
+                        notes=[SIGN + "."])]
+
+
+def finish_run(out: Path, kind: str) -> None:
+    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``)."""
+    from ..report import write_report
+
+    write_report(out, kind)

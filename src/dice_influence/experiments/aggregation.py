@@ -34,7 +34,15 @@ from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config, parse_overrides
 from ..gossip import node_losses
-from ._common import SIGN, add_command, mean_worst, parse_settings, run_arm
+from ._common import (
+    SIGN,
+    add_command,
+    finish_run,
+    mean_worst,
+    parse_settings,
+    register_report,
+    run_arm,
+)
 
 ARMS = ("dice", "uniform", "clipped_gossip", "trimmed_mean")
 
@@ -228,6 +236,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
                                  progress=progress, log=log))
     agg, worst = summarize(per_seed, ex)
     metrics = {
+        "kind": "aggregation",
         "sign_convention": SIGN,
         "seeds": seeds,
         "n_nodes": cfg.topology.n,
@@ -262,6 +271,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     atomic_write_text(out / "README.md", f"# Influence-weighted aggregation\n\n"
                       f"{cfg.topology.n} nodes, seeds {seeds}. {metrics['rule']}; "
                       f"temperature {ex.dice.temperature}.\n\n{table(metrics)}\n")
+    finish_run(out, "aggregation")
     return metrics
 
 
@@ -301,6 +311,16 @@ def table(m: dict[str, Any]) -> str:
     lines.append("honest nodes' accuracy: mean over honest nodes (worst honest node), each "
                  "averaged over seeds")
     return "\n".join(lines)
+
+
+register_report(
+    "aggregation", "Influence-weighted aggregation",
+    "Each node reweights its neighbours by their measured proximal influence on it (helpful "
+    "up, harmful down, rows stochastic; one temperature knob), compared with uniform weights, "
+    "ClippedGossip and the trimmed mean on four scenarios. Numbers: honest nodes' test "
+    "accuracy, mean over honest nodes (worst honest node), mean over seeds.",
+    table, [("aggregation.png", "Honest nodes' mean test accuracy over the rounds, one panel "
+             "per scenario, one line per aggregation rule (higher is better).")])
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:

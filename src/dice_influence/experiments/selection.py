@@ -35,7 +35,15 @@ from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..apps.selection import group_ari, within_group_fraction
 from ..config import ConfigError, RunConfig, dump_config
 from ..gossip import node_losses
-from ._common import SIGN, add_command, mean_worst, parse_settings, run_arm
+from ._common import (
+    SIGN,
+    add_command,
+    finish_run,
+    mean_worst,
+    parse_settings,
+    register_report,
+    run_arm,
+)
 
 ARMS = ("dice", "static", "pens", "oracle", "local")
 
@@ -259,6 +267,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
         per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex,
                                  progress=progress, log=log))
     metrics = {
+        "kind": "selection",
         "sign_convention": SIGN,
         "seeds": seeds,
         "n_nodes": cfg.topology.n,
@@ -274,6 +283,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     if ex.plots:
         _plots(per_seed, out)
     atomic_write_text(out / "README.md", readme(cfg, metrics))
+    finish_run(out, "selection")
     return metrics
 
 
@@ -374,6 +384,20 @@ def readme(cfg: RunConfig, m: dict[str, Any]) -> str:
             f"{m['groups']['count']} groups ({m['groups']['transform']}), seeds {m['seeds']}.\n"
             f"Accuracy: {m['accuracy']}.\n\n{table(m)}\n\nFiles: metrics.json, arms.csv, "
             "ari.csv, accuracy.csv, selection.png, kept_graph.png.\n")
+
+
+register_report(
+    "selection", "Collaborator selection",
+    "Each node keeps the neighbours whose measured influence on its own test loss is most "
+    "helpful (policy select) and rewires every few rounds; baselines: PENS-style selection, a "
+    "static random graph of the same degree, the oracle graph of the true hidden groups and "
+    "local training. Accuracy is each node's accuracy on its own group's distribution; ARI "
+    "compares the kept links' components with the true groups (1 = recovered).",
+    table, [("selection.png", "Left: mean per-node accuracy on its own distribution over the "
+             "rounds, one line per arm. Right: adjusted Rand index of the kept links vs the "
+             "true groups (1 = the groups recovered exactly)."),
+            ("kept_graph.png", "The links each node kept at the end, coloured by true group: "
+             "links inside a colour are right, links across colours are wrong.")])
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
