@@ -29,6 +29,9 @@ from .cli_support import (
 EXTENSIONS = (
     "dice_influence.experiments.alignment",
     "dice_influence.experiments.anomaly",
+    "dice_influence.experiments.selection",
+    "dice_influence.experiments.aggregation",
+    "dice_influence.experiments.cascade",
     "dice_influence.distributed.cli",
     "dice_influence.bench.cli",
 )

@@ -41,6 +41,19 @@ class CorruptionConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+class GroupsConfig(_Strict):
+    """Hidden groups of nodes (collaborator selection): every sample a node holds, training data
+    and own test split alike, is transformed by its group's map, so groups want different
+    models. Group 0 keeps the data as it is."""
+
+    count: int = Field(4, ge=1, description="number of groups (sizes differ by at most one)")
+    transform: Literal["permute_labels", "rotate"] = Field(
+        "permute_labels", description="permute_labels: a seeded derangement of the labels per "
+        "group; rotate: images turned by group x 90 degrees (at most 4 groups)")
+    assign: Literal["seeded", "contiguous"] = Field(
+        "seeded", description="which nodes form a group: a seeded draw, or blocks of ids")
+
+
 class DataConfig(_Strict):
     dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "synthetic"] = "digits"
     data_dir: str | None = None
@@ -55,6 +68,8 @@ class DataConfig(_Strict):
         None, ge=1, description="size of the shared test set z' (default: the whole test split)"
     )
     corruptions: list[CorruptionConfig] = []
+    groups: GroupsConfig | None = Field(
+        None, description="hidden groups of nodes whose data differ (selection experiments)")
 
 
 class TopologyConfig(_Strict):
@@ -125,6 +140,13 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
+        g = self.data.groups
+        if g is not None and g.count > n:
+            raise ValueError(f"data.groups.count={g.count} exceeds topology.n={n}; use at most "
+                             f"{n} groups")
+        if g is not None and g.transform == "rotate" and g.count > 4:
+            raise ValueError(f"data.groups.count={g.count} with transform=rotate: quarter turns "
+                             "give at most 4 groups; use count <= 4 or permute_labels")
         from .plugins import parse
 
         for i, raw in enumerate(self.observers):

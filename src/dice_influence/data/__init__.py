@@ -25,13 +25,18 @@ from .datasets import (
     parse_idx,
 )
 from .nodes import (
+    GROUP_TRANSFORMS,
     BatchSchedule,
     Corruption,
     NodeData,
+    apply_groups,
     gather_batch,
+    group_assignment,
+    group_label_maps,
     make_node_data,
     node_test_splits,
     test_partition,
+    transform_group,
 )
 from .partition import partition
 
@@ -42,6 +47,7 @@ __all__ = [
     "CORRUPTION_KINDS",
     "DATASETS",
     "ENV_DATA_DIR",
+    "GROUP_TRANSFORMS",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "MNIST_MEAN",
@@ -54,11 +60,15 @@ __all__ = [
     "Dataset",
     "dataset_files",
     "NodeData",
+    "apply_groups",
     "gather_batch",
+    "group_assignment",
+    "group_label_maps",
     "load_dataset",
     "make_node_data",
     "node_test_splits",
     "test_partition",
     "parse_idx",
     "partition",
+    "transform_group",
 ]
