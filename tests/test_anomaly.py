@@ -265,3 +265,21 @@ def test_cli(tmp_path):
     )
     assert r.exit_code == 2
     assert "experiment.tracking.readout" in r.output
+
+
+def test_anomaly_experiment_takes_the_plugin_sections(tmp_path):
+    raw = digits_cfg(rounds=6, arms=["no_attack", "attack_defended"]).model_dump(mode="json")
+    raw["policy"] = {"kind": "prune", "rule": "zscore", "z_threshold": 2.5, "readmit": False}
+    raw["observers"] = [{"kind": "proximal", "readout": "post", "window": 5}]
+    raw["aggregator"] = {"kind": "trimmed_mean", "trim": 0.3}
+    ex = parse_experiment(load_config(raw))
+    assert ex.detection.rule == "zscore" and ex.detection.z_threshold == 2.5
+    assert ex.defense.readmit is False and ex.tracking.readout == "post"
+    assert ex.tracking.window == 5
+    assert ex.baseline.kind == "trimmed_mean" and ex.baseline.trim == 0.3
+    with_sections = run_experiment(load_config(raw), tmp_path / "a", seeds=[0])
+    plain = digits_cfg(rounds=6, arms=["no_attack"])
+    without = run_experiment(plain, tmp_path / "b", seeds=[0])
+    # the config's aggregator is the baseline arm's, not every arm's
+    assert with_sections["defense"]["no_attack"] == without["defense"]["no_attack"] | {
+        "seconds": with_sections["defense"]["no_attack"]["seconds"]}

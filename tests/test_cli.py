@@ -18,9 +18,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "mean node accuracy" in r.output
     assert "pearson" in r.output
     assert "caught by their neighbours" in r.output
+    assert "report:" in r.output and "next:" in r.output and "total" in r.output
     for f in ("train/metrics.json", "train/nodes.csv", "train/final.safetensors",
-              "alignment/metrics.json", "alignment/scatter.png", "anomaly/metrics.json"):
+              "alignment/metrics.json", "alignment/scatter.png", "anomaly/metrics.json",
+              "cascade/cascade.png", "report.html", "train/report.html", "cascade/report.html",
+              "alignment/report.html", "anomaly/report.html"):
         assert (tmp_path / f).is_file(), f
+    top = (tmp_path / "report.html").read_text()
+    assert top.count("<img") >= 8 and "The influence cascade of one removal" in top
     res = json.loads((tmp_path / "alignment/metrics.json").read_text())["results"]
     keys = {"hops", "readout", "curvature", "pearson", "spearman", "kendall", "sign_agreement",
             "median_rel_error", "gt_s_per_event", "e_s_per_event"}

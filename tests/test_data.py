@@ -149,8 +149,20 @@ def test_missing_datasets_name_paths_and_fix(
     with pytest.raises(DataError) as exc:
         load_dataset("fashion-mnist", data_dir=tmp_path / "mine")
     msg = str(exc.value)
-    for p in ("mine", "mine/fashion-mnist", "env", "env/fashion-mnist", "nowhere"):
+    for p in ("mine", "mine/fashion-mnist"):
         assert str(tmp_path / p) in msg
+    for p in ("env", "nowhere"):  # a named folder is the only one searched: no fallback
+        assert str(tmp_path / p) not in msg
+    assert "does not exist" in msg and "only the folder you named" in msg
+    with pytest.raises(DataError) as exc:
+        load_dataset("fashion-mnist")  # no data_dir: $DICE_DATA_DIR, still no system fallback
+    msg = str(exc.value)
+    assert str(tmp_path / "env" / "fashion-mnist") in msg and str(tmp_path / "nowhere") not in msg
+    monkeypatch.delenv(D.ENV_DATA_DIR)
+    with pytest.raises(DataError) as exc:
+        load_dataset("fashion-mnist")  # nothing named: the system folder
+    msg = str(exc.value)
+    assert str(tmp_path / "nowhere") in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "DICE_DATA_DIR" in msg
     with pytest.raises(DataError, match="mnist not found") as exc:
         load_dataset("mnist", data_dir=tmp_path / "mine")

@@ -47,12 +47,6 @@ def naive_gt(traj, e: Event, hops: int) -> torch.Tensor:
     out = torch.zeros(hops + 1, p.n, dtype=torch.float64)
     fh, fs = p.local_step(theta, state, e.round)
     ch, cs = p.local_step(theta, state, e.round, w)
-    if e.samples is None:
-        ch = ch.clone()
-        ch[e.node] = theta[e.node]
-        if cs is not None:
-            cs = cs.clone()
-            cs[e.node] = state[e.node]
     out[0, e.node] = (node_losses(p.fm, fh, x, y)[0] - node_losses(p.fm, ch, x, y)[0])[e.node]
     f, c = p.mixer(e.round)(fh), p.mixer(e.round)(ch)
     for s in range(1, hops + 1):
@@ -198,16 +192,19 @@ def test_paper_and_exact_agree_on_first_reached_nodes(ring):
 def test_adjoint_agrees_with_forward(momentum):
     traj = train(cfg(momentum=momentum, rounds=10))
     t0, t1 = 4, 7
-    A = attribute(traj, (t0, t1), readout="horizon")
-    H = attribute(traj, (t0, t1), readout="hops", hops=2)
+    A = attribute(traj, (t0, t1), target="horizon")
+    H = attribute(traj, (t0, t1), target="hops", hops=2, readout="linear")
+    F = attribute(traj, (t0, t1), target="hops", hops=2)  # readout="factual", the default
     events = [Event(j, r, (i,)) for j in (0, 3) for r in range(t0, t1) for i in (0, 5)]
-    for e in events:
-        fwd = estimate(traj, [e], hops=t1 - e.round)
-        a = A.scores[e.round - t0, e.node, e.samples[0]].item()
-        assert a == pytest.approx(fwd.horizon[0].item(), rel=1e-5)
-        fwd2 = estimate(traj, [e], hops=2)
-        h = H.scores[e.round - t0, e.node, e.samples[0]].item()
-        assert h == pytest.approx(fwd2.values(2)[0].item(), rel=1e-5)
+
+    def adj(res):
+        return torch.stack([res.scores[e.round - t0, e.node, e.samples[0]] for e in events])
+
+    horizon = torch.cat([estimate(traj, [e], hops=t1 - e.round).horizon for e in events])
+    assert torch.allclose(adj(A), horizon, rtol=1e-5, atol=1e-15)
+    for res, ro in ((H, "linear"), (F, "factual")):
+        fwd = estimate(traj, events, hops=2, readout=ro).values(2)
+        assert torch.allclose(adj(res), fwd, rtol=1e-5, atol=1e-15), ro
     top = A.top(0, 3)
     assert len(top) == 3 and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
     assert all(t["dataset_index"] >= 0 for t in top)

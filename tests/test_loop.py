@@ -229,3 +229,64 @@ def test_dice_train_takes_the_plugin_keys(tmp_path):
     assert m["W_used_rounds"]
     back = Trajectory.load(tmp_path / "run")
     assert sorted(back.W_used) == m["W_used_rounds"]
+
+
+def test_a_policy_driven_run_resumes_to_the_same_bits(tmp_path):
+    from dice_influence.rundir import open_run, progress_writer, write_run_dir
+
+    cfg = cfg_for(rounds=14, policy={"kind": "prune", "rule": "sign", "start": 2})
+    whole = train(cfg)
+    out = tmp_path / "run"
+    first = open_run(out, build_problem(cfg))
+    first.run(8, on_checkpoint=progress_writer(first, out))  # "killed" after round 8
+    again = open_run(out, build_problem(cfg), resume=True)
+    assert again.rounds_done == 8 and again.plugins.policy is not None
+    again.run(cfg.train.rounds - again.rounds_done, on_checkpoint=progress_writer(again, out))
+    assert torch.equal(again.theta, whole.theta)
+    assert again.plugins.policy.prune_log == whole.plugins.policy.prune_log
+    assert sorted(again.W_used) == sorted(whole.W_used)
+    write_run_dir(again, out)
+    back = Trajectory.load(out)
+    assert np.array_equal(back.plugins.policy.blocked, whole.plugins.policy.blocked)
+    assert torch.equal(back.params_at(back.rounds_done)[0], whole.theta)
+
+
+def test_influence_replays_update_attacks_in_the_round():
+    import dataclasses
+
+    from dice_influence.attacks import AttackPlan, AttackSpec, attack_transforms
+    from dice_influence.influence import estimate
+    from dice_influence.influence.adjoint import attribute
+
+    cfg = cfg_for(rounds=8)
+    plan = AttackPlan.resolve([AttackSpec(kind="sign_flip", nodes=[3], scale=-2.0)], 8, 3)
+    p = dataclasses.replace(build_problem(cfg), transforms=attack_transforms(plan))
+    traj = Trajectory.start(p)
+    traj.run(8)
+    events = [Event(3, 4), Event(5, 4, (1,))]
+    gt = ground_truth(traj, events, hops=2)
+    theta0, _ = traj.params_at(4)
+    for i, e in enumerate(events):  # naive: the round with the attacker's flipped update
+        w = torch.ones(p.n, p.cfg.train.batch_size, dtype=p.dtype)
+        w[e.node, list(e.samples) if e.samples else slice(None)] = 0.0
+        f, c = theta0.clone(), theta0.clone()
+        for s in range(2):
+            fh, _ = p.local_step(f, None, 4 + s)
+            ch, _ = p.local_step(c, None, 4 + s, w if s == 0 else None)
+            Wt = torch.as_tensor(p.W(4 + s), dtype=p.dtype)
+            f, c = Wt @ fh, Wt @ ch
+        from dice_influence.gossip import node_losses
+
+        naive = (node_losses(p.fm, f, p.val_x, p.val_y)[0]
+                 - node_losses(p.fm, c, p.val_x, p.val_y)[0]).double()
+        assert torch.allclose(gt.per_node[i, 2], naive, atol=1e-10, rtol=0)
+    est = estimate(traj, events, hops=2, readout="midpoint")
+    assert np.corrcoef(est.r_hop[:, 1], gt.r_hop[:, 1])[0, 1] > 0.9
+    with pytest.raises(ValueError, match="update-level attacks"):
+        attribute(traj, (2, 4))
+
+
+def test_influence_refuses_a_robust_aggregator_run():
+    traj = train(cfg_for(rounds=6, aggregator={"kind": "clipped_gossip"}))
+    with pytest.raises(ValueError, match="W\\^t matmul"):
+        ground_truth(traj, [Event(1, 2)], hops=1)

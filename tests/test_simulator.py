@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dice_influence.config import ConfigError, dump_config, load_config
 from dice_influence import topology as T
+from dice_influence.config import ConfigError, dump_config, load_config
 from dice_influence.gossip import Mixer, Optimizer, node_grads
 from dice_influence.simulator import build_problem, run_rounds, train
 from dice_influence.trajectory import Trajectory

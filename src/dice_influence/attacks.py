@@ -160,10 +160,10 @@ class AttackPlan:
         as ``θ^t + U``). Noise for node ``k`` depends only on (seed, spec, t, k), so a peer that
         holds only its own row draws the same noise as the simulator."""
         ids = list(range(U.shape[0])) if ids is None else [int(k) for k in ids]
-        pos = {k: i for i, k in enumerate(ids)}
         changed: list[int] = []
         for i, (spec, ks) in enumerate(zip(self.specs, self.nodes, strict=True)):
-            rows = [pos[k] for k in ks if k in pos]
+            mine = set(ks)
+            rows = [r for r, k in enumerate(ids) if k in mine]  # ids may repeat (stacked copies)
             if spec.level != "update" or not rows or t < spec.start:
                 continue
             idx = torch.tensor(rows, device=U.device)

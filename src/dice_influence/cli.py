@@ -1,28 +1,146 @@
-"""The ``dice`` command line: thin wrappers that load a config, call the library, print."""
+"""The ``dice`` command line: thin wrappers that load a config, call the library, print.
+
+Start-up stays fast (``dice --help`` and ``dice --version`` import neither torch nor the
+experiments): the feature modules in :data:`EXTENSIONS` are imported only when one of their
+commands runs or their group's help is shown.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from .cli_support import SET_HELP, console, friendly, load_run_config
+from .cli_support import (
+    DATA_DIR_HELP,
+    SET_HELP,
+    console,
+    fail,
+    friendly,
+    load_run_config,
+    print_nodes,
+)
+
+EXTENSIONS = (
+    "dice_influence.experiments.alignment",
+    "dice_influence.experiments.anomaly",
+    "dice_influence.experiments.selection",
+    "dice_influence.experiments.aggregation",
+    "dice_influence.experiments.cascade",
+    "dice_influence.experiments.contribution",
+    "dice_influence.distributed.cli",
+    "dice_influence.bench.cli",
+)
+"""Modules with ``register(app, experiment_app, bench_app)``; imported on first use."""
+
+TOP_LEVEL: dict[str, str] = {
+    "peer": "Run ONE peer; rank and world size from RANK / WORLD_SIZE (torchrun sets them).",
+    "launch": "Start one local peer per node on loopback (one process each); collect outputs.",
+}
+"""Top-level commands that extensions add, with the line ``dice --help`` shows for them."""
+
+
+class _LazyGroup(TyperGroup):
+    """A command group whose extension commands are imported only when needed."""
+
+    source = "root"
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        if self.source != "root":
+            self._load()
+        names = list(super().list_commands(ctx))
+        return names + [n for n in TOP_LEVEL if n not in names and self.source == "root"]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        if self.source == "root":
+            if name not in TOP_LEVEL:
+                return None
+            if self._listing:  # `dice --help`: the line, without importing the module
+                return TyperCommand(name=name, help=TOP_LEVEL[name])
+        self._load()
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and super().get_command(ctx, args[0]) is None and args[0] not in TOP_LEVEL:
+            self._load()
+        return super().resolve_command(ctx, args)
+
+    def _load(self) -> None:
+        _register_extensions()
+        built = typer.main.get_group({"root": app, "experiment": experiment_app,
+                                      "bench": bench_app}[self.source])
+        for name, cmd in built.commands.items():
+            self.commands.setdefault(name, cmd)
+
+
+def _group(source: str) -> type[_LazyGroup]:
+    return type(f"_{source.capitalize()}Group", (_LazyGroup,), {"source": source})
+
 
 app = typer.Typer(
+    cls=_group("root"),
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="dice-influence: data influence cascades in decentralized learning (DICE).\n\n"
     "Sign convention: influence = loss with the data - loss without it; positive = harmful.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write their numbers to JSON.")
-experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: config in, run dir out.")
+bench_app = typer.Typer(cls=_group("bench"), no_args_is_help=True,
+                        help="Benchmarks that write their numbers to JSON.")
+experiment_app = typer.Typer(cls=_group("experiment"), no_args_is_help=True,
+                             help="Experiments: config in, run dir (with report.html) out.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(experiment_app, name="experiment")
+
+_registered = False
+
+
+def _register_extensions() -> None:
+    """Feature modules add their commands through ``register(app, experiment_app, bench_app)``."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for name in EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        mod.register(app, experiment_app, bench_app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"dice-influence {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """dice-influence: data influence cascades in decentralized learning (DICE)."""
 
 
 @app.command()
@@ -31,33 +149,44 @@ def train(
     config: Path = typer.Argument(..., help="YAML run config."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory to write."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its latest checkpoint (same "
+        "config; train.rounds may grow)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace another run's files in --out."),
 ) -> None:
-    """Train decentralized SGD and write a run directory (config, metrics, CSVs, checkpoints)."""
-    from .rundir import write_run_dir
-    from .simulator import train as run_train
+    """Train decentralized SGD; write a run directory (config, metrics, CSVs, checkpoints,
+    report.html). Checkpoints go to OUT/progress/ as training goes, so a killed run continues
+    with --resume."""
+    from .config import check_device
+    from .report import write_report
+    from .rundir import check_writable, open_run, progress_writer, write_run_dir
+    from .simulator import build_problem
+    from .trajectory import DivergenceError
 
-    cfg = load_run_config(config, set_)
-    traj = run_train(cfg, progress=not quiet)
+    cfg = load_run_config(config, set_, data_dir)
+    check_device(cfg)
+    check_writable(out)
+    traj = open_run(out, build_problem(cfg), resume=resume, overwrite=overwrite)
+    try:
+        traj.run(cfg.train.rounds - traj.rounds_done, progress=not quiet,
+                 on_checkpoint=progress_writer(traj, out))
+    except DivergenceError as exc:
+        write_run_dir(traj, out)
+        fail(f"{exc}; {out} holds the run up to that checkpoint")
     write_run_dir(traj, out)
+    report = write_report(out, "train")
     if not quiet:
-        _print_nodes(traj)
-    console.print(f"run directory: [bold]{out}[/]")
+        print_nodes(traj)
+    console.print(f"run directory: [bold]{_esc(out)}[/]; report: [bold]{_esc(report)}[/]")
 
 
-def _print_nodes(traj: Any, title: str | None = None) -> None:
-    final = traj.final_metrics
-    table = Table(title=title or f"round {traj.rounds_done}: per-node test accuracy")
-    table.add_column("node", justify="right")
-    table.add_column("test acc", justify="right")
-    table.add_column("test loss", justify="right")
-    for k, (a, lo) in enumerate(zip(final["acc"], final["loss"], strict=True)):
-        table.add_row(str(k), f"{a:.3f}", f"{lo:.3f}")
-    console.print(table)
-    console.print(
-        f"mean node accuracy [bold]{final['mean_acc']:.3f}[/], averaged model "
-        f"{final['avg_model_acc']:.3f}, consensus distance {final['consensus_distance']:.3g}"
-    )
+def _esc(x: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(x))
 
 
 @app.command()
@@ -88,6 +217,8 @@ def topology(
     plot: Path = typer.Option(None, "--plot", help="Draw the graph to this PNG file."),
 ) -> None:
     """Print a mixing matrix's properties (W[k][j] = weight receiver k puts on sender j)."""
+    from rich.table import Table
+
     from . import topology as T
 
     if n < 1:
@@ -115,7 +246,35 @@ def topology(
         for row in info["W"]:
             console.print("  " + " ".join(f"{v:5.3f}" if v else "  .  " for v in row))
     if plot is not None:
-        console.print(f"graph drawn to [bold]{plot}[/]")
+        console.print(f"graph drawn to [bold]{_esc(plot)}[/]")
+
+
+@app.command()
+@friendly
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by a dice command."),
+    check: bool = typer.Option(False, "--check", help="Also open it in headless Chromium: "
+                               "console errors, network requests, images; save a screenshot."),
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page (config, headline numbers, every
+    plot with what it shows) that opens from a file without network."""
+    from .report import SCREENSHOT_NAME, write_report
+
+    path = write_report(run_dir)
+    console.print(f"report: [bold]{_esc(path)}[/] (open it in a browser)")
+    if check:
+        from .report.browser import BrowserError, check_report
+
+        try:
+            res = check_report(path, path.parent / SCREENSHOT_NAME)
+        except BrowserError as exc:
+            fail(exc)
+        for line in res.problems:
+            console.print(f"[red]problem:[/] {_esc(line)}")
+        console.print(f"browser check: {len(res.images)} images, {len(res.problems)} problems, "
+                      f"screenshot [bold]{_esc(res.screenshot)}[/] ({res.seconds:.1f} s)")
+        if res.problems:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -124,65 +283,12 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Directory to write."),
     rounds: int = typer.Option(150, help="Training rounds."),
 ) -> None:
-    """End to end on the embedded digits data: train 16 nodes on an exponential graph, check
-    DICE-E against DICE-GT, then catch label-flipping neighbours and heal the network."""
-    from .config import load_config
-    from .rundir import write_run_dir
-    from .simulator import train as run_train
+    """End to end on the embedded digits data: train 16 nodes on an exponential graph, draw one
+    removal's influence cascade, check DICE-E against DICE-GT, then catch label-flipping
+    neighbours and heal the network. Ends with one report of everything."""
+    from .demo import run_demo
 
-    cfg = load_config({
-        "seed": 0,
-        "data": {"dataset": "digits", "partition": "iid"},
-        "topology": {"name": "exponential", "n": 16},
-        "model": {"name": "mlp", "hidden": [64, 32]},
-        "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 25},
-    })
-    console.rule("[bold]1. decentralized SGD on digits (16 nodes, exponential graph)")
-    traj = run_train(cfg, progress=True)
-    write_run_dir(traj, out / "train")
-    _print_nodes(traj)
-    console.print(f"run directory: [bold]{out / 'train'}[/]")
-
-    from .experiments.alignment import DEMO_ALIGNMENT, print_results, run_alignment
-
-    console.rule("[bold]2. influence: DICE-E vs exact counterfactual replay (DICE-GT)")
-    acfg = load_config(DEMO_ALIGNMENT)
-    metrics = run_alignment(acfg, out / "alignment", progress=False, log=console.print)
-    print_results(metrics, console, title="one- and two-hop alignment (positive = harmful)")
-    console.print(f"scatter plot: [bold]{out / 'alignment' / 'scatter.png'}[/]")
-
-    try:
-        from .experiments.anomaly import demo_anomaly
-    except ImportError:
-        return
-    console.rule("[bold]3. malicious neighbours: detection and self-healing")
-    demo_anomaly(out / "anomaly", console)
-
-
-EXTENSIONS = (
-    "dice_influence.experiments.alignment",
-    "dice_influence.experiments.anomaly",
-    "dice_influence.experiments.contribution",
-    "dice_influence.distributed.cli",
-    "dice_influence.bench.cli",
-)
-
-
-def _register_extensions() -> None:
-    """Feature modules add their commands through ``register(app, experiment_app, bench_app)``."""
-    import importlib
-
-    for name in EXTENSIONS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        mod.register(app, experiment_app, bench_app)
-
-
-_register_extensions()
+    run_demo(out, rounds, console)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,24 +1,33 @@
 """Validated run configuration (pydantic) that round-trips to YAML.
 
 Every section forbids unknown keys, so a typo fails with a message naming the key. ``--set
-key=value`` overrides use dotted paths (``train.lr=0.05``) and YAML values.
+key=value`` overrides use dotted paths (``train.lr=0.05``) and YAML values. Floats must be finite
+(``.inf``/``.nan`` are refused), seeds are 32-bit (0..2**32-1), and an explicit matrix must be
+square with one row per node.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ._util import did_you_mean
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0..2**32-1
+MAX_NODES = 4096  # mixing matrices are dense (n, n) float64: 4096 nodes = 128 MiB each
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CorruptionConfig(_Strict):
@@ -29,7 +38,20 @@ class CorruptionConfig(_Strict):
     fraction: float = Field(1.0, ge=0.0, le=1.0)
     sigma: float = Field(1.0, ge=0.0)
     permutation: list[int] | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class GroupsConfig(_Strict):
+    """Hidden groups of nodes (collaborator selection): every sample a node holds, training data
+    and own test split alike, is transformed by its group's map, so groups want different
+    models. Group 0 keeps the data as it is."""
+
+    count: int = Field(4, ge=1, description="number of groups (sizes differ by at most one)")
+    transform: Literal["permute_labels", "rotate"] = Field(
+        "permute_labels", description="permute_labels: a seeded derangement of the labels per "
+        "group; rotate: images turned by group x 90 degrees (at most 4 groups)")
+    assign: Literal["seeded", "contiguous"] = Field(
+        "seeded", description="which nodes form a group: a seeded draw, or blocks of ids")
 
 
 class DataConfig(_Strict):
@@ -53,11 +75,13 @@ class DataConfig(_Strict):
         default_factory=dict, description="copy: source - node `copy` holds exactly the "
         "training samples of node `source` (a node with duplicated data)"
     )
+    groups: GroupsConfig | None = Field(
+        None, description="hidden groups of nodes whose data differ (selection experiments)")
 
 
 class TopologyConfig(_Strict):
     name: str = "exponential"
-    n: int = Field(16, ge=1)
+    n: int = Field(16, ge=1, le=MAX_NODES)
     weights: Literal["uniform", "metropolis"] = "uniform"
     time_varying: Literal["one-peer-exponential", "random-matching", "permuted"] | None = None
     p: float | None = None
@@ -70,9 +94,10 @@ class TopologyConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["logreg", "mlp", "cnn", "resnet"] = "mlp"
-    hidden: list[int] = [128, 64]
-    channels: list[int] = [16, 32]
-    width: int = 16
+    hidden: list[PositiveInt] = [128, 64]
+    channels: list[PositiveInt] = [16, 32]
+    width: int = Field(16, ge=1)
+    activation: Literal["relu", "gelu", "tanh", "softplus"] = "relu"
 
 
 class TrainConfig(_Strict):
@@ -89,13 +114,14 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=1)
     eval_every: int = Field(10, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,3})?|mps)$",
+                        description="cpu, cuda, cuda:N or mps")
 
 
 class RunConfig(_Strict):
     """A whole run: data, topology, model, training. ``seed`` drives every random draw."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
@@ -122,6 +148,13 @@ class RunConfig(_Strict):
                     f"(valid ids are 0..{n - 1})"
                 )
         _check_data_layout(self, n)
+        g = self.data.groups
+        if g is not None and g.count > n:
+            raise ValueError(f"data.groups.count={g.count} exceeds topology.n={n}; use at most "
+                             f"{n} groups")
+        if g is not None and g.transform == "rotate" and g.count > 4:
+            raise ValueError(f"data.groups.count={g.count} with transform=rotate: quarter turns "
+                             "give at most 4 groups; use count <= 4 or permute_labels")
         from .plugins import parse
 
         for i, raw in enumerate(self.observers):
@@ -130,11 +163,24 @@ class RunConfig(_Strict):
             parse("policy", self.policy, "policy")
         if self.aggregator is not None:
             parse("aggregator", self.aggregator, "aggregator")
-        if self.topology.matrix is not None and len(self.topology.matrix) != n:
+        if self.model.name == "resnet" and self.model.width % 4:
             raise ValueError(
-                f"topology.matrix has {len(self.topology.matrix)} rows but topology.n={n}; "
+                f"model.width={self.model.width}: the resnet's GroupNorm uses 4 groups, so the "
+                "width must be a multiple of 4 (e.g. 16)"
+            )
+        m = self.topology.matrix
+        if m is not None and len(m) != n:
+            raise ValueError(
+                f"topology.matrix has {len(m)} rows but topology.n={n}; "
                 "set topology.n to the matrix size"
             )
+        for k, row in enumerate(m or []):
+            if len(row) != n:
+                raise ValueError(
+                    f"topology.matrix row {k} has {len(row)} entries but the matrix has {n} "
+                    f"rows; it must be square ({n} x {n}, W[k][j] = weight receiver k puts "
+                    "on sender j)"
+                )
         return self
 
 
@@ -161,17 +207,62 @@ def _check_data_layout(cfg: RunConfig, n: int) -> None:
                              "an original node")
 
 
+def check_device(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` unless ``train.device`` exists on this machine."""
+    import torch
+
+    dev = cfg.train.device
+    kind, _, idx = dev.partition(":")
+    if kind == "cuda":
+        ok = torch.cuda.is_available() and int(idx or 0) < torch.cuda.device_count()
+    elif kind == "mps":
+        ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"train.device={dev!r} is not available on this machine; use "
+                          "train.device=cpu (or a device that torch sees here)")
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `dice config` prints every valid key)"
+            keys = _keys_at(e["loc"][:-1])
+            hint = did_you_mean(str(e["loc"][-1]), keys) if keys else ""
+            msg = (f"unknown key{hint}" if hint else
+                   f"unknown key; valid keys here: {', '.join(keys)}" if keys else
+                   "unknown key (check the spelling; `dice config` prints every valid key)")
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the config section at ``loc`` (e.g. ``("train",)``); [] if unknown."""
+    import typing
+
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann, model = field.annotation, None
+        todo = [ann]
+        while todo:  # unwrap Optional[...] / list[...] down to a config section
+            a = todo.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                model = a
+                break
+            todo.extend(typing.get_args(a))
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

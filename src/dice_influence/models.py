@@ -20,21 +20,35 @@ from torch import nn
 from torch.func import functional_call
 
 MODELS = ("logreg", "mlp", "cnn", "resnet")
+ACTIVATIONS = ("relu", "gelu", "tanh", "softplus")
+"""Hidden-unit non-linearities. ``relu`` is the paper's; the smooth ones (``gelu``, ``tanh``,
+``softplus``) have a continuous batch gradient, which first-order influence needs for single
+samples (a ReLU unit switching on or off moves the next step by a finite amount)."""
 
 
 class ModelError(ValueError):
     """A model name or shape that cannot be built."""
 
 
-class MLP(nn.Module):
-    """Fully connected ReLU network; the paper's 3-layer MLP is ``hidden=(128, 64)``."""
+def make_activation(name: str) -> nn.Module:
+    """The activation module called ``name`` (one of :data:`ACTIVATIONS`)."""
+    mods = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
+    if name not in mods:
+        raise ModelError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return mods[name]()
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (128, 64)):
+
+class MLP(nn.Module):
+    """Fully connected network (ReLU by default); the paper's 3-layer MLP is
+    ``hidden=(128, 64)``."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (128, 64),
+                 activation: str = "relu"):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_dim
         for h in hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU()]
+            layers += [nn.Linear(prev, h), make_activation(activation)]
             prev = h
         layers.append(nn.Linear(prev, num_classes))
         self.net = nn.Sequential(*layers)
@@ -44,18 +58,20 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """The paper's 3-layer CNN: two conv+ReLU+max-pool blocks and a linear classifier."""
+    """The paper's 3-layer CNN: two conv+activation+max-pool blocks and a linear classifier
+    (ReLU by default; max-pooling keeps a kink whatever the activation)."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (16, 32)):
+    def __init__(self, input_shape: Sequence[int], num_classes: int,
+                 channels: Sequence[int] = (16, 32), activation: str = "relu"):
         super().__init__()
         c, h, w = _image_shape(input_shape)
         c1, c2 = channels
         self.features = nn.Sequential(
             nn.Conv2d(c, c1, 3, padding=1),
-            nn.ReLU(),
+            make_activation(activation),
             nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(),
+            make_activation(activation),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(c2 * (h // 4) * (w // 4), num_classes)
@@ -122,15 +138,22 @@ def build_model(
     hidden: Sequence[int] = (128, 64),
     channels: Sequence[int] = (16, 32),
     width: int = 16,
+    activation: str = "relu",
 ) -> nn.Module:
-    """Build a model by name (one of :data:`MODELS`)."""
+    """Build a model by name (one of :data:`MODELS`). ``activation`` (one of
+    :data:`ACTIVATIONS`) applies to the MLP's hidden layers and the CNN's conv blocks; the
+    ResNet keeps ReLU (``logreg`` has no hidden units)."""
     in_dim = math.prod(input_shape)
+    make_activation(activation)  # one clear error for an unknown name, whatever the model
+    if name == "resnet" and activation != "relu":
+        raise ModelError(f"activation {activation!r} is not available for the resnet (ReLU "
+                         "only); use model 'mlp' or 'cnn' for a smooth activation")
     if name == "logreg":
         return MLP(in_dim, num_classes, hidden=())
     if name == "mlp":
-        return MLP(in_dim, num_classes, hidden=hidden)
+        return MLP(in_dim, num_classes, hidden=hidden, activation=activation)
     if name == "cnn":
-        return CNN(input_shape, num_classes, channels=channels)
+        return CNN(input_shape, num_classes, channels=channels, activation=activation)
     if name == "resnet":
         return ResNet(input_shape, num_classes, width=width)
     raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -107,6 +107,50 @@ class PruneSettings(PluginSettings):
         10.0, gt=1.0, description="also refuse updates larger than ratio x the median norm seen")
 
 
+class _RewireSettings(PluginSettings):
+    degree: int = Field(3, ge=1, description="in-neighbours each node keeps")
+    every: int = Field(3, ge=1, description="rounds between rewirings (an epoch)")
+    candidates: int = Field(6, ge=0, description="pool members the peer sampler adds per epoch")
+    start: int = Field(0, ge=0, description="first round index at which a node may rewire")
+    initial: Literal["none", "random"] = Field(
+        "none", description="first neighbours: none (probe candidates first) or random")
+
+
+class SelectSettings(_RewireSettings):
+    """Collaborator selection: every epoch each node keeps the neighbours and sampled candidates
+    whose measured influence on it was most helpful (the pool = the topology's links)."""
+
+    kind: Literal["select"] = "select"
+    score: Literal["link_exact", "link", "update"] = Field(
+        "link_exact", description="link_exact: change of the node's test loss from mixing the "
+        "sender's half step in; link: its first-order estimate; update: proximal influence of "
+        "the sender's update (paper Def. 4)")
+    bar: float | None = Field(None, description="keep a sender only if its score <= bar x the "
+                              "node's own-update influence (default: link 1.0, update -0.5)")
+    reciprocity: float = Field(0.0, ge=0.0, description="weight of what the sender measured "
+                               "of this node (simulator only)")
+    memory: float = Field(1.0, ge=0.0, le=1.0, description="decay of earlier probed epochs in "
+                          "a sender's score (0: last epoch only, 1: plain mean)")
+
+
+class PensSettings(_RewireSettings):
+    """PENS-style selection: keep the neighbours and sampled candidates whose model has the
+    lowest loss on the node's own training data."""
+
+    kind: Literal["pens"] = "pens"
+    samples: int | None = Field(None, ge=1, description="use only the first m local samples")
+
+
+class InfluenceWeightSettings(PluginSettings):
+    """Influence-weighted aggregation: W[k, j] scaled by 2*sigmoid(-z_kj / temperature), z = the
+    neighbour's proximal influence over the median |influence| of k's neighbours."""
+
+    kind: Literal["influence_weight"] = "influence_weight"
+    temperature: float = Field(0.5, gt=0.0, description="large: nominal weights; small: hard")
+    score: Literal["cumulative", "window"] = "cumulative"
+    start: int = Field(0, ge=0, description="first round index reweighted")
+
+
 # ----------------------------------------------------------------------------- aggregators
 
 
@@ -138,6 +182,10 @@ CATALOGUE: dict[str, dict[str, Entry]] = {
     },
     "policy": {
         "prune": Entry(PruneSettings, "dice_influence.apps.defense:from_settings"),
+        "select": Entry(SelectSettings, "dice_influence.apps.selection:select_from_settings"),
+        "pens": Entry(PensSettings, "dice_influence.apps.selection:pens_from_settings"),
+        "influence_weight": Entry(InfluenceWeightSettings,
+                                  "dice_influence.apps.weighting:from_settings"),
     },
     "aggregator": {
         "clipped_gossip": Entry(ClippedGossipSettings,

@@ -201,11 +201,30 @@ def build_corruptions(cfg: RunConfig) -> list[D.Corruption]:
             for c in cfg.data.corruptions]
 
 
+def build_groups(cfg: RunConfig) -> np.ndarray | None:
+    """Group id of every node under ``data.groups`` (None without hidden groups)."""
+    g = cfg.data.groups
+    if g is None:
+        return None
+    return D.group_assignment(cfg.topology.n, g.count, seed=cfg.seed, assign=g.assign)
+
+
+def group_data(cfg: RunConfig, nd: D.NodeData, num_classes: int) -> D.NodeData:
+    """``nd`` with every node's samples transformed by its hidden group (``data.groups``);
+    ``nd`` itself when the config has none. Used for training data and own test splits, by
+    the simulator and by a peer alike."""
+    g = cfg.data.groups
+    if g is None:
+        return nd
+    maps = D.group_label_maps(g.count, num_classes, cfg.seed)
+    return D.apply_groups(nd, build_groups(cfg), g.transform, maps)
+
+
 def build_functional_model(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
                            device: torch.device) -> FunctionalModel:
     mc = cfg.model
     module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
-                         channels=tuple(mc.channels), width=mc.width)
+                         channels=tuple(mc.channels), width=mc.width, activation=mc.activation)
     return FunctionalModel(module.to(device=device, dtype=dtype))
 
 
@@ -229,11 +248,11 @@ def build_problem(cfg: RunConfig) -> Problem:
     ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
     nd = D.make_node_data(ds, build_partition(cfg, ds), split="train",
                           corruptions=build_corruptions(cfg))
-    nd = _cast(nd, dtype, device)
+    nd = _cast(group_data(cfg, nd, ds.num_classes), dtype, device)
     node_test = None
     if dc.test_samples_per_node:
-        node_test = _cast(D.make_node_data(ds, build_test_partition(cfg, ds), split="test"),
-                          dtype, device)
+        tnd = D.make_node_data(ds, build_test_partition(cfg, ds), split="test")
+        node_test = _cast(group_data(cfg, tnd, ds.num_classes), dtype, device)
     batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
     val_x, val_y = build_validation(cfg, ds, dtype, device)
     from .plugins import build_aggregator

@@ -283,6 +283,7 @@ def guarded_train(
     rounds: int | None = None,
     malicious: np.ndarray | None = None,
     progress: bool = False,
+    label: str = "guarded training",
 ) -> GuardResult:
     """Train ``problem`` under ``plan`` with optional tracking and defence: a configuration of
     the one loop (attack transforms, a proximal observer, a prune policy or a robust
@@ -320,7 +321,7 @@ def guarded_train(
     theta = run_problem.init_theta()
     state = run_problem.opt.init_state(theta)
     evals = [_eval(run_problem, theta, honest, 0)] if opts.eval_every > 0 else []
-    with progress_bar(progress, R, "guarded training") as advance:
+    with progress_bar(progress, R, label) as advance:
         def on_round(t: int, th: torch.Tensor, st: torch.Tensor | None) -> None:
             if opts.eval_every > 0 and (t % opts.eval_every == 0 or t == R):
                 evals.append(_eval(run_problem, th, honest, t))

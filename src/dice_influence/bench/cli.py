@@ -69,8 +69,14 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         a = res["attribution"]
         console.print(
             f"all-sample attribution of {a['samples']} samples over {a['rounds']} rounds: "
-            f"{a['seconds']:.2f} s = {a['ratio_to_training']:.2f}x the training rounds, "
+            f"{a['seconds']:.2f} s warm = {a['ratio_to_training']:.2f}x the training rounds "
+            f"(first call {a['cold_seconds']:.2f} s = {a['cold_ratio_to_training']:.2f}x), "
             f"{a['speedup_vs_replay']:.0f}x faster than replaying each sample")
+        for d in res.get("attribution_digits", []):
+            console.print(
+                f"digits, momentum {d['momentum']}: {d['samples']} samples, "
+                f"{d['seconds']:.3f} s warm = {d['ratio_to_training']:.2f}x training "
+                f"(first call on that run {d['first_call_seconds']:.2f} s)")
         console.print(f"wrote [bold]{json_path}[/]")
 
     @bench_app.command("proximal")

@@ -6,22 +6,27 @@ with that cache, so callers must never modify them in place (clone first). File 
 execute code from the files they read: idx files are parsed byte by byte, and the CIFAR-10
 "python version" batches (pickles, by upstream format) are read with a restricted unpickler that
 only resolves the few numpy/codec names an array needs.
+
+A folder the user names (``data_dir``, else ``$DICE_DATA_DIR``) is the only place looked in: if
+it lacks the data that is an error, never a silent fallback to another copy. Every
+:class:`Dataset` lists the files it was read from (path, size, sha256) in ``files``.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib
 import math
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import DataError
+from .readers import _read_cifar_batch, file_records, parse_idx
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
@@ -42,9 +47,6 @@ _IDX_STEMS = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
-
-class DataError(ValueError):
-    """A dataset, partition, corruption or schedule request that cannot be honoured."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +71,9 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     input_shape: tuple[int, ...]
+    files: tuple[dict[str, Any], ...] = ()
+    """The files the data was read from: ``{"path", "size", "sha256"}`` each (empty for
+    generated data)."""
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -104,140 +109,18 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------------------------
-# File readers
-# --------------------------------------------------------------------------------------------
-
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
-def _read_bytes(path: Path) -> bytes:
-    """File contents, transparently gunzipped when the file starts with the gzip magic."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt gzip stream ({exc}); re-download the file") from exc
-    return raw
-
-
-def parse_idx(path: str | Path) -> np.ndarray:
-    """Parse an idx file (MNIST format, optionally gzipped) into a numpy array.
-
-    Header: two zero bytes, a dtype code (0x08 ubyte, 0x09 sbyte, 0x0B int16, 0x0C int32,
-    0x0D float32, 0x0E float64, all big-endian), the number of dims, then one big-endian uint32
-    per dim. Raises :class:`DataError` on a bad magic, truncated or oversized payload.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"idx file {path} does not exist")
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: only {len(data)} bytes; not an idx file (needs a 4-byte magic)")
-    zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
-    if zero0 != 0 or zero1 != 0 or code not in _IDX_DTYPES:
-        raise DataError(
-            f"{path}: bad idx magic 0x{data[:4].hex()} (expected 0x0000 then a dtype code in "
-            f"{[hex(c) for c in _IDX_DTYPES]} and a dim count); the file is corrupt or not idx"
-        )
-    if ndim == 0:
-        raise DataError(f"{path}: idx header declares 0 dimensions; the file is corrupt")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated idx header ({len(data)} bytes, need {header})")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = math.prod(dims) * dtype.itemsize
-    got = len(data) - header
-    if got != expected:
-        raise DataError(
-            f"{path}: idx payload has {got} bytes but dims {dims} of {dtype} need {expected}; "
-            "the file is truncated or corrupt, re-download it"
-        )
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
-_ALLOWED_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the names needed to rebuild numpy arrays and bytes."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
-            raise DataError(
-                f"refusing to unpickle {module}.{name}: CIFAR-10 batches only contain arrays, "
-                "lists and bytes; the file is not a genuine CIFAR-10 python batch"
-            )
-        if module.startswith("numpy.core"):
-            try:
-                return getattr(importlib.import_module("numpy._core" + module[10:]), name)
-            except (ImportError, AttributeError):
-                pass
-        return getattr(importlib.import_module(module), name)
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch -> (uint8 images (N, 3, 32, 32), int64 labels (N,)).
-
-    The upstream format is a pickle. This is the only pickle read in the package, and only of a
-    local file the user provides; :class:`_ArrayOnlyUnpickler` (``encoding="bytes"`` for the
-    Python-2 pickles) refuses any global beyond numpy array reconstruction, so no code runs.
-    """
-    try:
-        with path.open("rb") as fh:
-            batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
-    except DataError as exc:
-        raise DataError(f"{path}: {exc}") from exc
-    except Exception as exc:  # any unpickling failure means a corrupt file
-        raise DataError(f"{path}: cannot read CIFAR-10 batch ({exc}); re-download it") from exc
-    if not isinstance(batch, dict):
-        raise DataError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
-    data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
-    if data is None or labels is None:
-        raise DataError(f"{path}: CIFAR-10 batch lacks b'data' or b'labels' (keys: {list(batch)})")
-    data = np.asarray(data)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(
-            f"{path}: b'data' has dtype {data.dtype} shape {data.shape}; expected uint8 (N, 3072)"
-        )
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise DataError(f"{path}: b'labels' must be {data.shape[0]} ints in [0, 9]")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-# --------------------------------------------------------------------------------------------
 # Locating files
 # --------------------------------------------------------------------------------------------
 
 
 def _user_dirs(data_dir: str | Path | None, subfolders: Sequence[str]) -> list[Path]:
-    """Candidate folders: data_dir, then $DICE_DATA_DIR, each followed by its subfolders."""
+    """Candidate folders: data_dir if given, else $DICE_DATA_DIR, followed by its subfolders.
+    The folder the user names is the only one: a miss there is an error, not a fallback."""
     roots: list[Path] = []
+    env = os.environ.get(ENV_DATA_DIR)
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(ENV_DATA_DIR)
-    if env:
+    elif env:
         roots.append(Path(env).expanduser())
     out: list[Path] = []
     for root in roots:
@@ -281,8 +164,29 @@ def _file_key(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+def _named(data_dir: str | Path | None) -> str:
+    """Why only the named folder was searched (no fallback to another copy)."""
+    if data_dir is not None:
+        where = f"data_dir {str(data_dir)!r}"
+        if not Path(data_dir).expanduser().is_dir():
+            where += " (which does not exist)"
+    elif os.environ.get(ENV_DATA_DIR):
+        where = f"${ENV_DATA_DIR}={os.environ[ENV_DATA_DIR]!r}"
+    else:
+        return ""
+    return f" (only the folder you named, {where}, is searched: fix that path or unset it)"
+
+
 def _looked_in(folders: Sequence[Path]) -> str:
-    return ", ".join(str(f) for f in folders) if folders else "(nowhere)"
+    if not folders:
+        return f"nowhere (no --data-dir / data.data_dir given and ${ENV_DATA_DIR} is unset)"
+    return ", ".join(str(f) for f in folders)
+
+
+_WHERE_TO_PUT = (
+    f"pass --data-dir DIR (dice train / experiment / launch), set data.data_dir in the config "
+    f"or set ${ENV_DATA_DIR}"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +241,13 @@ def _load_digits(seed: int, test_fraction: float, normalize: bool) -> Dataset:
         mean, std = float(x_tr.mean()), float(x_tr.std())
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return _to_dataset("digits", x_tr, y[tr], x_te, y[te], 10)
+
+
+def _digits_file() -> Path:
+    """The copy of the UCI digits that scikit-learn bundles (what ``load_digits`` reads)."""
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
 
 
 def _load_synthetic(
@@ -435,6 +346,55 @@ def _canonical_name(name: str) -> str:
     return n
 
 
+def dataset_files(name: str, *, data_dir: str | Path | None = None) -> tuple[dict[str, Any], ...]:
+    """The files :func:`load_dataset` reads for ``name`` (path, size, sha256), without parsing
+    them; raises :class:`DataError` like the loader when they are missing."""
+    n = _canonical_name(name)
+    if n == "synthetic":
+        return ()
+    if n == "digits":
+        csv = _digits_file()
+        return file_records([csv]) if csv.is_file() else ()
+    if n in ("fashion-mnist", "mnist"):
+        files = _locate_idx(n, data_dir)
+        return file_records([files[k] for k in _IDX_STEMS])
+    folder = _locate_cifar(data_dir)
+    return file_records([folder / f for f in _CIFAR10_FILES])
+
+
+def _locate_idx(n: str, data_dir: str | Path | None) -> dict[str, Path]:
+    subs = ("fashion-mnist", "FashionMNIST/raw") if n == "fashion-mnist" else ("mnist", "MNIST/raw")
+    folders = _user_dirs(data_dir, subs)
+    if n == "fashion-mnist" and not folders:
+        folders.append(SYSTEM_FASHION_MNIST_DIR)
+    files = _find_idx_set(folders)
+    if files is None:
+        hint = (
+            "install it with `apt-get install dataset-fashion-mnist`, or put the files in a "
+            f"folder and {_WHERE_TO_PUT}"
+            if n == "fashion-mnist"
+            else f"put the four MNIST idx files in a folder and {_WHERE_TO_PUT}"
+        )
+        raise DataError(
+            f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in: "
+            f"{_looked_in(folders)}{_named(data_dir)}; {hint}"
+        )
+    return files
+
+
+def _locate_cifar(data_dir: str | Path | None) -> Path:
+    folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
+    folder = _find_cifar_dir(folders)
+    if folder is None:
+        raise DataError(
+            f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
+            f"{', '.join(_CIFAR10_FILES)}; looked in: {_looked_in(folders)}"
+            f"{_named(data_dir)}; download the CIFAR-10 python version, extract it, then "
+            f"{_WHERE_TO_PUT}"
+        )
+    return folder
+
+
 def load_dataset(
     name: str,
     *,
@@ -449,9 +409,11 @@ def load_dataset(
     """Load a dataset by name (one of :data:`DATASETS`), cached in-process.
 
     ``seed`` and ``test_fraction`` only affect datasets without an official split ("digits",
-    "synthetic"). File datasets are looked up in ``data_dir``, then ``$DICE_DATA_DIR`` (and a
-    dataset-named subfolder of each); Fashion-MNIST also in ``/usr/share/datasets/fashion-mnist``.
-    The returned tensors are shared with the cache: do not modify them in place.
+    "synthetic"). File datasets are looked up in ``data_dir`` if given, else in
+    ``$DICE_DATA_DIR`` (and a dataset-named subfolder); only when neither is given, Fashion-MNIST
+    also in ``/usr/share/datasets/fashion-mnist``. A named folder that lacks the data raises
+    :class:`DataError`. The returned tensors are shared with the cache: do not modify them in
+    place; ``files`` lists what was read.
     """
     n = _canonical_name(name)
     if n in ("digits", "synthetic") and not 0.0 < test_fraction < 1.0:
@@ -480,37 +442,11 @@ def load_dataset(
             bool(normalize),
         )
     elif n in ("fashion-mnist", "mnist"):
-        subs = (
-            ("fashion-mnist", "FashionMNIST/raw")
-            if n == "fashion-mnist"
-            else ("mnist", "MNIST/raw")
-        )
-        folders = _user_dirs(data_dir, subs)
-        if n == "fashion-mnist":
-            folders.append(SYSTEM_FASHION_MNIST_DIR)
-        files = _find_idx_set(folders)
-        if files is None:
-            hint = (
-                "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir / "
-                f"set {ENV_DATA_DIR}"
-                if n == "fashion-mnist"
-                else f"put the four MNIST idx files there, then pass --data-dir / set {ENV_DATA_DIR}"
-            )
-            raise DataError(
-                f"{n} not found: need {', '.join(_IDX_STEMS.values())} (.gz or raw); looked in "
-                f"{_looked_in(folders)}; {hint}"
-            )
+        files = _locate_idx(n, data_dir)
         named = tuple(sorted((k, str(p.resolve())) for k, p in files.items()))
         key = (n, named, _file_key([Path(p) for _, p in named]), bool(normalize))
     else:  # cifar10
-        folders = _user_dirs(data_dir, (CIFAR10_FOLDER,))
-        folder = _find_cifar_dir(folders)
-        if folder is None:
-            raise DataError(
-                f"cifar10 not found: need a {CIFAR10_FOLDER} folder with "
-                f"{', '.join(_CIFAR10_FILES)}; looked in {_looked_in(folders)}; download the "
-                f"CIFAR-10 python version, extract it, then pass --data-dir / set {ENV_DATA_DIR}"
-            )
+        folder = _locate_cifar(data_dir)
         stamp = _file_key([folder / f for f in _CIFAR10_FILES])
         key = ("cifar10", str(folder.resolve()), stamp, bool(normalize))
-    return replace(_load_cached(key))
+    return replace(_load_cached(key), files=dataset_files(n, data_dir=data_dir))

@@ -245,6 +245,75 @@ def node_test_splits(
 
 
 # --------------------------------------------------------------------------------------------
+# Hidden groups of nodes (collaborator selection)
+# --------------------------------------------------------------------------------------------
+
+GROUP_TRANSFORMS = ("permute_labels", "rotate")
+
+
+def group_assignment(n_nodes: int, count: int, *, seed: int, assign: str = "seeded") -> np.ndarray:
+    """Group id in ``0..count-1`` of every node (sizes differ by at most one).
+
+    ``contiguous``: node ``k`` is in group ``k * count // n_nodes``; ``seeded``: the same sizes
+    over a permutation of the nodes drawn from ``(seed, "groups")``."""
+    if not 1 <= count <= n_nodes:
+        raise DataError(f"groups.count={count} must be in 1..{n_nodes} (the number of nodes)")
+    if assign not in ("seeded", "contiguous"):
+        raise DataError(f"groups.assign={assign!r}: choose 'seeded' or 'contiguous'")
+    base = (np.arange(n_nodes) * count) // n_nodes
+    if assign == "contiguous":
+        return base
+    perm = _rng(seed, 0x6770).permutation(n_nodes)
+    out = np.empty(n_nodes, dtype=np.int64)
+    out[perm] = base
+    return out
+
+
+def group_label_maps(count: int, num_classes: int, seed: int) -> np.ndarray:
+    """``(count, C)`` label maps: group 0 keeps its labels, every other group a seeded
+    derangement (no class keeps its label), drawn from ``(seed, "labels", g)``."""
+    maps = np.tile(np.arange(num_classes), (count, 1))
+    for g in range(1, count):
+        rng = _rng(seed, 0x6C61, g)
+        while True:
+            p = rng.permutation(num_classes)
+            if num_classes < 2 or (p != np.arange(num_classes)).all():
+                break
+        maps[g] = p
+    return maps
+
+
+def transform_group(
+    x: torch.Tensor, y: torch.Tensor, group: int, transform: str, label_maps: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``x`` (m, *input_shape), ``y`` (m,) as group ``group`` sees them (copies):
+    ``permute_labels``: ``y -> label_maps[group][y]``; ``rotate``: images turned by
+    ``group`` x 90 degrees (square images only)."""
+    if transform == "permute_labels":
+        mapping = torch.as_tensor(label_maps[group], dtype=torch.int64, device=y.device)
+        return x.clone(), mapping[y]
+    if transform == "rotate":
+        if x.ndim < 3 or x.shape[-1] != x.shape[-2]:
+            raise DataError(f"groups.transform=rotate needs square images, got samples of shape "
+                            f"{tuple(x.shape[1:])}; use permute_labels")
+        return torch.rot90(x, int(group) % 4, dims=(-2, -1)).clone(), y.clone()
+    raise DataError(f"unknown group transform {transform!r}; use one of {GROUP_TRANSFORMS}")
+
+
+def apply_groups(
+    nd: NodeData, groups: np.ndarray, transform: str, label_maps: np.ndarray
+) -> NodeData:
+    """A copy of ``nd`` where node ``k``'s samples are :func:`transform_group` of its group
+    ``groups[k]`` (padding stays zero)."""
+    x, y = nd.x.clone(), nd.y.clone()
+    for k in range(nd.n_nodes):
+        size = int(nd.sizes[k])
+        x[k, :size], y[k, :size] = transform_group(nd.x[k, :size], nd.y[k, :size],
+                                                   int(groups[k]), transform, label_maps)
+    return replace(nd, x=x, y=y)
+
+
+# --------------------------------------------------------------------------------------------
 # Batch schedule
 # --------------------------------------------------------------------------------------------
 

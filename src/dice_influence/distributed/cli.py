@@ -11,7 +11,7 @@ SET_HELP = "Override a config value, e.g. --set train.lr=0.05 (repeatable)."
 
 def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add the peer-to-peer commands to the ``dice`` app."""
-    from ..cli_support import console, friendly
+    from ..cli_support import DATA_DIR_HELP, console, friendly, load_run_config
 
     @app.command()
     @friendly
@@ -32,25 +32,41 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
     def launch(
         config: Path = typer.Argument(..., help="YAML run config (same as the simulator's)."),
         peers: int = typer.Option(
-            ..., "--peers", "-n", help="Number of local peers (= topology.n)."
+            None, "--peers", "-n", help="Number of local peers; default and only valid value: "
+            "topology.n of the config (one peer per node)."
         ),
         out: Path = typer.Option(Path("runs/p2p"), "--out", "-o", help="Output directory."),
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+        data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
         resume: bool = typer.Option(
             False, "--resume", help="Continue from the last checkpoint all peers share."
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace another run's checkpoints in --out."
+        ),
         timeout: float = typer.Option(None, "--timeout", help="Kill everything after SECONDS."),
     ) -> None:
-        """Start N local peers on loopback (one process each) and collect their outputs."""
+        """Start one local peer per node on loopback (one process each); collect outputs."""
+        from rich.markup import escape
         from rich.table import Table
 
+        from ..config import ConfigError
+        from ..report import write_report
         from .launch import launch as run_launch
 
-        console.print(f"launching {peers} peers on loopback -> [bold]{out}[/]")
-        res = run_launch(
-            config, peers, out, overrides=set_ or [], resume=resume, wall_timeout=timeout
-        )
-        table = Table(title=f"{peers} peers, {res.seconds:.1f} s")
+        cfg = load_run_config(config, set_, data_dir)
+        n = cfg.topology.n
+        if peers is not None and peers != n:
+            raise ConfigError(
+                f"--peers {peers} but topology.n={n} in {config}: one peer per node; drop "
+                f"--peers (it defaults to {n}) or pass --set topology.n={peers}"
+            )
+        console.print(f"launching {n} peers on loopback -> [bold]{escape(str(out))}[/]")
+        res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
+                         wall_timeout=timeout)
+        table = Table(title=f"{n} peers, {res.seconds:.1f} s",
+                      caption="rounds/s: rounds done / wall time of each peer, single "
+                      "measurement")
         for col in ("peer", "status", "rounds", "test acc", "rounds/s", "bytes/round", "dropped"):
             table.add_column(col, justify="right")
         for k, m in enumerate(res.metrics):
@@ -70,11 +86,13 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
                 ",".join(map(str, dropped)) or "-",
             )
         console.print(table)
-        for e in res.errors:
-            console.print(f"[bold red]{e}[/]")
+        for e in res.errors:  # peers' messages quote gloo, e.g. "[/pytorch/...]": not markup
+            console.print(f"[bold red]{escape(str(e))}[/]")
+        report = write_report(out, "p2p")
         console.print(
-            f"outputs: [bold]{out}[/] (summary.json, proximal.csv, final.safetensors, "
-            "peer-<k>/); proximal influence sign: positive = harmful"
+            f"outputs: [bold]{escape(str(out))}[/] (report.html, summary.json, proximal.csv, "
+            "final.safetensors, peer-<k>/); proximal influence sign: positive = harmful"
         )
+        console.print(f"report: [bold]{escape(str(report))}[/]")
         if not res.ok:
             raise typer.Exit(1)

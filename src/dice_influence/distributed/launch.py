@@ -5,6 +5,11 @@ torch and the package once (the same code path as ``python -m dice_influence.dis
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, a fresh ``file://`` rendezvous,
 ``GLOO_SOCKET_IFNAME=lo`` and ``MASTER_ADDR=127.0.0.1``. When a peer fails its neighbours stop within the configured timeout;
 the launcher then gives the others a grace period and kills whatever is left, so nothing hangs.
+
+Before any peer starts, the output folder is checked against the run identity
+(:func:`~dice_influence.distributed.peer.peer_identity`): ``resume`` refuses checkpoints of
+another run, and a fresh run refuses a folder holding another run's checkpoints unless
+``overwrite`` (which removes them).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .._util import atomic_write_text, write_json
+from .._util import atomic_path, atomic_write_text, write_json
 from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..manifest import RunDirError, RunIdentity
 from .settings import distributed_settings
 
 
@@ -58,6 +64,41 @@ def common_checkpoint(out: str | Path, n: int) -> int | None:
         )
     common = set.intersection(*sets) if sets else set()
     return max(common) if common else None
+
+
+def _checkpoint_files(out: Path) -> list[Path]:
+    return sorted(out.glob("peer-*/checkpoints/round-*.safetensors"))
+
+
+def check_checkpoints(out: Path, ident: RunIdentity, *, resume_round: int | None, n: int,
+                      overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, remove) checkpoints in ``out`` that are not of the run
+    ``ident``. With ``resume_round``, every peer's checkpoint of that round must be this run's;
+    for a fresh start, this run's old checkpoints are removed too (a fresh run starts over)."""
+    from .peer import checkpoint_identity
+
+    fix = "resume with the config it was trained with, or start afresh with --overwrite"
+    if resume_round is not None:
+        for k in range(n):
+            path = out / f"peer-{k}" / "checkpoints" / f"round-{resume_round}.safetensors"
+            other = checkpoint_identity(path)
+            if other is None:
+                raise RunDirError(f"--resume: {path} records no run identity (damaged, or "
+                                  "written by an older version); start afresh with --overwrite")
+            ident.require_same(other, f"--resume: {path}", fix)
+        return
+    files = _checkpoint_files(out)
+    for path in files:
+        other = checkpoint_identity(path)
+        if (other is None or other.digest != ident.digest) and not overwrite:
+            why = ("records no run identity" if other is None
+                   else f"is another run's ({ident.differences(other)})")
+            raise RunDirError(
+                f"--out {out} holds checkpoints of another run ({path} {why}); pass --overwrite "
+                "to replace them, --resume to continue that run, or choose another --out"
+            )
+    for path in files:
+        path.unlink(missing_ok=True)
 
 
 def _clear_outputs(out: Path, n: int) -> None:
@@ -119,14 +160,20 @@ def launch(
     *,
     overrides: list[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     wall_timeout: float | None = None,
     grace: float | None = None,
     quiet: bool = True,
 ) -> LaunchResult:
     """Run ``peers`` local peers of ``config`` and collect their outputs under ``out``.
 
-    ``resume``: continue from the latest round every peer has a checkpoint of.
-    ``wall_timeout``: kill everything after this many seconds (default: none)."""
+    ``resume``: continue from the latest round every peer has a checkpoint of (of this same
+    run: another run's checkpoints are refused; with no round that every peer saved, start at
+    round 0). ``overwrite``: a fresh run may replace
+    another run's checkpoints in ``out``. ``wall_timeout``: kill everything after this many
+    seconds (default: none)."""
+    from .peer import peer_identity
+
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
     if isinstance(config, RunConfig) and overrides:
         cfg = load_config(cfg.model_dump(mode="json"), overrides)
@@ -135,12 +182,18 @@ def launch(
             f"--peers {peers} but topology.n={cfg.topology.n}; one peer per node "
             f"(or pass --set topology.n={peers})"
         )
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite discards it; "
+                          "pass one of them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ident = peer_identity(cfg)
+    r = common_checkpoint(out, peers) if resume else None
+    # no round that every peer saved (killed before the first checkpoint, or only a peer that
+    # ran ahead saved one): round 0, which every peer recomputes exactly, is the common state
+    resume = resume and r is not None
+    check_checkpoints(out, ident, resume_round=r, n=peers, overwrite=overwrite)
     if resume:
-        r = common_checkpoint(out, peers)
-        if r is None:
-            raise ConfigError(f"--resume: no round that every peer has a checkpoint of in {out}")
         raw = cfg.model_dump(mode="json")
         raw["experiment"].setdefault("distributed", {}).update(resume=True, resume_round=r)
         cfg = load_config(raw)
@@ -224,9 +277,8 @@ def collect(
     theta = torch.stack(thetas) if len(thetas) == n else None
     codes = returncodes if returncodes is not None else [None] * n
     if theta is not None:
-        tmp = out / ".final.safetensors.tmp"
-        save_file({"theta": theta.contiguous()}, str(tmp))
-        os.replace(tmp, out / "final.safetensors")
+        with atomic_path(out / "final.safetensors") as tmp:
+            save_file({"theta": theta.contiguous()}, str(tmp))
     if P is not None:
         from ..apps.contribution import write_ledger
 

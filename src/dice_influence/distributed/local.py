@@ -103,7 +103,7 @@ def build_local(
     ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
     parts = S.build_partition(cfg, ds)
     nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=S.build_corruptions(cfg))
-    x, y = _row(nd, k, dtype, dev)
+    x, y = _row(S.group_data(cfg, nd, ds.num_classes), k, dtype, dev)
     del nd
     own = test_set == "own" or (test_set == "auto" and dc.test_samples_per_node is not None)
     val_x, val_y = S.build_validation(cfg, ds, dtype, dev)
@@ -113,7 +113,7 @@ def build_local(
                 "experiment.distributed.test_set=own needs data.test_samples_per_node in the config"
             )
         tnd = D.make_node_data(ds, _only(S.build_test_partition(cfg, ds), k), split="test")
-        test_x, test_y = _row(tnd, k, dtype, dev)
+        test_x, test_y = _row(S.group_data(cfg, tnd, ds.num_classes), k, dtype, dev)
     else:
         test_x, test_y = val_x, val_y
     batches = D.BatchSchedule([len(p) for p in parts], cfg.train.batch_size, seed=cfg.seed)

@@ -18,13 +18,16 @@ sender stops sending. No coordinator is involved.
 
 Outputs go to ``OUT/peer-<k>/``: ``params.safetensors``, ``proximal.json``/``proximal.csv``,
 ``metrics.json`` (written also when the run fails, with the error naming peer and round) and
-``checkpoints/round-<t>.safetensors``.
+``checkpoints/round-<t>.safetensors``. Every checkpoint records the run identity (see
+:func:`peer_identity`); resuming from another run's checkpoint, or starting afresh over one, is
+refused with one message naming what differs.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
 import time
@@ -36,17 +39,43 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._util import atomic_write_text, write_json
+from .._util import atomic_path, atomic_write_text, json_safe, write_json
 from ..config import ConfigError, RunConfig, dump_config
+from ..data import dataset_files
 from ..gossip import loss_grads, node_grads, param_views
 from ..loop import Gossip, RoundView, local_step_
+from ..manifest import RunDirError, RunIdentity
 from ..plugins import build, pack_states, unpack_states
 from .local import LocalProblem, build_local
+from .rendezvous import guard_network, rendezvous_store
 from .settings import DistributedSettings, distributed_settings, peer_plugin_config
 from .transport import FLAG_DROP, FLAG_KEEP, PeerFailure, Transport
 
 SIGN = "influence = loss with the data - loss without it; positive = harmful"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def peer_identity(cfg: RunConfig, s: DistributedSettings | None = None) -> RunIdentity:
+    """The run identity of a peer-to-peer run: the simulator's (config keys that change the
+    numbers, data files read) plus the distributed settings that change them (read-out, test
+    set, node weights, detection). Timeouts, checkpointing, backend, rendezvous and fault
+    drills are left out."""
+    s = s or distributed_settings(cfg)
+    files = dataset_files(cfg.data.dataset, data_dir=cfg.data.data_dir)
+    extra = {"distributed": {"readout": s.readout, "test_set": s.test_set, "q": s.q,
+                             "detection": s.detection.model_dump(mode="json")}}
+    return RunIdentity.of(cfg, files, extra)
+
+
+def checkpoint_identity(path: str | Path) -> RunIdentity | None:
+    """The run identity a peer checkpoint records (None when it records none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return RunIdentity.from_json(json.loads(meta["identity"]), str(path))
+    except Exception:  # damaged, old format or no identity: not verifiable
+        return None
 
 
 @dataclass
@@ -106,7 +135,27 @@ class Peer:
         self.first_round_s: float | None = None
         self.rounds_run = 0
         self._logged = 0
+        self.identity = peer_identity(cfg, self.s)
+        if not self.s.resume:
+            self._start_afresh()
         self._warm_up()
+
+    def _start_afresh(self) -> None:
+        """A fresh start: refuse another run's checkpoints in this peer's folder; remove this
+        run's old ones (they would outrank the new ones when pruning and resuming)."""
+        d = self.out / "checkpoints"
+        for t in self.checkpoint_rounds():
+            path = d / f"round-{t}.safetensors"
+            other = checkpoint_identity(path)
+            if other is None or other.digest != self.identity.digest:
+                why = ("records no run identity" if other is None
+                       else f"belongs to another run ({self.identity.differences(other)})")
+                raise RunDirError(
+                    f"{path} {why}; resume it with its own config, delete it, or use "
+                    "`dice launch --overwrite`"
+                )
+        for t in self.checkpoint_rounds():
+            (d / f"round-{t}.safetensors").unlink(missing_ok=True)
 
     def _warm_up(self) -> None:
         """One local gradient and test gradient before joining the network: torch.func imports
@@ -248,7 +297,7 @@ class Peer:
                 if self.first_round_s is None:
                     self.first_round_s = time.perf_counter() - t0
                 if st.t % eval_every == 0 or st.t == total:
-                    st.history.append({"round": st.t, **self.lp.evaluate(st.theta)})
+                    st.history.append(self._evaluate(st))
                 if ck is not None and st.t % ck == 0:
                     self.save_checkpoint(st)
         except PeerFailure as exc:
@@ -259,6 +308,16 @@ class Peer:
         self.write_outputs(st)
         return st
 
+    def _evaluate(self, st: PeerState) -> dict[str, Any]:
+        """This peer's evaluation at ``st.t``; a non-finite loss means this peer diverged."""
+        rec = {"round": st.t, **self.lp.evaluate(st.theta)}
+        if not all(math.isfinite(v) for k, v in rec.items() if k.endswith("loss")):
+            raise PeerFailure(
+                self.k, st.t, "diverged: this peer's test loss is non-finite (lower train.lr, "
+                "or use train.dtype=float64)"
+            )
+        return rec
+
     # ------------------------------------------------------------------------------ files
 
     def write_outputs(self, st: PeerState, error: PeerFailure | None = None) -> None:
@@ -268,9 +327,9 @@ class Peer:
         tensors = {"theta": st.theta[0].contiguous().cpu()}
         if st.opt_state is not None:
             tensors["opt_state"] = st.opt_state[0].contiguous().cpu()
-        tmp = self.out / ".params.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k)})
-        os.replace(tmp, self.out / "params.safetensors")
+        with atomic_path(self.out / "params.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"round": str(st.t), "peer": str(self.k),
+                                                   "identity": self.identity.digest})
         prox = {
             "sign": SIGN,
             "receiver": self.k,
@@ -322,6 +381,7 @@ class Peer:
             "history": st.history,
             "final": st.history[-1] if st.history else None,
             "checkpoints": self.checkpoint_rounds(),
+            "identity": self.identity.digest,
         }
         write_json(self.out / "metrics.json", metrics)
 
@@ -348,19 +408,20 @@ class Peer:
             "round": str(st.t),
             "peer": str(self.k),
             "n": str(self.n),
+            "identity": json.dumps(self.identity.to_json(), allow_nan=False),
             "state": json.dumps(
-                {
+                json_safe({
                     "dropped_in": sorted(st.dropped_in),
                     "dropped_by": sorted(st.dropped_by),
                     "events": st.events,
                     "rounds": st.rounds,
                     "history": st.history,
-                }
+                }),
+                allow_nan=False,
             ),
         }
-        tmp = d / f".round-{st.t}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, d / f"round-{st.t}.safetensors")
+        with atomic_path(d / f"round-{st.t}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         for old in self.checkpoint_rounds()[: -self.s.keep_checkpoints]:
             (d / f"round-{old}.safetensors").unlink(missing_ok=True)
 
@@ -389,6 +450,13 @@ class Peer:
             plug = {key: f.get_tensor(key) for key in f.keys() if key.startswith("plugin/")}
         if int(meta["peer"]) != self.k or int(meta["n"]) != self.n or theta.numel() != self.lp.d:
             raise ConfigError(f"resume: {path} belongs to another peer or another model")
+        other = checkpoint_identity(path)
+        if other is None:
+            raise RunDirError(f"resume: {path} records no run identity (written by an older "
+                              "version); start afresh with `dice launch --overwrite`")
+        self.identity.require_same(
+            other, f"resume: {path}", "resume with the config it was trained with, or start "
+            "afresh with `dice launch --overwrite`")
         extra = json.loads(meta["state"])
         try:
             unpack_states(self.plugins, plug, meta.get("plugins", "[]"))
@@ -420,34 +488,6 @@ def _inject(kind: str) -> None:
 # ------------------------------------------------------------------------------ entry points
 
 
-def _guard_network(s: DistributedSettings, init_method: str) -> None:
-    """Keep traffic on loopback unless ``allow_network`` is set."""
-    if s.allow_network:
-        return
-    iface = os.environ.get("GLOO_SOCKET_IFNAME")
-    if iface not in (None, "lo"):
-        raise ConfigError(
-            f"GLOO_SOCKET_IFNAME={iface!r} is not loopback; set "
-            "experiment.distributed.allow_network=true to run across machines"
-        )
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    if init_method.startswith("env://"):
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        if addr not in LOOPBACK:
-            raise ConfigError(
-                f"MASTER_ADDR={addr!r} is not loopback; set "
-                "experiment.distributed.allow_network=true to run across machines"
-            )
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    elif init_method.startswith("tcp://"):
-        host = init_method[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-        if host not in LOOPBACK:
-            raise ConfigError(
-                f"init_method {init_method!r} is not loopback; set "
-                "experiment.distributed.allow_network=true to run across machines"
-            )
-
-
 def run_peer(
     cfg: RunConfig, out: str | Path, *, rank: int | None = None, world_size: int | None = None
 ) -> PeerState:
@@ -468,7 +508,7 @@ def run_peer(
             "per node (e.g. dice launch CONFIG --peers N with N = topology.n)"
         )
     init = os.environ.get("DICE_INIT_METHOD") or s.init_method or "env://"
-    _guard_network(s, init)
+    guard_network(s, init)
     use_cuda = cfg.train.device.startswith("cuda") and torch.cuda.is_available()
     backend = s.backend if s.backend != "auto" else ("nccl" if use_cuda else "gloo")
     device = None
@@ -478,13 +518,15 @@ def run_peer(
     elif cfg.train.device.startswith("cuda"):
         device = torch.device("cpu")
     peer = Peer(cfg, rank, out, s, device=device)  # build before joining: data loading is slow
-    dist.init_process_group(
-        backend,
-        init_method=init,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s)),
-    )
+    timeout = datetime.timedelta(seconds=max(60.0, 4 * s.timeout_s))
+    store = rendezvous_store(init, rank, world, timeout)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                timeout=timeout)
     st = peer.run()  # on PeerFailure the caller exits hard: a pending receive cannot be cancelled
     dist.destroy_process_group()
     return st
+

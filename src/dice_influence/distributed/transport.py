@@ -2,10 +2,15 @@
 
 Only plain tensors travel (``isend``/``irecv``; nothing is ever pickled). A parameter packet is
 one flat tensor in the model dtype: a small int64 header (bit-cast into the first slots) followed
-by the sender's half-step parameters ``θ_j^{t+½}`` and its update ``u_j^t``. A control message is
-an int64 tensor (header + one flag per edge). Receives are posted only for a peer's configured
-in-neighbours (``src`` is always explicit), into buffers of the expected size and dtype; the
-header (magic, round, sender, kind) is checked on arrival.
+by the sender's half-step parameters ``θ_j^{t+½}`` and its update ``u_j^t``. It is preceded by an
+int64 *announcement* (magic, round, sender, kind, element count, dtype code): the receiver checks
+it before posting the payload receive, so a packet of the wrong length or dtype is refused with a
+:class:`PeerFailure` naming its sender instead of aborting the receiving process inside gloo.
+Receive buffers are filled with NaN (never uninitialised memory), so a payload shorter than
+announced fails the finiteness check. A control message is an int64 tensor (header + one flag
+per edge). Receives are posted only for a peer's configured in-neighbours (``src`` is always
+explicit); the header (magic, round, sender, kind) is checked on arrival. A peer whose own step
+turned non-finite stops with a PeerFailure naming itself ("diverged") before sending anything.
 
 torch.distributed has no per-operation timeout for point-to-point work, so every wait runs
 against a deadline; a neighbour that died (connection reset) or stalled (deadline passed) raises
@@ -17,16 +22,21 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 MAGIC = 0x44494345  # "DICE"
 HEADER = 4  # int64 slots: magic, round, sender, kind
+ANNOUNCE = HEADER + 2  # ... + element count, dtype code
 KIND_PACKET = 1
 KIND_CONTROL = 2
 TAG_PACKET = 1
 TAG_CONTROL = 2
+TAG_ANNOUNCE = 3
+DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+_DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in DTYPE_CODES.items()}
 FLAG_KEEP = 0
 FLAG_DROP = 1
 
@@ -54,6 +64,7 @@ class Transport:
     bytes_received: int = 0
     messages_sent: int = 0
     _slots: int = field(init=False)
+    _in_flight: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -75,7 +86,13 @@ class Transport:
         return buf[: self._slots].view(torch.int64)
 
     def pack(self, t: int, half: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """One packet ``[header | θ^{t+½} | u^t]`` for round ``t``."""
+        """One packet ``[header | θ^{t+½} | u^t]`` for round ``t``. Raises a PeerFailure naming
+        this peer when its own step is non-finite (it diverged: nothing is sent)."""
+        if not (bool(torch.isfinite(half).all()) and bool(torch.isfinite(u).all())):
+            raise PeerFailure(
+                self.rank, t, "diverged: this peer's own parameters or update became non-finite "
+                "in its local step (lower train.lr, or use train.dtype=float64)"
+            )
         buf = torch.empty(self.packet_numel, dtype=self.dtype, device=self.device)
         self._header(buf).copy_(torch.tensor([MAGIC, t, self.rank, KIND_PACKET]))
         buf[self._slots : self._slots + self.d] = half.reshape(-1)
@@ -89,6 +106,30 @@ class Transport:
         if not bool(torch.isfinite(body).all()):
             raise PeerFailure(src, t, "sent non-finite parameters or update")
         return body[: self.d].view(1, -1), body[self.d :].view(1, -1)
+
+    def announcement(self, t: int, packet: torch.Tensor) -> torch.Tensor:
+        """What precedes ``packet`` on the wire: header, element count and dtype code."""
+        return torch.tensor(
+            [MAGIC, t, self.rank, KIND_PACKET, packet.numel(), DTYPE_CODES.get(packet.dtype, 0)],
+            dtype=torch.int64, device=self.device,
+        )
+
+    def check_announcement(self, ann: torch.Tensor, src: int, t: int) -> None:
+        """Refuse a packet of another length or dtype before receiving it."""
+        self._check(ann[:HEADER], src, t, KIND_PACKET)
+        numel, code = (int(v) for v in ann[HEADER:].cpu().tolist())
+        want = DTYPE_CODES.get(self.dtype, 0)
+        if code != want:
+            raise PeerFailure(
+                src, t, f"sends {_DTYPE_NAMES.get(code, f'dtype code {code}')} packets but this "
+                f"peer expects {_DTYPE_NAMES.get(want, self.dtype)} (train.dtype differs between "
+                "peers?)"
+            )
+        if numel != self.packet_numel:
+            raise PeerFailure(
+                src, t, f"announced a packet of {numel} values, expected {self.packet_numel} "
+                f"(d={self.d} parameters: the model or config differs between peers?)"
+            )
 
     def _check(self, header: torch.Tensor, src: int, t: int, kind: int) -> None:
         magic, rnd, sender, knd = (int(v) for v in header.cpu().tolist())
@@ -105,23 +146,33 @@ class Transport:
         self, t: int, packet: torch.Tensor, to: list[int], frm: list[int]
     ) -> tuple[dict[int, torch.Tensor], list[tuple[int, str, dist.Work]]]:
         """Post receives from ``frm`` and sends of ``packet`` to ``to``. Returns the receive
-        buffers and the pending work; call :meth:`wait` on the work to complete it."""
+        buffers and the pending work; call :meth:`wait` on the work to complete it. Each
+        receive first takes the sender's announcement and checks it (see :meth:`wait`)."""
         bufs = {
-            j: torch.empty(self.packet_numel, dtype=self.dtype, device=self.device) for j in frm
+            j: torch.full((self.packet_numel,), float("nan"), dtype=self.dtype,
+                          device=self.device) for j in frm
         }
-        work: list[tuple[int, str, dist.Work]] = []
+        work: list[tuple[int, str, Any]] = []
         for j in frm:
-            work.append((j, "receive its parameters", dist.irecv(bufs[j], src=j, tag=TAG_PACKET)))
+            ann = torch.full((ANNOUNCE,), -1, dtype=torch.int64, device=self.device)
+            first = dist.irecv(ann, src=j, tag=TAG_ANNOUNCE)
+            work.append((j, "receive its parameters", _Announced(self, j, t, ann, first, bufs[j])))
+        announcement = self.announcement(t, packet)
+        self._in_flight = announcement  # kept alive until the next round's sends
         for j in to:
+            work.append((j, "send it our parameters",
+                          dist.isend(announcement, dst=j, tag=TAG_ANNOUNCE)))
             work.append((j, "send it our parameters", dist.isend(packet, dst=j, tag=TAG_PACKET)))
-        self.bytes_sent += len(to) * self.packet_bytes
-        self.bytes_received += len(frm) * self.packet_bytes
+        nbytes = packet.numel() * packet.element_size() + ANNOUNCE * 8
+        self.bytes_sent += len(to) * nbytes
+        self.bytes_received += len(frm) * (self.packet_bytes + ANNOUNCE * 8)
         self.messages_sent += len(to)
         return bufs, work
 
     def exchange_control(self, t: int, flags: dict[int, int], frm: list[int]) -> dict[int, int]:
         """Send one flag to each peer in ``flags`` and receive one from each peer in ``frm``."""
-        bufs = {j: torch.empty(HEADER + 1, dtype=torch.int64, device=self.device) for j in frm}
+        bufs = {j: torch.full((HEADER + 1,), -1, dtype=torch.int64, device=self.device)
+                for j in frm}
         work: list[tuple[int, str, dist.Work]] = []
         for j in frm:
             work.append(
@@ -148,7 +199,7 @@ class Transport:
         return out
 
     def wait(
-        self, t: int, work: list[tuple[int, str, dist.Work]], deadline: float | None = None
+        self, t: int, work: list[tuple[int, str, Any]], deadline: float | None = None
     ) -> None:
         """Complete ``work`` before ``deadline`` (default: now + timeout) or raise PeerFailure."""
         if deadline is None:
@@ -164,6 +215,8 @@ class Transport:
                     w.wait()
                 else:
                     w.wait(timeout=datetime.timedelta(seconds=max(remaining, 1e-3)))
+            except PeerFailure:
+                raise
             except TimeoutError:
                 raise self._stalled(peer, t, what) from None
             except RuntimeError as exc:
@@ -183,3 +236,35 @@ class Transport:
             t,
             f"stalled: no progress within timeout_s={self.timeout_s:g} while waiting to {what}",
         )
+
+
+class _Announced:
+    """A packet receive in two steps: the announcement, checked, then the payload (posted only
+    when the announcement matches). Behaves like a ``dist.Work`` for :meth:`Transport.wait`."""
+
+    def __init__(self, tp: Transport, src: int, t: int, ann: torch.Tensor, first: Any,
+                 buf: torch.Tensor):
+        self.tp, self.src, self.t, self.ann, self.first, self.buf = tp, src, t, ann, first, buf
+        self.second: Any = None
+
+    def _post(self) -> None:
+        self.tp.check_announcement(self.ann, self.src, self.t)
+        self.second = dist.irecv(self.buf, src=self.src, tag=TAG_PACKET)
+
+    def is_completed(self) -> bool:
+        if self.second is None:
+            if not self.first.is_completed():
+                return False
+            self.first.wait()
+            self._post()
+        return bool(self.second.is_completed())
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        if self.second is None:
+            self.first.wait(timeout=timeout) if timeout is not None else self.first.wait()
+            self._post()
+        if end is None:
+            return bool(self.second.wait())
+        left = datetime.timedelta(seconds=max(end - time.monotonic(), 1e-3))
+        return bool(self.second.wait(timeout=left))

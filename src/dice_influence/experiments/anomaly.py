@@ -33,7 +33,7 @@ from ..apps import reciprocity as REC
 from ..apps.defense import GuardOptions, GuardResult, guarded_train, honest_connected
 from ..attacks import AttackPlan, AttackSpec, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config
-from .anomaly_report import markdown_tables, plots, readme, write_tables
+from .anomaly_report import checks, legend, plots, readme, rich_tables, write_tables
 
 ARMS = ("no_attack", "no_attack_defended", "attack", "attack_defended", "attack_baseline")
 
@@ -124,7 +124,38 @@ def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
             "data.test_samples_per_node must be set: each node reads proximal "
             "influence on its own test split z'_k (e.g. 64)"
         )
-    return ex
+    return _with_plugin_sections(cfg, ex)
+
+
+def _with_plugin_sections(cfg: RunConfig, ex: AnomalyConfig) -> AnomalyConfig:
+    """The run config's plug-in sections, where given, set the arms' plug-ins (the same keys
+    as ``dice train`` / ``dice launch``): a ``proximal`` observer → tracking, a ``prune``
+    policy → detection + defence of the defended arms, an aggregator → the baseline arm."""
+    from ..plugins import parse
+
+    upd: dict[str, Any] = {}
+    prox = [parse("observer", o, f"observers.{i}") for i, o in enumerate(cfg.observers)]
+    prox = [o for o in prox if o.kind == "proximal"]
+    if prox:
+        o = prox[0]
+        upd["tracking"] = TrackingConfig(every=o.every, readout=o.readout, window=o.window,
+                                         history=o.history, q=o.q, test_batch=o.test_batch)
+    if cfg.policy is not None:
+        pol = parse("policy", cfg.policy, "policy")
+        if pol.kind != "prune":
+            raise ConfigError(f"policy.kind={pol.kind!r}: the anomaly experiment's defended "
+                              "arms use the prune policy")
+        upd["detection"] = ex.detection.model_copy(update={
+            "rule": pol.rule, "score": pol.score, "z_threshold": pol.z_threshold,
+            "margin": pol.margin})
+        upd["defense"] = ex.defense.model_copy(update={
+            "check_every": pol.check_every, "start": pol.start, "readmit": pol.readmit,
+            "max_norm_ratio": pol.max_norm_ratio})
+    if cfg.aggregator is not None:
+        agg = parse("aggregator", cfg.aggregator, "aggregator")
+        upd["baseline"] = BaselineConfig(kind=agg.kind, **{k: v for k, v in agg.model_dump()
+                                                          .items() if k != "kind"})
+    return ex.model_copy(update=upd) if upd else ex
 
 
 def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
@@ -193,6 +224,8 @@ def run_seed(
     """All arms of one seed; returns plain results plus the raw runs under ``"_runs"``."""
     from ..simulator import build_problem
 
+    # the arms choose their own plug-ins (parse_experiment read the config's sections)
+    cfg = cfg.model_copy(update={"observers": [], "policy": None, "aggregator": None})
     n = cfg.topology.n
     plan = AttackPlan.resolve(ex.attacks, n, cfg.seed)
     malicious = plan.mask
@@ -214,6 +247,7 @@ def run_seed(
             _options(ex, arm, cfg.train.eval_every),
             malicious=malicious,
             progress=progress,
+            label=f"seed {cfg.seed}, arm {arm}",
         )
         secs = time.perf_counter() - t0
         if log:
@@ -396,33 +430,33 @@ def demo_config() -> dict[str, Any]:
 
 def demo_anomaly(out: Path, console: Any) -> dict[str, Any]:
     """Small digits attack + defence (< 40 s on 2 cores): prints who was caught and the honest
-    accuracy with and without the defence; writes the run directory under ``out``."""
-    from rich.table import Table
+    accuracy with and without the defence; writes the run directory (and its report) under
+    ``out``."""
+    from ..report import write_report
 
     cfg = load_config(demo_config())
-    console.rule("[bold]dice demo: label-flip attackers, caught by proximal influence")
-    m = run_experiment(cfg, out, progress=False)
+    m = run_experiment(cfg, out, progress=True, log=console.print)
+    write_report(out, "anomaly")
     det = m["detection"]
     caught = m["per_seed"][0]["detection"]["caught"]
     bad = m["malicious"][str(cfg.seed)]
     console.print(
         f"attackers: {bad}; caught by their neighbours: [bold]{caught}[/] "
         f"(edge AUROC {det['auroc_edge']:.3f}, precision {det['precision']:.2f}, "
-        f"recall {det['recall']:.2f})"
+        f"recall {det['recall']:.2f} at the last round)"
     )
-    t = Table(title="honest nodes' test accuracy")
-    for c in ("arm", "mean", "worst", "honest edges pruned"):
-        t.add_column(c, justify="right")
-    for arm, d in m["defense"].items():
-        t.add_row(
-            arm,
-            f"{d['honest_acc_mean']:.3f}",
-            f"{d['honest_acc_worst']:.3f}",
-            f"{d['honest_edges_pruned']:.3f}",
-        )
-    console.print(t)
-    console.print(f"run directory: [bold]{out}[/]")
+    print_tables(m, cfg, console, detection=False)
     return m
+
+
+def print_tables(m: dict[str, Any], cfg: RunConfig, console: Any, *, detection: bool = True
+                 ) -> None:
+    """The detection and defence tables as rich tables, with what the columns mean."""
+    tables = rich_tables(m, checks(cfg))
+    for t in tables if detection else tables[-1:]:
+        console.print(t)
+    if detection:
+        console.print(legend(checks(cfg), len(m["seeds"])), style="dim")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -431,8 +465,10 @@ def demo_anomaly(out: Path, console: Any) -> dict[str, Any]:
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     """Add ``dice experiment anomaly``."""
     import typer
+    from rich.markup import escape
 
-    from ..cli_support import SET_HELP, console, fail, friendly
+    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, fail, friendly, load_run_config
+    from ..report import write_report
 
     @experiment_app.command("anomaly")
     @friendly
@@ -440,11 +476,12 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         config: Path = typer.Argument(..., help="YAML config with an experiment: mapping."),
         out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+        data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
         seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Malicious-neighbour detection and self-healing with proximal influence."""
-        cfg = load_config(config, set_ or [])
+        cfg = load_run_config(config, set_, data_dir)
         parse_experiment(cfg)
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
@@ -453,5 +490,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         m = run_experiment(
             cfg, out, seeds=seed_list, progress=not quiet, log=None if quiet else console.print
         )
-        console.print(markdown_tables(m))
-        console.print(f"run directory: [bold]{out}[/]")
+        report = write_report(out, "anomaly")
+        print_tables(m, cfg, console)
+        console.print(f"run directory: [bold]{escape(str(out))}[/]; report: "
+                      f"[bold]{escape(str(report))}[/]")

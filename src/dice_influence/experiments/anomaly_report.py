@@ -13,6 +13,7 @@ import numpy as np
 from .._util import atomic_savefig, atomic_write_text, csv_text
 from ..apps import anomaly as A
 from ..config import RunConfig
+from ..report import Run, Section, Stat, Table, fmt, report_sections
 
 
 def write_tables(per_seed: list[dict[str, Any]], out: Path) -> None:
@@ -77,6 +78,7 @@ def _focus_node(E: np.ndarray, malicious: np.ndarray, want: int | None) -> int:
 
 def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     runs = r["_runs"]
     mal = np.zeros(len(r["W0"]), dtype=bool)
@@ -97,11 +99,13 @@ def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
             ax2.plot(rounds, np.cumsum(H[:, k, j]), label=lab, **kw)
         for ax, title in ((ax1, "per round"), (ax2, "cumulative")):
             ax.axhline(0, color="0.3", lw=0.6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
             ax.set_title(f"I_prox(j → {k}), {title}", fontsize=10)
             ax.grid(alpha=0.3)
         ax1.set_ylabel("proximal influence (+ = harmful)")
-        ax2.legend(fontsize=7, loc="best")
+        ax2.set_ylabel("cumulative proximal influence")
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         fig.tight_layout()
         atomic_savefig(fig, out / "fig4_neighbours.png")
 
@@ -131,8 +135,10 @@ def plots(r: dict[str, Any], ex: Any, out: Path) -> None:
         rr = [e["round"] for e in res.evals]
         ax.plot(rr, [e["honest_acc_mean"] for e in res.evals], color=f"C{i}", label=arm)
         ax.plot(rr, [e["honest_acc_worst"] for e in res.evals], color=f"C{i}", ls=":", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("honest test accuracy (— mean, ··· worst)")
+    ax.set_title("honest nodes' test accuracy per arm", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -183,7 +189,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
-        return str(v)
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
@@ -207,41 +213,213 @@ ARM_KEYS = (
     "malicious_edges_pruned",
     "honest_graph_connected",
 )
+BOOL_KEYS = ("honest_graph_connected", "honest_params_finite")
+"""Yes/no per seed: "mean" over seeds is the fraction of seeds where it holds."""
 
 
-def markdown_tables(metrics: dict[str, Any]) -> str:
-    """Detection and defence tables (mean and worst over seeds) as Markdown."""
-    lines = []
+def checks(cfg: RunConfig | None) -> tuple[int, int]:
+    """Rounds over which ``min_precision`` / ``min_recall`` are taken (experiment.detection)."""
+    det = (cfg.experiment.get("detection") or {}) if cfg is not None else {}
+    last = cfg.train.rounds if cfg is not None else 100
+    return int(det.get("from_round", 3)), min(int(det.get("to_round", 100)), last)
+
+
+def det_headers(rounds: tuple[int, int]) -> dict[str, str]:
+    a, b = rounds
+    return {
+        "auroc_edge": "edge AUROC",
+        "auroc_node": "node AUROC",
+        "precision": "precision (end)",
+        "recall": "recall (end)",
+        "f1": "F1 (end)",
+        "min_precision": f"min precision (rounds {a}-{b})",
+        "min_recall": f"min recall (rounds {a}-{b})",
+        "rounds_to_90pct": "rounds to flag 90 %",
+        "honest_edges_flagged": "honest edges flagged (end)",
+    }
+
+
+ARM_HEADERS = {
+    "honest_acc_mean": "honest acc, mean node",
+    "honest_acc_worst": "honest acc, worst node",
+    "honest_edges_pruned": "honest edges pruned",
+    "malicious_edges_pruned": "attacker edges pruned",
+    "honest_graph_connected": "honest graph connected",
+}
+
+
+def legend(rounds: tuple[int, int], n_seeds: int) -> str:
+    """What the detection columns mean (README, console and report)."""
+    a, b = rounds
+    over = f"mean / worst over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    return (
+        f"Cells: {over} (worst = lowest accuracy, AUROC, precision, recall; highest pruned "
+        "fraction and rounds). An edge is flagged when the receiver's detection rule marks the "
+        "sender. precision/recall/F1 (end): flags at the last round, over attacker->honest "
+        f"edges; min precision / min recall: the lowest value over every round from {a} to {b} "
+        "(the rule re-applied each round), so min recall <= recall at the end. Rounds to flag "
+        "90 %: first round with 90 % of attacker edges flagged ('-': not reached in some seed). "
+        "'honest graph connected': seeds where it stays connected."
+    )
+
+
+def _pair(k: str, mean: Any, worst: Any, n_seeds: int) -> str:
+    if k in BOOL_KEYS:
+        if mean is None:
+            return "-"
+        held = round(float(mean) * n_seeds)
+        return f"{'yes' if held == n_seeds else 'no'} ({held}/{n_seeds} seeds)"
+    if n_seeds == 1:
+        return _fmt(mean)
+    return f"{_fmt(mean)} / {_fmt(worst)}"
+
+
+def table_rows(metrics: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """Detection rows (mean, worst) and defence rows (one per arm), formatted alike."""
+    n = len(metrics.get("seeds", [])) or 1
+    det: list[list[str]] = []
     if "detection" in metrics:
-        lines += ["| detection | " + " | ".join(DET_KEYS) + " |", "|---|" + "---|" * len(DET_KEYS)]
-        for lab, d in (("mean", metrics["detection"]), ("worst", metrics["detection_worst"])):
-            lines.append(f"| {lab} | " + " | ".join(_fmt(d.get(k)) for k in DET_KEYS) + " |")
-        lines.append("")
-    lines += [
-        "| arm | " + " | ".join(f"{k} (mean / worst)" for k in ARM_KEYS) + " |",
-        "|---|" + "---|" * len(ARM_KEYS),
-    ]
+        d, w = metrics["detection"], metrics["detection_worst"]
+        det.append([_pair(k, d.get(k), w.get(k), n) for k in DET_KEYS])
+    arms = []
     for arm, d in metrics["defense"].items():
         w = metrics["defense_worst"][arm]
-        lines.append(
-            f"| {arm} | "
-            + " | ".join(f"{_fmt(d.get(k))} / {_fmt(w.get(k))}" for k in ARM_KEYS)
-            + " |"
-        )
+        arms.append([arm] + [_pair(k, d.get(k), w.get(k), n) for k in ARM_KEYS])
+    return det, arms
+
+
+def markdown_tables(metrics: dict[str, Any], rounds: tuple[int, int] = (3, 100)) -> str:
+    """Detection and defence tables (mean / worst over seeds) as Markdown."""
+    heads = det_headers(rounds)
+    det, arms = table_rows(metrics)
+    lines = []
+    if det:
+        lines += ["| detection | " + " | ".join(heads[k] for k in DET_KEYS) + " |",
+                  "|---|" + "---|" * len(DET_KEYS)]
+        lines += [f"| {metrics.get('detection_rule', {}).get('rule', '')} rule | "
+                  + " | ".join(r) + " |" for r in det]
+        lines.append("")
+    lines += ["| arm | " + " | ".join(ARM_HEADERS[k] for k in ARM_KEYS) + " |",
+              "|---|" + "---|" * len(ARM_KEYS)]
+    lines += ["| " + " | ".join(r) + " |" for r in arms]
     return "\n".join(lines) + "\n"
 
 
+def rich_tables(metrics: dict[str, Any], rounds: tuple[int, int] = (3, 100)) -> list[Any]:
+    """The same tables for the console (rich)."""
+    from rich.table import Table
+
+    n = len(metrics.get("seeds", [])) or 1
+    over = f"mean / worst over {n} seeds" if n > 1 else "one seed"
+    heads = det_headers(rounds)
+    det, arms = table_rows(metrics)
+    out = []
+    if det:  # one row per measure
+        d, w = metrics["detection"], metrics["detection_worst"]
+        t = Table(title=f"detection, rule {metrics.get('detection_rule', {}).get('rule', '?')}")
+        t.add_column("measure")
+        t.add_column("mean over seeds" if n > 1 else "value", justify="right")
+        if n > 1:
+            t.add_column("worst seed", justify="right")
+        for k in DET_KEYS:
+            t.add_row(heads[k], _fmt(d.get(k)), *([_fmt(w.get(k))] if n > 1 else []))
+        out.append(t)
+    t = Table(title=f"defence: honest nodes per arm ({over})")
+    t.add_column("arm")
+    for k in ARM_KEYS:
+        t.add_column(ARM_HEADERS[k], justify="right")
+    for r in arms:
+        t.add_row(*r)
+    out.append(t)
+    return out
+
+
 def readme(cfg: RunConfig, metrics: dict[str, Any]) -> str:
+    rounds = checks(cfg)
     return (
         "# dice experiment anomaly\n\n"
         f"- {cfg.topology.n} nodes, topology `{cfg.topology.name}`, data `{cfg.data.dataset}` "
         f"({cfg.data.partition}), {cfg.train.rounds} rounds, seeds {metrics['seeds']}\n"
         f"- attackers per seed: {metrics['malicious']}\n\n"
-        + markdown_tables(metrics)
-        + "\nWorst = min over seeds (max for rounds and flagged/pruned honest edges). "
+        + markdown_tables(metrics, rounds)
+        + "\n" + legend(rounds, len(metrics["seeds"])) + "\n\n"
         "Files: `metrics.json`, `detection_rounds.csv` (rule evaluated at every round), "
         "`edges.csv` (per-edge cumulative proximal influence), `accuracy.csv`, "
         "`reciprocity.csv`, `defense.csv`, `fig4_neighbours.png`, `roc.png`, `accuracy.png`, "
-        "`graph_pruned.png`.\n\nSign convention: influence = loss with the data − loss without "
-        "it; positive = harmful.\n"
+        "`graph_pruned.png`, `report.html` (everything on one page).\n\nSign convention: "
+        "influence = loss with the data − loss without it; positive = harmful.\n"
     )
+
+
+@report_sections("anomaly")
+def report_sections_anomaly(run: Run) -> list[Section]:
+    """The anomaly run's part of ``report.html``."""
+    import yaml
+
+    m = run.metrics
+    raw = yaml.safe_load(run.config_text or "") or {}
+    det_cfg = (raw.get("experiment") or {}).get("detection") or {}
+    last = int((raw.get("train") or {}).get("rounds", 100))
+    rounds = (int(det_cfg.get("from_round", 3)), min(int(det_cfg.get("to_round", 100)), last))
+    n = len(m.get("seeds", [])) or 1
+    det, arms = table_rows(m)
+    heads = det_headers(rounds)
+    d = m.get("detection") or {}
+    dfn = m.get("defense", {})
+    stats = []
+    first = (m.get("per_seed") or [{}])[0]
+    if first.get("malicious") is not None:
+        caught = (first.get("detection") or {}).get("caught")
+        stats.append(Stat(f"attackers (seed {first.get('seed')})", str(first["malicious"]),
+                          f"caught by a neighbour: {caught}" if caught is not None else ""))
+    if d:
+        stats.append(Stat("edge AUROC", fmt(d.get("auroc_edge"), 3),
+                          "cumulative proximal influence ranks attacker edges first = 1"))
+        stats.append(Stat("recall / precision (end)",
+                          f"{fmt(d.get('recall'), 2)} / {fmt(d.get('precision'), 2)}",
+                          f"lowest recall over rounds {rounds[0]}-{rounds[1]}: "
+                          f"{fmt(d.get('min_recall'), 2)}"))
+    for arm, label in (("no_attack", "no attack"), ("attack", "attack, no defence"),
+                       ("attack_defended", "attack + DICE defence")):
+        if arm in dfn:
+            stats.append(Stat(f"honest accuracy: {label}", fmt(dfn[arm]["honest_acc_mean"], 3),
+                              f"worst honest node {fmt(dfn[arm]['honest_acc_worst'], 3)}"))
+    over = f"mean / worst over {n} seeds" if n > 1 else "one seed"
+    tables = []
+    if det:  # one row per measure: readable however many columns
+        dw = m.get("detection_worst", {})
+        cols = ["detection", "mean over seeds", "worst seed"] if n > 1 else ["detection", "value"]
+        rows = [[heads[k], fmt(d.get(k)), fmt(dw.get(k))] if n > 1 else [heads[k], fmt(d.get(k))]
+                for k in DET_KEYS]
+        arms_scored = ", ".join(sorted(set(m.get("detection_scored_arm") or [])))
+        tables.append(Table(cols, rows, caption=f"detection rule "
+                            f"{m.get('detection_rule', {}).get('rule', '?')}"
+                            + (f", scored in arm {arms_scored}" if arms_scored else "")))
+    tables.append(Table(["arm"] + [ARM_HEADERS[k] for k in ARM_KEYS], arms,
+                        caption=f"defence, honest nodes ({over})"))
+    return [Section(
+        title="Malicious neighbours: detection and self-healing",
+        text="Each honest node measures the proximal influence of every neighbour on its own "
+             "test loss (positive = harmful) and flags neighbours whose score says harmful; "
+             "with the defence on it stops listening to them. Arms: no_attack (reference), "
+             "attack (detection scored, nothing pruned), attack_defended (flagged edges "
+             "pruned), attack_baseline (robust aggregation).",
+        stats=stats,
+        tables=tables,
+        figures=[
+            run.figure("fig4_neighbours.png",
+                       "Proximal influence of each neighbour on one honest node, per round "
+                       "(left) and summed (right); the attacker (red) climbs above zero = "
+                       "harmful, honest neighbours stay below (helpful)."),
+            run.figure("roc.png",
+                       "ROC of ranking edges (solid) and nodes (dashed) by cumulative proximal "
+                       "influence; area 1 = every attacker ranked above every honest node."),
+            run.figure("accuracy.png",
+                       "Honest nodes' test accuracy per arm over rounds (solid: mean over "
+                       "honest nodes, dotted: worst honest node)."),
+            run.figure("graph_pruned.png",
+                       "The graph after self-healing: dashed red edges were cut by the DICE "
+                       "defence; crosses are attackers."),
+        ],
+        notes=[legend(rounds, n)],
+    )]

@@ -1,23 +1,28 @@
 """All-sample attribution by one reverse sweep (SPEC §4, "adjoint form").
 
-For a fixed test set and read-out, the first-order map from a perturbation ``Δ`` of node ``j``'s
-half step at round ``s`` to the read-out is linear, so it is a dot product ``λ_j^{sᵀ} Δ``.
-Pulling the read-out's gradient back through the rounds (gossip transposed, ``vjp`` of the local
-step) gives ``λ`` for every node and round of a window at once. Removing sample ``i`` changes the
-batch gradient (factual minus counterfactual) by ``∇ℓ_i / B``; the optimizer maps that to
-``(Δθ, Δstate)`` linearly, so every training sample's score is ``(1/B) c_jᵀ ∇ℓ_i(θ_j^s)`` with
-``c`` the cotangent pulled back through the optimizer update —
-all samples of all nodes from one forward-mode pass per round (a ``jvp`` of the per-sample
-losses in direction ``c``).
+For a fixed test set and a linear read-out, the first-order map from a perturbation ``Δ`` of
+node ``j``'s half step at round ``s`` to the read-out is linear, so it is a dot product
+``λ_j^{sᵀ} Δ``. Pulling the read-out's gradient back through the rounds (gossip transposed,
+transposed Jacobian of each local step) gives ``λ`` for every node and round of a window at
+once. Removing sample ``i`` changes the batch gradient (factual minus counterfactual) by
+``∇ℓ_i / B``; the optimizer update is linear in the gradient, so every training sample's score
+is ``(1/B) c_jᵀ ∇ℓ_i(θ_j^s)`` with ``c`` the cotangent pulled back through the update.
+
+Each round of the sweep is one forward-over-reverse pass per node (``jvp`` of the batch
+gradient in direction ``c``, vectorized over nodes): the batch loss's Hessian is symmetric, so
+the same pass yields ``H c`` (for ``Jᵀ``, the optimizer state's cotangent included) and every
+sample's directional derivative ``∇ℓ_iᵀ c`` (its score).
 
 Sign: score = test loss with the sample − without it; positive = harmful. Scores agree with
-:func:`~dice_influence.influence.estimate.estimate` (linear read-out, curvature on) for
-single-sample events.
+:func:`~dice_influence.influence.estimate.estimate` (same read-out, curvature on, factual
+propagation) for single-sample events.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +30,14 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..gossip import _param_views, loss_grads, node_grads
+from .._util import progress_bar
+from ..gossip import _param_views, loss_grads
 from ..topology import reach_sets
-from .common import node_weights
+from .common import check_replayable, factual_path, node_weights
+from .estimate import check_readout
 
-READOUTS = ("horizon", "hops")
+TARGETS = ("horizon", "hops")
+READOUTS = ("factual", "linear")
 
 
 @dataclass
@@ -37,12 +45,15 @@ class Attribution:
     """Scores of every training sample used in a window of rounds.
 
     ``scores[s, k, i]``: influence of removing sample ``i`` (batch position) of node ``k`` at
-    round ``rounds[s]`` on the read-out; positive = harmful. ``index[s, k, i]`` is the sample's
-    dataset index (−1 if unknown). Axes: (round, node, sample)."""
+    round ``rounds[s]`` on the target; positive = harmful. ``index[s, k, i]`` is the sample's
+    dataset index (−1 if unknown). Axes: (round, node, sample). ``target``: ``"horizon"`` or
+    ``"hops"``; ``readout``: ``"factual"`` or ``"linear"`` (where the self term's gradient is
+    taken)."""
 
     rounds: list[int]
     scores: torch.Tensor
     index: torch.Tensor
+    target: str
     readout: str
     hops: int | None
     seconds: float = 0.0
@@ -63,132 +74,137 @@ class Attribution:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sign": "influence = loss with the sample - loss without it; positive = harmful",
-                "readout": self.readout, "hops": self.hops, "rounds": self.rounds,
-                "axes": ["round", "node", "sample"], "scores": self.scores.tolist(),
-                "dataset_index": self.index.tolist(), "seconds": self.seconds,
-                "options": self.options}
+                "target": self.target, "readout": self.readout, "hops": self.hops,
+                "rounds": self.rounds, "axes": ["round", "node", "sample"],
+                "scores": self.scores.tolist(), "dataset_index": self.index.tolist(),
+                "seconds": self.seconds, "options": self.options}
 
 
 def attribute(
     traj: Any,
     window: tuple[int, int],
     *,
-    readout: str = "horizon",
+    target: str | None = None,
     hops: int = 1,
+    readout: str = "factual",
     q: str | Sequence[float] | None = "uniform",
     per_node_test: bool = False,
+    progress: bool = False,
 ) -> Attribution:
     """Score every training sample of every node in rounds ``window = (t0, t1)``.
 
-    ``readout="horizon"``: the test loss summed over all nodes (weights ``q``) at round ``t1``
-    (for a source at round ``s`` this is DICE-E's horizon value with ``t1 − s`` hops).
-    ``readout="hops"``: the set-based r-hop value (``r = hops``; self term plus the nodes first
-    reached at ``s+1..s+r``), which needs the run to extend ``hops`` rounds past ``t1 − 1``;
-    it takes one batched sweep per hop and source round, independent of the number of samples.
+    ``target="horizon"`` (default): the test loss summed over all nodes (weights ``q``) at
+    round ``t1`` (for a source at round ``s`` this is DICE-E's horizon value with ``t1 − s``
+    hops). ``target="hops"``: the set-based r-hop value (``r = hops``; self term plus the nodes
+    first reached at ``s+1..s+r``), which needs the run to extend ``hops`` rounds past
+    ``t1 − 1``; it takes one batched sweep per hop and source round, independent of the number
+    of samples.
+
+    ``readout="factual"`` (default; SPEC §4): every gradient at the factual point, the self
+    term at ``θ_j^{s+½}``; ``"linear"`` (alias ``"paper"``): the paper's Prop. 1, self term at
+    ``θ_j^s``. They differ only in the self term, so only for ``target="hops"``. The midpoint
+    read-out is not linear in ``Δ`` and has no adjoint form: use ``estimate`` for it.
+    (Old calls ``readout="horizon" | "hops"`` still work: they set ``target``.)
     """
-    if readout not in READOUTS:
-        raise ValueError(f"readout={readout!r}; choose one of {READOUTS}")
+    if readout in TARGETS:  # the pre-"target" spelling: attribute(traj, w, readout="hops")
+        if target is not None and target != readout:
+            raise ValueError(f"readout={readout!r} conflicts with target={target!r}; "
+                             "pass target= for horizon/hops and readout= for factual/linear")
+        warnings.warn(f"attribute(readout={readout!r}) is the old spelling of "
+                      f"target={readout!r} (readout now picks factual/linear)", FutureWarning,
+                      stacklevel=2)
+        target, readout = readout, "factual"
+    target = "horizon" if target is None else target
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}; choose one of {TARGETS}")
+    try:
+        readout = check_readout(readout, READOUTS)
+    except ValueError:
+        raise ValueError(f"readout={readout!r}; attribute supports the linear read-outs "
+                         f"{READOUTS} ('paper' = 'linear'); the midpoint read-out is not "
+                         "linear: use estimate(..., readout='midpoint') for chosen events"
+                         ) from None
+    check_replayable(traj, transforms=False)
     t0, t1 = window
-    last = t1 if readout == "horizon" else t1 - 1 + hops
+    last = t1 if target == "horizon" else t1 - 1 + hops
+    if target == "hops" and hops < 1:
+        raise ValueError(f"hops={hops}; target='hops' needs hops >= 1")
     if not 0 <= t0 < t1 or last > traj.rounds_done:
-        raise ValueError(f"window {window} with readout={readout!r} needs rounds {t0}..{last} "
+        raise ValueError(f"window {window} with target={target!r} needs rounds {t0}..{last} "
                          f"recorded; the run has {traj.rounds_done}")
     start = time.perf_counter()
     p = traj.problem
     qv = node_weights(p.n, q).to(p.dtype)
     # factual parameters and optimizer states of every round needed, computed forward once
-    # (recorded checkpoints are used as they are; rounds in between are recomputed)
-    from ..loop import run_rounds
-
-    thetas, states = {}, {}
-    th, st = traj.params_at(t0)
-    for r in range(t0, last + 1):
-        if r in traj.checkpoints:
-            th, st = traj.checkpoints[r]
-        thetas[r], states[r] = th, st
-        if r < last and r + 1 not in traj.checkpoints:
-            th, st = run_rounds(p, th, st, r, r + 1)
+    path = factual_path(traj, t0, last)
+    thetas = {t0 + i: th for i, (th, _) in enumerate(path)}
+    states = {t0 + i: st for i, (_, st) in enumerate(path)}
     n, B = p.n, p.cfg.train.batch_size
     scores = torch.zeros(t1 - t0, n, B, dtype=torch.float64)
-    index = torch.full((t1 - t0, n, B), -1, dtype=torch.int64)
     xt, yt = p.test_set(per_node_test)
+    grads: dict[int, torch.Tensor] = {}
 
     def test_grad(r: int) -> torch.Tensor:
-        return loss_grads(p.fm, thetas[r], xt, yt)[1]
+        if r not in grads:
+            with torch.no_grad():
+                grads[r] = loss_grads(p.fm, thetas[r], xt, yt)[1]
+        return grads[r]
 
-    if readout == "horizon":
-        a_th = qv[:, None] * test_grad(t1)
-        a_st = None if states[t1] is None else torch.zeros_like(a_th)
-        for r in range(t1 - 1, t0 - 1, -1):
-            lam_th = _mix_T(p, r, a_th)  # cotangent on θ^{r+½}; the state is not gossiped
-            lam_st = a_st
-            if states[r] is None:  # plain SGD: one fused forward-mode pass (J symmetric)
-                scores[r - t0], a_th = _fused_sgd(p, thetas[r], r, lam_th)
-                continue
-            scores[r - t0] = _sample_scores(p, thetas[r], states[r], r, lam_th, lam_st)
-            if r > t0:
-                a_th, a_st = _step_vjp(p, thetas[r], states[r], r, lam_th, lam_st)
-    else:
-        for r in range(t0, t1):
-            lam = _hop_cotangents(p, traj, thetas, states, r, hops, qv, test_grad)
-            scores[r - t0] = _sample_scores(p, thetas[r], states[r], r, lam,
-                                            None if states[r] is None else torch.zeros_like(lam))
-    for r in range(t0, t1):
-        pos = p.batches.indices(r)
-        index[r - t0] = torch.gather(p.node_data.index, 1, pos.to(p.node_data.index.device))
-    return Attribution(rounds=list(range(t0, t1)), scores=scores, index=index, readout=readout,
-                       hops=hops if readout == "hops" else None,
+    with progress_bar(progress, t1 - t0, "attribution") as advance:
+        if target == "horizon":
+            a_th = qv[:, None] * test_grad(t1)
+            a_st = None if states[t1] is None else torch.zeros_like(a_th)
+            for r in range(t1 - 1, t0 - 1, -1):
+                lam_th = _mix_T(p, r, a_th)  # cotangent on θ^{r+½}; the state is not gossiped
+                sc, a_th, a_st = _pullback(p, thetas[r], states[r], r, lam_th, a_st,
+                                           want_scores=True, want_theta=r > t0)
+                scores[r - t0] = sc
+                advance()
+        else:
+            for r in range(t0, t1):
+                lam, lam_st = _hop_cotangents(p, thetas, states, r, hops, qv, test_grad,
+                                              readout, per_node_test)
+                scores[r - t0] = _pullback(p, thetas[r], states[r], r, lam, lam_st,
+                                           want_scores=True, want_theta=False)[0]
+                advance()
+    index = _dataset_index(p, t0, t1)
+    return Attribution(rounds=list(range(t0, t1)), scores=scores, index=index, target=target,
+                       readout=readout, hops=hops if target == "hops" else None,
                        seconds=time.perf_counter() - start,
                        options={"q": q if isinstance(q, str) or q is None else list(q),
                                 "per_node_test": per_node_test})
 
 
+def _dataset_index(p: Any, t0: int, t1: int) -> torch.Tensor:
+    idx = p.node_data.index
+    return torch.stack([torch.gather(idx, 1, p.batches.indices(r).to(idx.device))
+                        for r in range(t0, t1)]).to(torch.int64).cpu()
+
+
 def _mix_T(p: Any, r: int, a: torch.Tensor) -> torch.Tensor:
     """Transposed gossip: cotangent of ``θ^{r+½}`` from that of ``θ^{r+1}`` (leading dims ok)."""
-    WT = torch.as_tensor(p.W(r).T.copy(), dtype=a.dtype, device=a.device)
+    WT = p.mixer(r).W.T
     return torch.matmul(WT, a)
 
 
-def _step_fn(p: Any, r: int):
-    x, y = p.batch(r)
-    lr = p.lr(r)
-
-    def step(th, st):
-        u, ns = p.opt.update(th, st, node_grads(p.fm, th, x, y), lr)
-        return th + u, ns
-
-    return step
-
-
-def _step_vjp(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
-              a_th: torch.Tensor, a_st: torch.Tensor | None):
-    """``Jᵀ`` of round ``r``'s local step applied to cotangents (leading batch dims allowed)."""
-    step = _step_fn(p, r)
-    if state is None:
-        _, pull = vjp(lambda th: step(th, None)[0], theta)
-        if a_th.ndim == 3:
-            return vmap(lambda a: pull(a)[0])(a_th), None
-        return pull(a_th)[0], None
-    _, pull = vjp(step, theta, state)
-    if a_th.ndim == 3:
-        res = vmap(lambda a, b: pull((a, b)))(a_th, a_st)
-    else:
-        res = pull((a_th, a_st))
-    return res[0], res[1]
-
-
-def _hop_cotangents(p: Any, traj: Any, thetas: dict, states: dict, r: int, hops: int,
-                    qv: torch.Tensor, test_grad: Any) -> torch.Tensor:
-    """``λ_j^r`` for the set-based r-hop read-out of source ``j`` at round ``r`` (n, d):
-    the self term plus, for each hop ``h``, a sweep of the read-out at the nodes of
-    ``N^(h)(j)``, batched over the ``n`` sources."""
+def _hop_cotangents(p: Any, thetas: dict, states: dict, r: int, hops: int, qv: torch.Tensor,
+                    test_grad: Any, readout: str, per_node_test: bool):
+    """Cotangents ``(λ_θ, λ_state)`` on ``(θ^{r+½}, state^{r+1})`` (n, d) for the set-based
+    r-hop target of source ``j`` at round ``r``: the self term plus, for each hop ``h``, a sweep
+    of the read-out at the nodes of ``N^(h)(j)``, batched over the ``n`` sources."""
     n = p.n
-    lam = torch.zeros_like(thetas[r])
-    # self term: q_j ∇L(θ_j^r) (Prop. 1 evaluates the source's own term at θ_j^t)
-    lam += qv[:, None] * test_grad(r)
+    if readout == "linear":  # Prop. 1: the self term's gradient at θ_j^r
+        lam = qv[:, None] * test_grad(r)
+    else:  # factual: at the factual half step θ_j^{r+½}
+        half, _ = p.local_step(thetas[r], states[r], r)
+        xt, yt = p.test_set(per_node_test)
+        with torch.no_grad():
+            lam = qv[:, None] * loss_grads(p.fm, half, xt, yt)[1]
+    lam_st = None if states[r] is None else torch.zeros_like(lam)
     reach = [reach_sets(p.schedule, j, r, hops) for j in range(n)]
+    diag = torch.arange(n)
     for h in range(1, hops + 1):
-        mask = torch.zeros(n, n, 1, dtype=thetas[r].dtype)
+        mask = torch.zeros(n, n, 1, dtype=thetas[r].dtype, device=thetas[r].device)
         for j in range(n):
             mask[j, reach[j][h - 1], 0] = 1.0
         a = mask * (qv[:, None] * test_grad(r + h))[None]  # (sources, nodes, d)
@@ -196,64 +212,115 @@ def _hop_cotangents(p: Any, traj: Any, thetas: dict, states: dict, r: int, hops:
         for s in range(r + h - 1, r - 1, -1):
             a = _mix_T(p, s, a)
             if s > r:
-                a, a_st = _step_vjp(p, thetas[s], states[s], s, a, a_st)
-        lam += a[torch.arange(n), torch.arange(n)]
-    return lam
+                _, a, a_st = _pullback(p, thetas[s], states[s], s, a, a_st,
+                                       want_scores=False, want_theta=True)
+        lam = lam + a[diag, diag]
+        if a_st is not None:
+            lam_st = lam_st + a_st[diag, diag]  # the optimizer-state path (time-varying W)
+    return lam, lam_st
 
 
-def _fused_sgd(p: Any, theta: torch.Tensor, r: int, lam: torch.Tensor):
-    """Plain SGD (no optimizer state): ``J = (1 − η·wd) I − η H`` is symmetric, so ``Jᵀ λ`` is a
-    forward-over-reverse Hessian-vector product, and the same forward-mode pass yields every
-    sample's directional derivative ``∇ℓ_iᵀ λ``. Returns (scores (n, B), ``Jᵀ λ`` (n, d))."""
-    lr, wd = p.lr(r), p.opt.weight_decay
-    x, y = p.batch(r)
+def _pullback(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
+              lam_th: torch.Tensor, lam_st: torch.Tensor | None, *, want_scores: bool,
+              want_theta: bool):
+    """Transpose of round ``r``'s local step ``(θ, state) ↦ (θ^{r+½}, state^{r+1})`` applied to
+    cotangents ``lam_th`` (…, n, d) and ``lam_st`` (or None), leading batch dims allowed.
+
+    The update is linear in ``(θ, state, g)`` (SGD, momentum, weight decay), so its transpose is
+    exact and cheap; the batch gradient's Jacobian is the symmetric Hessian, so ``Hᵀ c = H c``
+    is one forward-over-reverse pass, which also gives every sample's ``∇ℓ_iᵀ c``.
+
+    Returns (scores (…, n, B) or None, cotangent on ``θ^r`` or None, on ``state^r`` or None)."""
+    lead = lam_th.shape[:-2]
+    n, d = theta.shape
+    lr = p.lr(r)
+    fold = math.prod(lead)
+    th = theta if fold == 1 else theta.repeat(fold, 1)
+    st = None if state is None else (state if fold == 1 else state.repeat(fold, 1))
+    lt = lam_th.reshape(fold * n, d)
+    ls = None if lam_st is None else lam_st.reshape(fold * n, d)
+    with torch.no_grad():
+        c_th, c_st, c_g = _update_transpose(p.opt, th, st, lr, lt, ls)
+        x, y = p.batch(r)
+        if fold > 1:
+            x = x.repeat(fold, *([1] * (x.ndim - 1)))
+            y = y.repeat(fold, 1)
+        hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, want_theta)
+    scores = None
+    if want_scores:
+        scores = (dls / y.shape[1]).double().reshape(*lead, n, -1)
+    a_th = None
+    if want_theta:
+        a_th = (c_th + hc).reshape(*lead, n, d)
+    a_st = None if c_st is None else c_st.reshape(*lead, n, d)
+    return scores, a_th, a_st
+
+
+def _update_transpose(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, lr: float,
+                      lam_th: torch.Tensor, lam_st: torch.Tensor | None):
+    """Cotangents on ``(θ, state, g)`` of the half step ``(θ + u, state')`` given cotangents on
+    its outputs. The update is linear, so for the built-in :class:`~dice_influence.gossip.
+    Optimizer` (SGD, heavy-ball or Nesterov momentum, weight decay) the transpose is written out;
+    any other optimizer goes through ``vjp`` (exact only if its update is linear in ``g``)."""
+    from ..gossip import Optimizer
+
+    if type(opt) is not Optimizer:
+        zero = torch.zeros_like(theta)
+        if state is None:
+            _, pull = vjp(lambda a, g: a + opt.update(a, None, g, lr)[0], theta, zero)
+            c_th, c_g = pull(lam_th)
+            return c_th, None, c_g
+        _, pull = vjp(lambda a, b, g: _half(opt, a, b, g, lr), theta, state, zero)
+        return pull((lam_th, lam_st if lam_st is not None else torch.zeros_like(lam_th)))
+    wd, mu = opt.weight_decay, opt.momentum
+    if not opt.stateful:  # θ' = θ − η (g + wd θ)
+        c_g = -lr * lam_th
+        c_st = None
+    else:  # b' = μ b + g + wd θ;  θ' = θ − η (g + wd θ + μ b') (Nesterov) or θ − η b'
+        c_step = -lr * lam_th
+        c_buf = c_step * mu if opt.nesterov else c_step.clone()
+        if lam_st is not None:
+            c_buf = c_buf + lam_st
+        c_g = c_buf + c_step if opt.nesterov else c_buf
+        c_st = mu * c_buf
+    c_th = lam_th + wd * c_g if wd else lam_th
+    return c_th, c_st, c_g
+
+
+def _half(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Tensor,
+          lr: float):
+    u, ns = opt.update(theta, state, g, lr)
+    return theta + u, ns
+
+
+def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
+                         y: torch.Tensor, want_hvp: bool):
+    """Per node ``k``: ``H_k c_k`` (the batch loss's Hessian at ``θ_k``; only if ``want_hvp``)
+    and ``∇ℓ_kiᵀ c_k`` for every sample ``i`` of its batch, vectorized over nodes.
+    Returns ((n, d) or None, (n, B))."""
     module = p.fm.module
     n = theta.shape[0]
-
-    def node_fn(prm, xb, yb):
-        def loss(pp):
-            ls = torch.nn.functional.cross_entropy(functional_call(module, pp, (xb,)), yb,
-                                                   reduction="none")
-            return ls.mean(), ls
-
-        return grad(loss, has_aux=True)(prm)
-
-    def fused(prm, tan, xb, yb):
-        return jvp(lambda pp: node_fn(pp, xb, yb), (prm,), (tan,))[1]
-
-    with torch.no_grad():
-        hv, dls = vmap(fused)(_param_views(p.fm, theta), _param_views(p.fm, lam.contiguous()),
-                              x, y)
-    Hl = torch.cat([hv[s.name].reshape(n, -1) for s in p.fm.slots], dim=1)
-    scores = (-lr * dls / y.shape[1]).double()  # c = (∂u/∂g)ᵀ λ = −η λ
-    return scores, (1.0 - lr * wd) * lam - lr * Hl
-
-
-def _sample_scores(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
-                   lam_th: torch.Tensor, lam_st: torch.Tensor | None) -> torch.Tensor:
-    """Scores ``(n, B)`` of removing each sample of round ``r``'s batches given cotangents on
-    ``(θ^{r+½}, state^{r+1})``."""
-    lr = p.lr(r)
-    zero = torch.zeros_like(theta)
-    # cotangent on the batch gradient g through the optimizer update (linear in g)
-    if state is None:
-        _, pull = vjp(lambda g: p.opt.update(theta, None, g, lr)[0], zero)
-        c = pull(lam_th)[0]
-    else:
-        _, pull = vjp(lambda g: p.opt.update(theta, state, g, lr), zero)
-        c = pull((lam_th, lam_st))[0]
-    x, y = p.batch(r)
-    module = p.fm.module
-    params = _param_views(p.fm, theta)
-    tangent = _param_views(p.fm, c.contiguous())
 
     def per_sample(prm, xb, yb):
         return torch.nn.functional.cross_entropy(functional_call(module, prm, (xb,)), yb,
                                                  reduction="none")
 
-    def dd(prm, tan, xb, yb):
-        return jvp(lambda pp: per_sample(pp, xb, yb), (prm,), (tan,))[1]
+    prm, tan = _param_views(p.fm, theta), _param_views(p.fm, c.contiguous())
+    if not want_hvp:  # forward mode only: the directional derivative of every sample's loss
+        def dd(pp, tt, xb, yb):
+            return jvp(lambda q: per_sample(q, xb, yb), (pp,), (tt,))[1]
 
-    with torch.no_grad():
-        d = vmap(dd)(params, tangent, x, y)  # (n, B) = c_jᵀ ∇ℓ_i
-    return (d / y.shape[1]).double()
+        return None, vmap(dd)(prm, tan, x, y)
+
+    def node_fn(pp, xb, yb):
+        def loss(q):
+            ls = per_sample(q, xb, yb)
+            return ls.mean(), ls
+
+        return grad(loss, has_aux=True)(pp)
+
+    def fused(pp, tt, xb, yb):
+        return jvp(lambda q: node_fn(q, xb, yb), (pp,), (tt,))[1]
+
+    hv, dls = vmap(fused)(prm, tan, x, y)
+    return torch.cat([hv[s.name].reshape(n, -1) for s in p.fm.slots], dim=1), dls

@@ -20,8 +20,10 @@ from ..topology import reach_sets
 class Event:
     """Remove samples of node ``node``'s batch at round ``round``.
 
-    ``samples``: positions within that batch (0..B-1); ``None`` removes the whole batch (the
-    node then skips its update, SPEC §3)."""
+    ``samples``: positions within that batch (0..B-1); ``None`` removes the whole batch: every
+    sample weight is zero, so the batch contributes no gradient while momentum from earlier
+    rounds and weight decay still act (SPEC §3; under plain SGD the node skips its update).
+    A batch's first-order influence is the sum of its samples'."""
 
     node: int
     round: int
@@ -37,12 +39,19 @@ class Event:
 def validate_events(traj: Any, events: Sequence[Event], horizon: int) -> list[Event]:
     """Check node ids, rounds (the replay needs ``horizon`` recorded rounds after each event)
     and sample positions; raise one clear ValueError naming the bad event."""
+    if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or horizon < 0:
+        raise ValueError(f"hops must be an integer >= 0, got {horizon!r}")
+    check_replayable(traj)
     p = traj.problem
     out = []
     B = p.cfg.train.batch_size
     for e in events:
         if not isinstance(e, Event):
             e = Event(*e)
+        for what, v in (("node", e.node), ("round", e.round),
+                        *(("sample", s) for s in e.samples or ())):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
+                raise ValueError(f"event {e}: {what} must be an integer, got {v!r}")
         if not 0 <= e.node < p.n:
             raise ValueError(f"event {e}: node {e.node} out of range 0..{p.n - 1}")
         if not 0 <= e.round or e.round + horizon > traj.rounds_done:
@@ -58,6 +67,41 @@ def validate_events(traj: Any, events: Sequence[Event], horizon: int) -> list[Ev
             if bad:
                 raise ValueError(f"event {e}: sample positions {bad} outside the batch 0..{B - 1}")
         out.append(e)
+    return out
+
+
+def check_replayable(traj: Any, *, transforms: bool = True) -> None:
+    """Refuse what influence cannot replay: a non-finite trajectory
+    (:class:`~dice_influence.trajectory.DivergenceError`), a robust aggregator (a non-linear
+    round: DICE-GT/E need the ``W^t`` matmul) and, with ``transforms=False`` (the adjoint),
+    update-level attacks in the round."""
+    from ..trajectory import check_finite
+
+    check_finite(traj)
+    p = traj.problem
+    if getattr(p, "aggregator", None) is not None:
+        raise ValueError(f"this run aggregates with {p.aggregator.name}; influence replays need "
+                         "the W^t matmul: train without `aggregator:` to measure influence")
+    if not transforms and getattr(p, "transforms", ()):
+        raise ValueError("attribution through update-level attacks (transforms) is not "
+                         "supported; use estimate() or ground_truth() on this run")
+
+
+def factual_path(traj: Any, start: int, stop: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Factual ``(θ^r, state^r)`` for ``r = start..stop`` (inclusive), bit-identical to training:
+    recorded checkpoints are used as they are, rounds in between are recomputed once."""
+    from ..loop import run_rounds
+
+    ckpt = getattr(traj, "checkpoints", {})
+    th, st = traj.params_at(start)
+    out = [(th, st)]
+    for r in range(start, stop):
+        if r + 1 in ckpt:
+            th, st = ckpt[r + 1]
+        else:
+            th, st = run_rounds(traj.problem, th, st, r, r + 1)
+        out.append((th, st))
     return out
 
 

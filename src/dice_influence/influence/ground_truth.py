@@ -1,9 +1,12 @@
 """DICE-GT: influence by exact counterfactual replay (SPEC §3, paper Defs. 2–3).
 
-For an event (node ``j``, round ``t``, samples ``S``), round ``t`` is replayed with ``S``
-removed from ``j``'s batch (denominator kept; removing the whole batch makes ``j`` skip its
-update) and every later round is replayed identically. The factual network is replayed in the
-same batched computation as the counterfactuals, so an empty removal gives exactly zero.
+For an event (node ``j``, round ``t``, samples ``S``), round ``t`` is replayed with the weights
+of ``S`` in ``j``'s batch loss set to zero (denominator kept). Removing the whole batch zeroes
+every weight: the batch contributes no gradient, but momentum built from earlier rounds and
+weight decay still act (under plain SGD that is "``j`` skips its update"). Every later round is
+replayed identically. The factual network is replayed in the same batched computation as the
+counterfactuals, so nodes the removal never reaches give exactly zero (identical inputs in
+different rows of one batched computation can still differ in the last bit after mixing).
 """
 
 from __future__ import annotations
@@ -15,44 +18,39 @@ from typing import Any
 
 import torch
 
-from ..gossip import node_grads, node_losses
+from .._util import progress_bar
+from ..gossip import functional_step, node_losses
 from .common import Event, InfluenceResult, node_weights, reach_masks, validate_events
 
 
 def removal_weights(events: Sequence[Event], n: int, batch_size: int, dtype: torch.dtype,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample weights ``(1+E, n, B)`` and skip flags ``(1+E, n)``; row 0 is factual."""
+                    device: torch.device) -> torch.Tensor:
+    """Per-sample loss weights ``(1+E, n, B)``: row 0 is factual (all ones), row ``1+i`` has
+    event ``i``'s samples at zero (the whole batch of its node for ``samples=None``)."""
     w = torch.ones(len(events) + 1, n, batch_size, dtype=dtype, device=device)
-    skip = torch.zeros(len(events) + 1, n, dtype=torch.bool, device=device)
     for i, e in enumerate(events, start=1):
         if e.samples is None:
             w[i, e.node] = 0.0
-            skip[i, e.node] = True
         else:
             w[i, e.node, list(e.samples)] = 0.0
-    return w, skip
+    return w
 
 
 def batched_local_step(problem: Any, theta: torch.Tensor, state: torch.Tensor | None, t: int,
-                       w: torch.Tensor | None = None, skip: torch.Tensor | None = None):
-    """Local step of ``R`` stacked copies of the network: ``theta`` ``(R, n, d)``, ``w``
-    ``(R, n, B)``; nodes flagged in ``skip`` ``(R, n)`` keep their parameters and state."""
+                       w: torch.Tensor | None = None):
+    """Local step of ``R`` stacked copies of the network (pure): ``theta`` ``(R, n, d)``,
+    optimizer ``state`` ``(R, n, d)`` or None, per-sample loss weights ``w`` ``(R, n, B)``
+    (None = all ones). Returns ``θ^{t+½}`` and the new state, both ``(R, n, d)``."""
     R, n, d = theta.shape
     x, y = problem.batch(t)
     xr = x.repeat(R, *([1] * (x.ndim - 1)))
     yr = y.repeat(R, 1)
-    flat = theta.reshape(R * n, d)
-    g = node_grads(problem.fm, flat, xr, yr, None if w is None else w.reshape(R * n, -1))
     st = None if state is None else state.reshape(R * n, d)
-    u, new_state = problem.opt.update(flat, st, g, problem.lr(t))
-    u = u.reshape(R, n, d)
-    if new_state is not None:
-        new_state = new_state.reshape(R, n, d)
-    if skip is not None and bool(skip.any()):
-        u = torch.where(skip[..., None], torch.zeros_like(u), u)
-        if new_state is not None:
-            new_state = torch.where(skip[..., None], state, new_state)
-    return theta + u, new_state
+    half, new_state = functional_step(
+        problem.fm, problem.opt, theta.reshape(R * n, d), st, xr, yr, problem.lr(t),
+        w=None if w is None else w.reshape(R * n, -1), t=t, transforms=problem.transforms,
+        ids=list(range(n)) * R)
+    return half.reshape(R, n, d), None if new_state is None else new_state.reshape(R, n, d)
 
 
 def test_losses(problem: Any, theta: torch.Tensor, per_node_test: bool) -> torch.Tensor:
@@ -75,6 +73,7 @@ def ground_truth(
     q: str | Sequence[float] | None = "uniform",
     per_node_test: bool = False,
     batch_events: int = 32,
+    progress: bool = False,
 ) -> InfluenceResult:
     """DICE-GT of every event for ``r = 1..hops`` (and the horizon at ``t+hops``).
 
@@ -88,12 +87,15 @@ def ground_truth(
     groups: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(events):
         groups[e.round].append(i)
-    for t, idxs in sorted(groups.items()):
-        theta_t, state_t = traj.params_at(t)
-        for c in range(0, len(idxs), batch_events):
-            chunk = idxs[c : c + batch_events]
-            out[chunk] = _replay_chunk(p, theta_t, state_t, t, [events[i] for i in chunk],
-                                       hops, per_node_test)
+    chunks = sum(-(-len(v) // batch_events) for v in groups.values())
+    with progress_bar(progress, chunks, "DICE-GT") as advance:
+        for t, idxs in sorted(groups.items()):
+            theta_t, state_t = traj.params_at(t)
+            for c in range(0, len(idxs), batch_events):
+                chunk = idxs[c : c + batch_events]
+                out[chunk] = _replay_chunk(p, theta_t, state_t, t, [events[i] for i in chunk],
+                                           hops, per_node_test)
+                advance()
     return InfluenceResult(
         method="DICE-GT", events=list(events), hops=hops, per_node=out,
         q=node_weights(p.n, q), reach=reach_masks(traj, events, hops),
@@ -107,11 +109,11 @@ def _replay_chunk(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, t
                   events: list[Event], hops: int, per_node_test: bool) -> torch.Tensor:
     R = len(events) + 1
     res = torch.zeros(len(events), hops + 1, p.n, dtype=torch.float64)
-    w, skip = removal_weights(events, p.n, p.cfg.train.batch_size, p.dtype, p.device)
+    w = removal_weights(events, p.n, p.cfg.train.batch_size, p.dtype, p.device)
     theta = theta_t.expand(R, *theta_t.shape).clone()
     state = None if state_t is None else state_t.expand(R, *state_t.shape).clone()
     with torch.no_grad():
-        half, state = batched_local_step(p, theta, state, t, w, skip)
+        half, state = batched_local_step(p, theta, state, t, w)
         lh = test_losses(p, half, per_node_test).double()
         src = torch.tensor([e.node for e in events])
         res[torch.arange(len(events)), 0, src] = lh[0, src] - lh[1 + torch.arange(len(events)), src]

@@ -36,6 +36,9 @@ _DIRECTED = frozenset({"exponential", "directed-ring"})
 _CONNECTIVITY = ("error", "warn", "ignore")
 _CONVENTION = "W[k, j] is the weight receiver k puts on sender j"
 _MAX_TRIES = 100
+MAX_NODES = 4096
+"""Largest ``n`` a named topology or schedule is built for: matrices are dense ``(n, n)`` float64
+(128 MiB at 4096 nodes); the same bound as ``topology.n`` in a run config."""
 
 
 class TopologyError(ValueError):
@@ -48,7 +51,8 @@ class TopologyWarning(UserWarning):
 
 
 
-def _as_int(value: Any, what: str, *, minimum: int | None = None) -> int:
+def _as_int(value: Any, what: str, *, minimum: int | None = None,
+            maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise TopologyError(f"{what} must be an integer, got {value!r}")
     try:
@@ -57,6 +61,11 @@ def _as_int(value: Any, what: str, *, minimum: int | None = None) -> int:
         raise TopologyError(f"{what} must be an integer, got {value!r}") from None
     if minimum is not None and out < minimum:
         raise TopologyError(f"{what} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise TopologyError(
+            f"{what} must be <= {maximum}, got {out} (mixing matrices are dense (n, n) arrays: "
+            f"{out} nodes would need {out * out * 8 / 2**30:.1f} GiB each)"
+        )
     return int(out)
 
 

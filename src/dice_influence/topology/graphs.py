@@ -8,9 +8,11 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from .._util import did_you_mean
 from ._common import (
     _DIRECTED,
     _MAX_TRIES,
+    MAX_NODES,
     TOPOLOGIES,
     WEIGHTS,
     TopologyError,
@@ -47,8 +49,9 @@ def mixing_matrix(
     """
     key = _norm_name(name)
     if key not in TOPOLOGIES:
-        raise TopologyError(f"unknown topology {name!r}; valid names: {', '.join(TOPOLOGIES)}")
-    n = _as_int(n, "n (number of nodes)", minimum=1)
+        raise TopologyError(f"unknown topology {name!r}{did_you_mean(key, TOPOLOGIES)}; "
+                            f"valid names: {', '.join(TOPOLOGIES)}")
+    n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
     _check_weights(weights, WEIGHTS)
     seed = _as_int(seed, "seed")
     if weights == "metropolis" and key in _DIRECTED:

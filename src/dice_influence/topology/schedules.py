@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import TIME_VARYING, TopologyError, _as_int, _norm_name
+from ._common import MAX_NODES, TIME_VARYING, TopologyError, _as_int, _norm_name
 from .graphs import mixing_matrix
 from .validate import validate_mixing
 
@@ -24,7 +24,7 @@ class Schedule:
     period: int | None
 
     def __init__(self, n: int, *, is_static: bool, period: int | None) -> None:
-        self.n = _as_int(n, "n (number of nodes)", minimum=1)
+        self.n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
         self.is_static = bool(is_static)
         self.period = period
 
@@ -59,7 +59,7 @@ class OnePeerExponential(Schedule):
     """
 
     def __init__(self, n: int) -> None:
-        n = _as_int(n, "n (number of nodes)", minimum=1)
+        n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
         self.tau = (n - 1).bit_length()
         super().__init__(n, is_static=self.tau <= 1, period=max(self.tau, 1))
 
@@ -85,7 +85,7 @@ class RandomMatching(Schedule):
     """
 
     def __init__(self, n: int, seed: int = 0) -> None:
-        n = _as_int(n, "n (number of nodes)", minimum=1)
+        n = _as_int(n, "n (number of nodes)", minimum=1, maximum=MAX_NODES)
         self.seed = _as_int(seed, "seed", minimum=0)
         super().__init__(n, is_static=n <= 2, period=1 if n <= 2 else None)
 

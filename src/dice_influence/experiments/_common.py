@@ -1,0 +1,140 @@
+"""What the selection, aggregation and cascade experiments share: settings validation, seeds,
+running one arm on the one loop, mean/worst over seeds, and the CLI command shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from ..config import ConfigError, RunConfig
+
+SIGN = "influence = loss with the data - loss without it; positive = harmful"
+
+
+def parse_settings(model: type[BaseModel], cfg: RunConfig) -> Any:
+    """Validate ``cfg.experiment`` with ``model``; one :class:`ConfigError` naming each bad key."""
+    try:
+        return model.model_validate(cfg.experiment or {})
+    except ValidationError as err:
+        lines = ["invalid experiment settings:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
+            msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+            got = e.get("input")
+            lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
+        raise ConfigError("\n".join(lines)) from None
+
+
+def run_arm(cfg: RunConfig, *, evaluate: Callable[[Any, torch.Tensor], dict[str, Any]],
+            eval_every: int, problem: Any = None, progress: bool = False,
+            label: str = "training") -> dict[str, Any]:
+    """Train ``cfg`` (its ``observers:``/``policy:``/``aggregator:`` plug-ins) on the one loop;
+    ``evaluate(problem, theta)`` every ``eval_every`` rounds and at the end. Returns the final
+    parameters, the evaluations, the plug-ins and the recorded ``W^t``."""
+    from .._util import progress_bar
+    from ..loop import Loop
+    from ..plugins import build
+    from ..simulator import build_problem
+
+    p = problem if problem is not None else build_problem(cfg)
+    plugins = build(cfg, p)
+    loop = Loop.from_plugins(p, plugins)
+    theta = p.init_theta()
+    state = p.opt.init_state(theta)
+    R = cfg.train.rounds
+    evals = [{"round": 0, **evaluate(p, theta)}]
+    with progress_bar(progress, R, label) as advance:
+        def on_round(t: int, th: torch.Tensor, st: torch.Tensor | None) -> None:
+            if t % eval_every == 0 or t == R:
+                evals.append({"round": t, **evaluate(p, th)})
+            advance()
+
+        theta, _ = loop.run(theta, state, 0, R, on_round=on_round)
+    return {"theta": theta, "evals": evals, "plugins": plugins, "W_used": dict(loop.recorded),
+            "problem": p}
+
+
+def mean_worst(values: list[float], worst: str = "min") -> tuple[float, float]:
+    """Mean and worst (``min`` or ``max``) of per-seed values."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.min() if worst == "min" else a.max())
+
+
+def parse_seeds(seeds: str | None, fail: Callable[[str], None]) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a bad list fails with the fix."""
+    if not seeds:
+        return None
+    try:
+        return [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+        return None
+
+
+def add_command(experiment_app: Any, name: str, help_text: str,
+                run: Callable[..., dict[str, Any]], table: Callable[[dict[str, Any]], str],
+                parse: Callable[[RunConfig], Any]) -> None:
+    """Register ``dice experiment NAME CONFIG --out DIR [--set ..] [--seeds ..] [-q]``."""
+    import typer
+
+    from ..cli_support import SET_HELP, console, fail, friendly
+    from ..config import load_config
+
+    def cmd(
+        config: Path = typer.Argument(..., help="YAML config with an experiment: mapping."),
+        out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+        set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+        seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
+        quiet: bool = typer.Option(False, "--quiet", "-q"),
+    ) -> None:
+        cfg = load_config(config, set_ or [])
+        parse(cfg)
+        seed_list = parse_seeds(seeds, fail)
+        m = run(cfg, out, seeds=seed_list, progress=not quiet,
+                log=None if quiet else console.print)
+        console.print(table(m))
+        console.print(f"run directory: [bold]{out}[/]")
+
+    cmd.__doc__ = help_text
+    experiment_app.command(name)(friendly(cmd))
+
+
+def markdown_tables(text: str) -> list[Any]:
+    """The pipe tables of a markdown text as report :class:`~dice_influence.report.Table` s."""
+    from ..report import Table
+
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2:
+            tables.append(Table(block[0], [r for r in block[2:]]))
+        block = []
+    return tables
+
+
+def register_report(kind: str, title: str, text: str,
+                    table: Callable[[dict[str, Any]], str],
+                    figures: list[tuple[str, str]]) -> None:
+    """Register the report section of run kind ``kind``: ``text``, the experiment's summary
+    tables (``table(metrics)``) and the plots ``figures`` (file name, "what this shows")."""
+    from ..report import Section, report_sections
+
+    @report_sections(kind)
+    def _sections(run: Any) -> list[Any]:
+        return [Section(title=title, text=text, tables=markdown_tables(table(run.metrics)),
+                        figures=[f for f in (run.figure(n, c) for n, c in figures) if f],
+                        notes=[SIGN + "."])]
+
+
+def finish_run(out: Path, kind: str) -> None:
+    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``)."""
+    from ..report import write_report
+
+    write_report(out, kind)
