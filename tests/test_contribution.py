@@ -73,7 +73,7 @@ def test_adjoint_equals_attribution_and_the_observer_is_passive():
     obs = traj.plugins.find("contribution")
     plain = train(cfg.model_copy(update={"observers": []}))
     assert torch.equal(traj.theta, plain.theta)  # a passive observer changes no bit
-    att = attribute(traj, (0, cfg.train.rounds), readout="horizon", hops=1, q="uniform",
+    att = attribute(traj, (0, cfg.train.rounds), target="horizon", hops=1, q="uniform",
                     per_node_test=False)
     want = att.scores.sum(-1).numpy()  # a batch = the sum of its samples (plain SGD)
     got = np.stack([obs.b_rounds[t] for t in range(cfg.train.rounds)])
@@ -333,6 +333,9 @@ def test_experiment_command_writes_the_metrics(tmp_path):
     for name in ("rewards.png", "contribution_vs_loo.png", "reciprocity.png", "README.md",
                  "contribution.csv"):
         assert (tmp_path / "run" / name).is_file()
+    assert m["kind"] == "contribution"
+    page = (tmp_path / "run" / "report.html").read_text()  # the run's report, plots inlined
+    assert page.count("data:image/png;base64") >= 3 and "spearman_loo" in page
 
 
 def test_experiment_settings_are_validated():

@@ -31,13 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .._util import atomic_write_text, csv_text, write_json
 from ..apps.contribution import SIGN, reciprocity_factor, reward_split
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
-from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..config import ConfigError, RunConfig, dump_config
 from . import contribution_truth as truth
+from ._common import add_command, finish_run, parse_settings, register_report
 
 FREE_RIDER_KINDS = ("free_rider", "free_rider_noise")
 
@@ -90,16 +91,7 @@ class ContributionConfig(_S):
 
 def parse_experiment(cfg: RunConfig) -> ContributionConfig:
     """Validate ``cfg.experiment``; raise :class:`ConfigError` naming the bad key."""
-    try:
-        ex = ContributionConfig.model_validate(cfg.experiment)
-    except ValidationError as err:
-        lines = ["invalid experiment settings:"]
-        for e in err.errors():
-            loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
-            msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-            got = e.get("input")
-            lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
-        raise ConfigError("\n".join(lines)) from None
+    ex = parse_settings(ContributionConfig, cfg)
     n = cfg.topology.n
     for i, a in enumerate(ex.attacks):
         if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
@@ -425,8 +417,9 @@ def aggregate(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
-                   log: Any = None) -> dict[str, Any]:
-    """Every seed; write the run directory; return ``metrics``."""
+                   progress: bool = False, log: Any = None) -> dict[str, Any]:
+    """Every seed; write the run directory (with ``report.html``); return ``metrics``.
+    ``progress`` is accepted for the common command shape (each phase logs a line)."""
     from .contribution_report import plots, readme
 
     ex = parse_experiment(cfg)
@@ -440,6 +433,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
         per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex, log=log))
     mean, worst = aggregate(per_seed)
     metrics: dict[str, Any] = {
+        "kind": "contribution",
         "sign_convention": SIGN,
         "seeds": seeds,
         "n_nodes": cfg.topology.n,
@@ -460,36 +454,42 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     if ex.plots:
         plots(per_seed[0], out, ex.reward.budget)
     atomic_write_text(out / "README.md", readme(cfg, metrics))
+    finish_run(out, "contribution")
     return metrics
 
 
 # ------------------------------------------------------------------------------------ CLI
 
 
+def _tables(m: dict[str, Any]) -> str:
+    from .contribution_report import markdown_table, node_table
+
+    return markdown_table(m) + "\n\n" + node_table(m, m["seeds"][0])
+
+
+register_report(
+    "contribution", "Node contribution, rewards and free riders",
+    "Each node's contribution is measured from the training run itself: (a) the proximal "
+    "influence its updates had on its receivers, (b) the first-order influence (DICE-E, one "
+    "reverse sweep) of all its data on the network's test loss at the end of the run. They are "
+    "checked against leave-one-node-out retraining and Shapley values over nodes' data; "
+    "rewards split a budget by measured helpful contribution, adjusted by reciprocity. "
+    "Negative = helpful. The second table is the first seed's nodes.",
+    _tables,
+    [("rewards.png", "Reward per node, bars coloured by the node's true data quality (role "
+      "and label noise); free riders and the attacker should get nothing."),
+     ("contribution_vs_loo.png", "One dot per node: measured contribution (b) against "
+      "leave-one-node-out truth; a rising line = the measurement ranks nodes like the truth "
+      "(negative = helpful)."),
+     ("reciprocity.png", "The proximal-influence ledger P[k][j]: what sender j's updates did "
+      "to receiver k's test loss (blue = helpful, red = harmful), and each node's reciprocity "
+      "(outflow / inflow).")])
+
+
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     """Add ``dice experiment contribution``."""
-    import typer
+    from .contribution_report import markdown_table
 
-    from ..cli_support import SET_HELP, console, fail, friendly
-
-    @experiment_app.command("contribution")
-    @friendly
-    def contribution_cmd(
-        config: Path = typer.Argument(..., help="YAML config with an experiment: mapping."),
-        out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
-        set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-        seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
-    ) -> None:
-        """Node contribution, rewards and free riders against LOO and Shapley truth."""
-        from .contribution_report import markdown_table
-
-        cfg = load_config(config, set_ or [])
-        parse_experiment(cfg)
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
-        except ValueError:
-            fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
-        m = run_experiment(cfg, out, seeds=seed_list, log=None if quiet else console.print)
-        console.print(markdown_table(m))
-        console.print(f"run directory: [bold]{out}[/]")
+    add_command(experiment_app, "contribution",
+                "Node contribution, rewards and free riders against LOO and Shapley truth.",
+                run_experiment, markdown_table, parse_experiment)
