@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-BLOCK = 2048  # columns per block: n rows x 2048 floats stay in cache
+BLOCK = 1024  # columns per block (measured: 1024 beats 256 and 4096 at n = 1024, d = 109k)
 
 
 @lru_cache(maxsize=1)
@@ -37,22 +37,23 @@ def _compiled() -> Callable | None:
         for b in nb.prange(nblk):
             c0 = b * bw
             c1 = min(c0 + bw, d)
+            m = c1 - c0
             for k in range(n):
                 p0 = indptr[k]
                 p1 = indptr[k + 1]
+                o = out[k, c0:c1]  # 1-d slices: the inner loops vectorize (2-d indexing did not)
                 if p1 == p0:
-                    for c in range(c0, c1):
-                        out[k, c] = 0.0
+                    o[:] = 0.0
                     continue
-                j = indices[p0]
+                xr = x[indices[p0], c0:c1]
                 w = vals[p0]
-                for c in range(c0, c1):
-                    out[k, c] = w * x[j, c]
+                for c in range(m):
+                    o[c] = w * xr[c]
                 for p in range(p0 + 1, p1):
-                    j = indices[p]
+                    xr = x[indices[p], c0:c1]
                     w = vals[p]
-                    for c in range(c0, c1):
-                        out[k, c] += w * x[j, c]
+                    for c in range(m):
+                        o[c] += w * xr[c]
 
     return spmm
 
