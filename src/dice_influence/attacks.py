@@ -10,8 +10,9 @@ a fraction of the network, drawn with a seed). Two levels:
 - **update level** (``scale`` / ``sign_flip``, ``update_noise``, ``free_rider``): the node
   computes an honest local step ``u`` and then sends a manipulated one,
   ``θ_j^{t+½} = θ_j^t + û_j`` with ``û = s·u`` (scale / sign flip), ``û = u + σ·ε``
-  (``ε ~ N(0, I)``, parameter units) or ``û = 0`` (free rider: does not train and re-sends the
-  model it holds, i.e. what it received). :class:`AttackPlan` applies them in place each round.
+  (``ε ~ N(0, I)``, parameter units), ``û = 0`` (free rider: does not train and re-sends the
+  model it holds, i.e. what it received) or ``û = σ·ε`` (``free_rider_noise``: re-sends it plus
+  small noise, so that it looks like it trained). :class:`AttackPlan` applies them in place each round.
 
 Nodes of specs given by ``count`` / ``node_fraction`` are the first ones of one seeded
 permutation of all nodes, so two specs with ``count: 1`` hit the same node (combined attacks);
@@ -33,7 +34,7 @@ from .config import CorruptionConfig, RunConfig
 from .loop import Transform
 
 DATA_KINDS = ("label_flip", "random_labels", "gaussian_noise")
-UPDATE_KINDS = ("scale", "sign_flip", "update_noise", "free_rider")
+UPDATE_KINDS = ("scale", "sign_flip", "update_noise", "free_rider", "free_rider_noise")
 ATTACK_KINDS = DATA_KINDS + UPDATE_KINDS
 
 
@@ -42,7 +43,8 @@ class AttackSpec(BaseModel):
 
     ``nodes`` (ids) or ``count`` or ``node_fraction`` (of all n nodes) selects the attackers;
     ``fraction`` is the fraction of each attacker's *data* altered (data level); ``sigma`` the
-    noise std (feature units for ``gaussian_noise``, parameter units for ``update_noise``);
+    noise std (feature units for ``gaussian_noise``, parameter units for ``update_noise`` and
+    ``free_rider_noise``);
     ``scale`` the factor ``s`` in ``û = s·u`` (``sign_flip`` defaults to −1); ``start`` the
     first round an update-level attack is active.
     """
@@ -57,6 +59,7 @@ class AttackSpec(BaseModel):
         "sign_flip",
         "update_noise",
         "free_rider",
+        "free_rider_noise",
     ]
     nodes: list[int] | None = None
     count: int | None = Field(None, ge=0)
@@ -168,7 +171,9 @@ class AttackPlan:
                 U[idx] *= spec.scale
             elif spec.kind == "free_rider":
                 U[idx] = 0.0
-            else:  # update_noise
+            else:  # update_noise, free_rider_noise (the same noise on a zero update)
+                if spec.kind == "free_rider_noise":
+                    U[idx] = 0.0
                 for r in rows:
                     gen = torch.Generator(device="cpu").manual_seed(
                         ((self.seed * 1_000_003 + spec.seed * 7919 + i) * 100_003 + t)

@@ -32,6 +32,7 @@ EXTENSIONS = (
     "dice_influence.experiments.selection",
     "dice_influence.experiments.aggregation",
     "dice_influence.experiments.cascade",
+    "dice_influence.experiments.contribution",
     "dice_influence.distributed.cli",
     "dice_influence.bench.cli",
 )

@@ -68,6 +68,13 @@ class DataConfig(_Strict):
         None, ge=1, description="size of the shared test set z' (default: the whole test split)"
     )
     corruptions: list[CorruptionConfig] = []
+    size_multipliers: list[float] | None = Field(
+        None, description="node k holds round(m_k * samples_per_node) samples (iid partition)"
+    )
+    duplicate_of: dict[int, int] = Field(
+        default_factory=dict, description="copy: source - node `copy` holds exactly the "
+        "training samples of node `source` (a node with duplicated data)"
+    )
     groups: GroupsConfig | None = Field(
         None, description="hidden groups of nodes whose data differ (selection experiments)")
 
@@ -140,6 +147,7 @@ class RunConfig(_Strict):
                     f"data.corruptions: node ids {bad} out of range for topology.n={n} "
                     f"(valid ids are 0..{n - 1})"
                 )
+        _check_data_layout(self, n)
         g = self.data.groups
         if g is not None and g.count > n:
             raise ValueError(f"data.groups.count={g.count} exceeds topology.n={n}; use at most "
@@ -174,6 +182,29 @@ class RunConfig(_Strict):
                     "on sender j)"
                 )
         return self
+
+
+def _check_data_layout(cfg: RunConfig, n: int) -> None:
+    """Per-node sizes and duplicated nodes must fit the network (messages name the key)."""
+    dc = cfg.data
+    m = dc.size_multipliers
+    if m is not None:
+        if len(m) != n:
+            raise ValueError(f"data.size_multipliers has {len(m)} entries but topology.n={n}; "
+                             "give one multiplier per node")
+        if dc.samples_per_node is None or dc.partition != "iid":
+            raise ValueError("data.size_multipliers needs data.samples_per_node and "
+                             "data.partition: iid")
+        bad = [x for x in m if not x > 0]
+        if bad:
+            raise ValueError(f"data.size_multipliers: {bad} must be > 0")
+    for c, s in dc.duplicate_of.items():
+        if not (0 <= c < n and 0 <= s < n) or c == s:
+            raise ValueError(f"data.duplicate_of: {c}: {s} needs two different node ids in "
+                             f"0..{n - 1}")
+        if s in dc.duplicate_of:
+            raise ValueError(f"data.duplicate_of: source {s} is itself a copy; point {c} at "
+                             "an original node")
 
 
 def check_device(cfg: RunConfig) -> None:

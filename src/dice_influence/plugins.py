@@ -57,6 +57,37 @@ class ProximalSettings(PluginSettings):
     test_batch: int | None = Field(None, ge=1, description="use only the first m test samples")
 
 
+class ContributionSettings(PluginSettings):
+    """Node contribution: proximal outflow (a), adjoint contribution (b), reciprocity and
+    free-rider statistics (negative = helpful; docs/contribution.md)."""
+
+    kind: Literal["contribution"] = "contribution"
+    readout: Literal["pre", "post", "midpoint"] = Field("pre", description="G_k of (a)")
+    every: int = Field(1, ge=1, description="track (a) and free riders every k-th round")
+    horizon: Literal["run", "window", "off"] = Field(
+        "run", description="(b): one reverse sweep over the whole run, read out at its end "
+        "(the leave-one-node-out horizon), one per window, or off")
+    window: int = Field(10, ge=1, description="rounds per sweep with horizon: window")
+    rounds: int | None = Field(None, ge=1, description="run length (default train.rounds)")
+    curvature: Literal["exact", "none"] = Field(
+        "exact", description="local-step Jacobian in the sweep: Hessian-vector products by "
+        "automatic differentiation, or the identity (Hessian-free ablation)")
+    exclude_self: bool = Field(False, description="leave each source's own test loss out of "
+                               "its read-out (one sweep per receiver: n x the sweep's cost)")
+    adjoint_test: Literal["shared", "own"] = Field(
+        "shared", description="z' of (b): the shared validation set or each node's own split")
+    q: Literal["uniform", "one"] = Field("uniform", description="node weight q_k: 1/n or 1")
+    test_set: Literal["auto", "own", "shared"] = Field("auto", description="z'_k of (a)")
+    test_batch: int | None = Field(None, ge=1, description="use only the first m test samples")
+    free_rider_rule: Literal["rms", "t"] = Field(
+        "rms", description="flag a neighbour whose updates' alignment with the receiver's "
+        "descent direction is noise-sized (rms) or has no consistent sign (t)")
+    z: float = Field(3.0, gt=0, description="free rider: sqrt(d) x rms alignment (or |t|) "
+                     "below z")
+    quorum: float = Field(0.5, ge=0, lt=1, description="free rider: share of out-neighbours "
+                          "that must flag a node (strictly more than this)")
+
+
 # ----------------------------------------------------------------------------- policies
 
 
@@ -146,6 +177,8 @@ class Entry:
 CATALOGUE: dict[str, dict[str, Entry]] = {
     "observer": {
         "proximal": Entry(ProximalSettings, "dice_influence.apps.proximal:from_settings"),
+        "contribution": Entry(ContributionSettings,
+                              "dice_influence.apps.contribution:from_settings"),
     },
     "policy": {
         "prune": Entry(PruneSettings, "dice_influence.apps.defense:from_settings"),

@@ -159,11 +159,18 @@ def build_schedule(cfg: RunConfig) -> T.Schedule:
 
 
 def build_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:
-    """Every node's training indices (fixed for the run)."""
+    """Every node's training indices (fixed for the run): ``data.size_multipliers`` scale
+    node sizes, ``data.duplicate_of`` gives a node an exact copy of another node's samples."""
     dc = cfg.data
-    return D.partition(ds.y_train, cfg.topology.n, scheme=dc.partition,
-                       samples_per_node=dc.samples_per_node, alpha=dc.alpha,
-                       classes_per_node=dc.classes_per_node, seed=cfg.seed)
+    sizes = None
+    if dc.size_multipliers is not None:
+        sizes = [max(1, int(round(m * dc.samples_per_node))) for m in dc.size_multipliers]
+    parts = D.partition(ds.y_train, cfg.topology.n, scheme=dc.partition,
+                        samples_per_node=dc.samples_per_node, alpha=dc.alpha,
+                        classes_per_node=dc.classes_per_node, seed=cfg.seed, sizes=sizes)
+    for copy, source in dc.duplicate_of.items():
+        parts[copy] = parts[source].copy()
+    return parts
 
 
 def build_test_partition(cfg: RunConfig, ds: D.Dataset) -> list[np.ndarray]:

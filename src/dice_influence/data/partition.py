@@ -282,6 +282,7 @@ def partition(
     alpha: float = 1.0,
     classes_per_node: int = 2,
     seed: int = 0,
+    sizes: list[int] | None = None,
 ) -> list[np.ndarray]:
     """Split dataset indices over ``n_nodes`` disjoint, fixed (no replacement) local sets.
 
@@ -290,6 +291,7 @@ def partition(
     ``samples_per_node=None`` splits everything evenly (floor ``N / n_nodes`` each), except plain
     dirichlet, which uses every sample and yields unequal sizes (each node gets >= 1 sample), and
     shards when class sizes cannot fill that many from few classes (then the largest equal size).
+    ``sizes`` (iid only): node ``k`` holds ``sizes[k]`` samples (overrides samples_per_node).
     Returns one sorted int64 index array per node.
     """
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -314,6 +316,8 @@ def partition(
             )
     elif n_total < n_nodes:
         raise DataError(f"{n_total} samples cannot cover n_nodes={n_nodes}; use fewer nodes")
+    if sizes is not None:
+        return _partition_sizes(n_total, int(n_nodes), kind, [int(s) for s in sizes], seed)
     rng = _rng(seed)
     m = samples_per_node if samples_per_node is not None else n_total // n_nodes
     if kind == "iid":
@@ -326,3 +330,18 @@ def partition(
     else:
         parts = _partition_shards(y, n_nodes, m, cpn, samples_per_node is not None, rng)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _partition_sizes(n_total: int, n_nodes: int, kind: str, sizes: list[int],
+                     seed: int) -> list[np.ndarray]:
+    """iid partition with per-node sizes: consecutive slices of one seeded permutation."""
+    if kind != "iid":
+        raise DataError(f"per-node sizes need partition 'iid', got {kind!r}")
+    if len(sizes) != n_nodes or min(sizes) < 1:
+        raise DataError(f"sizes must hold {n_nodes} counts >= 1, got {sizes}")
+    if sum(sizes) > n_total:
+        raise DataError(f"per-node sizes sum to {sum(sizes)} but only {n_total} samples exist; "
+                        "lower data.samples_per_node or data.size_multipliers")
+    perm = _rng(seed).permutation(n_total)
+    cuts = np.cumsum([0, *sizes])
+    return [np.sort(perm[a:b]).astype(np.int64) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -103,7 +103,7 @@ def check_checkpoints(out: Path, ident: RunIdentity, *, resume_round: int | None
 
 def _clear_outputs(out: Path, n: int) -> None:
     """Remove a previous run's results (not its checkpoints) so nothing stale is collected."""
-    for name in ("final.safetensors", "summary.json", "proximal.csv"):
+    for name in ("final.safetensors", "summary.json", "proximal.csv", "contribution_ledger.json"):
         (out / name).unlink(missing_ok=True)
     for k in range(n):
         for name in ("metrics.json", "proximal.json", "proximal.csv", "params.safetensors"):
@@ -246,8 +246,9 @@ def launch(
 def collect(
     out: str | Path, n: int, returncodes: list[int | None] | None = None, seconds: float = 0.0
 ) -> LaunchResult:
-    """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv`` and (when all
-    finished) ``final.safetensors`` with the stacked parameters."""
+    """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv``,
+    ``contribution_ledger.json`` (the summed ledger) and (when all finished)
+    ``final.safetensors`` with the stacked parameters."""
     import json
 
     import torch
@@ -279,6 +280,9 @@ def collect(
         with atomic_path(out / "final.safetensors") as tmp:
             save_file({"theta": theta.contiguous()}, str(tmp))
     if P is not None:
+        from ..apps.contribution import write_ledger
+
+        write_ledger(out, P)  # the peers' rows summed: contribution (a) and reciprocity
         atomic_write_text(
             out / "proximal.csv",
             "receiver,"
