@@ -59,6 +59,22 @@ def run_arm(cfg: RunConfig, *, evaluate: Callable[[Any, torch.Tensor], dict[str,
             "problem": p}
 
 
+def run_seeds(cfg: RunConfig, ex: Any, run_seed: Callable[..., Any], out: str | Path,
+              seeds: list[int] | None, log: Any = None, **kw: Any) -> tuple[Path, list[int],
+                                                                           list[Any]]:
+    """Create the run dir ``out`` and call ``run_seed(cfg with seed s, ex, log=log, **kw)`` for
+    every seed (default: the config's). Returns ``(out, seeds, per-seed results)``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = seeds if seeds else [cfg.seed]
+    per_seed = []
+    for s in seeds:
+        if log:
+            log(f"seed {s}:")
+        per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex, log=log, **kw))
+    return out, seeds, per_seed
+
+
 def mean_worst(values: list[float], worst: str = "min") -> tuple[float, float]:
     """Mean and worst (``min`` or ``max``) of per-seed values."""
     a = np.asarray(values, dtype=float)

@@ -42,6 +42,7 @@ from ._common import (
     parse_settings,
     register_report,
     run_arm,
+    run_seeds,
 )
 
 ARMS = ("dice", "uniform", "clipped_gossip", "trimmed_mean")
@@ -225,15 +226,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
                    progress: bool = False, log: Any = None) -> dict[str, Any]:
     """Every scenario, arm and seed; writes the run directory and returns ``metrics``."""
     ex = parse_experiment(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = seeds if seeds else [cfg.seed]
-    per_seed = []
-    for s in seeds:
-        if log:
-            log(f"seed {s}:")
-        per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex,
-                                 progress=progress, log=log))
+    out, seeds, per_seed = run_seeds(cfg, ex, run_seed, out, seeds, log, progress=progress)
     agg, worst = summarize(per_seed, ex)
     metrics = {
         "kind": "aggregation",

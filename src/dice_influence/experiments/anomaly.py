@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .._util import atomic_write_text, write_json
 from ..apps import anomaly as A
@@ -33,6 +33,7 @@ from ..apps import reciprocity as REC
 from ..apps.defense import GuardOptions, GuardResult, guarded_train, honest_connected
 from ..attacks import AttackPlan, AttackSpec, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config
+from ._common import parse_settings
 from .anomaly_report import checks, legend, plots, readme, rich_tables, write_tables
 
 ARMS = ("no_attack", "no_attack_defended", "attack", "attack_defended", "attack_baseline")
@@ -99,16 +100,7 @@ class AnomalyConfig(_S):
 
 def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
     """Validate ``cfg.experiment``; raise :class:`ConfigError` naming the bad key."""
-    try:
-        ex = AnomalyConfig.model_validate(cfg.experiment)
-    except ValidationError as err:
-        lines = ["invalid experiment settings:"]
-        for e in err.errors():
-            loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
-            msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-            got = e.get("input")
-            lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
-        raise ConfigError("\n".join(lines)) from None
+    ex = parse_settings(AnomalyConfig, cfg)
     n = cfg.topology.n
     for i, a in enumerate(ex.attacks):
         if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):

@@ -38,7 +38,7 @@ from ..apps.contribution import SIGN, reciprocity_factor, reward_split
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config
 from . import contribution_truth as truth
-from ._common import add_command, finish_run, parse_settings, register_report
+from ._common import add_command, finish_run, parse_settings, register_report, run_seeds
 
 FREE_RIDER_KINDS = ("free_rider", "free_rider_noise")
 
@@ -423,14 +423,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     from .contribution_report import plots, readme
 
     ex = parse_experiment(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = seeds if seeds else [cfg.seed]
-    per_seed = []
-    for s in seeds:
-        if log:
-            log(f"seed {s}:")
-        per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex, log=log))
+    out, seeds, per_seed = run_seeds(cfg, ex, run_seed, out, seeds, log)
     mean, worst = aggregate(per_seed)
     metrics: dict[str, Any] = {
         "kind": "contribution",

@@ -43,6 +43,7 @@ from ._common import (
     parse_settings,
     register_report,
     run_arm,
+    run_seeds,
 )
 
 ARMS = ("dice", "static", "pens", "oracle", "local")
@@ -257,15 +258,7 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
                    progress: bool = False, log: Any = None) -> dict[str, Any]:
     """Every arm for every seed; writes the run directory and returns ``metrics``."""
     ex = parse_experiment(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = seeds if seeds else [cfg.seed]
-    per_seed = []
-    for s in seeds:
-        if log:
-            log(f"seed {s}:")
-        per_seed.append(run_seed(cfg.model_copy(update={"seed": int(s)}), ex,
-                                 progress=progress, log=log))
+    out, seeds, per_seed = run_seeds(cfg, ex, run_seed, out, seeds, log, progress=progress)
     metrics = {
         "kind": "selection",
         "sign_convention": SIGN,
