@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _naive import assert_gt_equals_naive_replay
 from dice_influence.apps.aggregators import ClippedGossip, TrimmedMean
 from dice_influence.apps.defense import PrunePolicy, repair_rows
 from dice_influence.apps.proximal import ProximalObserver
@@ -131,34 +132,8 @@ def test_replay_of_a_policy_driven_run_is_exact():
 
 def test_gt_on_a_pruned_run_equals_a_naive_replay():
     traj = pruned_run()
-    p = traj.train_problem
-    chosen = sorted(traj.W_used)
-    t_ev = chosen[0]
-    events = [Event(1, t_ev), Event(6, t_ev, (0, 3))]
-    hops = 3
-    gt = ground_truth(traj, events, hops=hops)
-
-    def W_of(t):  # independent of the replay code: the recorded matrix or the schedule's
-        return traj.W_used.get(t, p.schedule.W(t))
-
-    def losses(theta):
-        from dice_influence.gossip import node_losses
-        return node_losses(p.fm, theta, p.val_x, p.val_y)[0].double()
-
-    theta0, _ = traj.params_at(t_ev)
-    for i, e in enumerate(events):
-        w = torch.ones(p.n, p.cfg.train.batch_size, dtype=p.dtype)
-        w[e.node, list(e.samples) if e.samples else slice(None)] = 0.0
-        f, c = theta0.clone(), theta0.clone()
-        for s in range(hops):
-            t = t_ev + s
-            fh, _ = p.local_step(f, None, t)
-            ch, _ = p.local_step(c, None, t, w if s == 0 else None)
-            Wt = torch.as_tensor(W_of(t), dtype=p.dtype)
-            f, c = Wt @ fh, Wt @ ch
-            naive = losses(f) - losses(c)
-            assert torch.allclose(gt.per_node[i, s + 1], naive, atol=1e-10, rtol=0)
-        assert np.abs(gt.per_node[i].numpy()).max() > 1e-6
+    t_ev = sorted(traj.W_used)[0]
+    assert_gt_equals_naive_replay(traj, [Event(1, t_ev), Event(6, t_ev, (0, 3))], t_ev, hops=3)
 
 
 def test_recorded_matrices_survive_save_and_load(tmp_path):

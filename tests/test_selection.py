@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _naive import assert_gt_equals_naive_replay
 from dice_influence import data as D
 from dice_influence.apps.proximal import ProximalObserver
 from dice_influence.apps.selection import (
@@ -24,7 +25,7 @@ from dice_influence.apps.selection import (
 from dice_influence.cli import app
 from dice_influence.config import ConfigError, load_config
 from dice_influence.distributed import build_local
-from dice_influence.influence import Event, ground_truth
+from dice_influence.influence import Event
 from dice_influence.loop import RoundView
 from dice_influence.problem import build_groups
 from dice_influence.simulator import build_problem, train
@@ -200,31 +201,8 @@ def test_gt_on_a_selection_run_equals_a_naive_replay():
     p = traj.train_problem
     assert traj.W_used and len({w.tobytes() for w in traj.W_used.values()}) > 1, \
         "the policy should have rewired"
-    t_ev, hops = 4, 4
-    events = [Event(1, t_ev), Event(5, t_ev, (0, 2))]
-    gt = ground_truth(traj, events, hops=hops)
-
-    def W_of(t):
-        return traj.W_used.get(t, p.schedule.W(t))
-
-    from dice_influence.gossip import node_losses
-
-    def losses(theta):
-        return node_losses(p.fm, theta, p.val_x, p.val_y)[0].double()
-
-    theta0, _ = traj.params_at(t_ev)
-    for i, e in enumerate(events):
-        w = torch.ones(p.n, p.cfg.train.batch_size, dtype=p.dtype)
-        w[e.node, list(e.samples) if e.samples else slice(None)] = 0.0
-        f, c = theta0.clone(), theta0.clone()
-        for s in range(hops):
-            fh, _ = p.local_step(f, None, t_ev + s)
-            ch, _ = p.local_step(c, None, t_ev + s, w if s == 0 else None)
-            Wt = torch.as_tensor(W_of(t_ev + s), dtype=p.dtype)
-            f, c = Wt @ fh, Wt @ ch
-            assert torch.allclose(gt.per_node[i, s + 1], losses(f) - losses(c), atol=1e-10,
-                                  rtol=0)
-        assert np.abs(gt.per_node[i].numpy()).max() > 1e-6
+    t_ev = 4
+    assert_gt_equals_naive_replay(traj, [Event(1, t_ev), Event(5, t_ev, (0, 2))], t_ev, hops=4)
     # the recorded rows are the kept neighbours, uniform over them and the node itself
     pol = traj.plugins.policy
     W_last = traj.W_used[traj.rounds_done - 1]
