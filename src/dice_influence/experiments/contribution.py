@@ -259,24 +259,26 @@ def _spearman(a: Any, b: Any) -> float | None:
     return float(spearmanr(a[ok], b[ok])[0])
 
 
-def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None) -> dict[str, Any]:
+def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None,
+             progress: bool = False) -> dict[str, Any]:
     """Everything for one seed; returns per-node records, agreement metrics and raw arrays."""
     cfg = with_contribution_observer(cfg)
     problem, plan = build_scenario(cfg, ex)
     n, rounds = problem.n, cfg.train.rounds
     say = log or (lambda *_: None)
     obs, timing = _timed_runs(cfg, problem, ex.timing_repeats)
-    say(f"  seed {cfg.seed}: plain {timing['plain_seconds']} s, measured "
-        f"{timing['measured_seconds']} s")
+    say(f"  seed {cfg.seed}: training {min(timing['plain_seconds']):.3f} s plain, "
+        f"{min(timing['measured_seconds']):.3f} s measured (fastest of {ex.timing_repeats})")
     m = obs.measures()
     roles = scenario_roles(cfg, plan)
     ablation = _ablation(cfg, ex, problem)
-    loo = truth.leave_one_out(problem, rounds, max_nodes=ex.max_nodes) if ex.loo.enabled else None
+    loo = truth.leave_one_out(problem, rounds, max_nodes=ex.max_nodes, progress=progress) \
+        if ex.loo.enabled else None
     if loo is not None:
         say(f"  seed {cfg.seed}: leave-one-node-out {loo['seconds']:.1f} s")
     sh, exact = None, None
     if ex.shapley.permutations > 0 or ex.shapley.exact:
-        util = truth.network_utility(problem, rounds, max_nodes=ex.max_nodes)
+        util = truth.network_utility(problem, rounds, max_nodes=ex.max_nodes, progress=progress)
         if ex.shapley.permutations > 0:
             t0, c0 = time.perf_counter(), time.process_time()
             sh = truth.shapley_permutations(util, n, ex.shapley.permutations,
@@ -419,11 +421,11 @@ def aggregate(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
 def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None = None,
                    progress: bool = False, log: Any = None) -> dict[str, Any]:
     """Every seed; write the run directory (with ``report.html``); return ``metrics``.
-    ``progress`` is accepted for the common command shape (each phase logs a line)."""
+    ``progress``: bars over the leave-one-node-out and Shapley retrainings."""
     from .contribution_report import plots, readme
 
     ex = parse_experiment(cfg)
-    out, seeds, per_seed = run_seeds(cfg, ex, run_seed, out, seeds, log)
+    out, seeds, per_seed = run_seeds(cfg, ex, run_seed, out, seeds, log, progress=progress)
     mean, worst = aggregate(per_seed)
     metrics: dict[str, Any] = {
         "kind": "contribution",

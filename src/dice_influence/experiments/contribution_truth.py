@@ -143,11 +143,14 @@ def check_removable(problem: Problem) -> None:
 
 
 def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
-                   max_nodes: int = 1024) -> dict[str, np.ndarray]:
+                   max_nodes: int = 1024, progress: bool = False,
+                   label: str = "retraining") -> dict[str, np.ndarray]:
     """Train one network per row of ``keep`` (bool (C, n): whose data is used) for ``rounds``
-    rounds, ``max_nodes // n`` networks per vectorized run. Returns final per-node test loss
-    and accuracy on ``z'`` (``loss``, ``acc``: (C, n)), ``seconds`` (wall) and
-    ``cpu_seconds`` (this process)."""
+    rounds, ``max_nodes // n`` networks per vectorized run (``progress``: a bar over their
+    rounds). Returns final per-node test loss and accuracy on ``z'`` (``loss``, ``acc``:
+    (C, n)), ``seconds`` (wall) and ``cpu_seconds`` (this process)."""
+    from .._util import progress_bar
+
     check_removable(problem)
     keep = np.asarray(keep, dtype=bool)
     n = problem.n
@@ -155,15 +158,18 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
     loss = np.zeros(keep.shape)
     acc = np.zeros(keep.shape)
     t0, c0 = time.perf_counter(), time.process_time()
-    for c in range(0, len(keep), per):
-        sp = stack(problem, keep[c:c + per])
-        theta = sp.init_theta()
-        theta, _ = Loop(sp).run(theta, sp.opt.init_state(theta), 0, rounds)
-        with torch.no_grad():
-            lo, ac = node_losses(problem.fm, theta, problem.val_x, problem.val_y)
-        R = sp.copies
-        loss[c:c + R] = lo.double().reshape(R, n).numpy()
-        acc[c:c + R] = ac.double().reshape(R, n).numpy()
+    chunks = range(0, len(keep), per)
+    with progress_bar(progress, len(chunks) * rounds, label) as advance:
+        for c in chunks:
+            sp = stack(problem, keep[c:c + per])
+            theta = sp.init_theta()
+            theta, _ = Loop(sp).run(theta, sp.opt.init_state(theta), 0, rounds,
+                                    on_round=lambda *_: advance())
+            with torch.no_grad():
+                lo, ac = node_losses(problem.fm, theta, problem.val_x, problem.val_y)
+            R = sp.copies
+            loss[c:c + R] = lo.double().reshape(R, n).numpy()
+            acc[c:c + R] = ac.double().reshape(R, n).numpy()
     return {"loss": loss, "acc": acc, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
 
@@ -172,7 +178,7 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
 
 
 def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None = None,
-                  max_nodes: int = 1024) -> dict[str, Any]:
+                  max_nodes: int = 1024, progress: bool = False) -> dict[str, Any]:
     """Leave-one-node-out for each of ``nodes`` (default all), batched with the factual network
     as copy 0. Per node ``j`` (axis ``node``): ``loo`` = mean test loss of the *other* nodes
     with ``j``'s data − without it (negative = helpful), ``loo_all`` the same over all nodes,
@@ -182,7 +188,8 @@ def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None 
     keep = np.ones((1 + len(nodes), n), dtype=bool)
     for i, j in enumerate(nodes, start=1):
         keep[i, j] = False
-    res = run_coalitions(problem, keep, rounds, max_nodes=max_nodes)
+    res = run_coalitions(problem, keep, rounds, max_nodes=max_nodes, progress=progress,
+                         label="leave-one-node-out")
     L, A = res["loss"], res["acc"]
     others = ~np.eye(n, dtype=bool)[nodes]
     loo = np.array([(L[0, o].mean() - L[i, o].mean()) for i, o in enumerate(others, start=1)])
@@ -199,10 +206,12 @@ def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None 
 Utility = Callable[[np.ndarray], np.ndarray]  # bool (C, n) coalitions -> (C,) values
 
 
-def network_utility(problem: Problem, rounds: int, *, max_nodes: int = 1024) -> Utility:
+def network_utility(problem: Problem, rounds: int, *, max_nodes: int = 1024,
+                    progress: bool = False) -> Utility:
     """``U(S)`` = mean test loss over all nodes after training with the data of ``S`` only."""
     def u(keep: np.ndarray) -> np.ndarray:
-        return run_coalitions(problem, keep, rounds, max_nodes=max_nodes)["loss"].mean(1)
+        return run_coalitions(problem, keep, rounds, max_nodes=max_nodes, progress=progress,
+                              label=f"Shapley: {len(keep)} coalitions")["loss"].mean(1)
 
     return u
 
