@@ -3,11 +3,12 @@
 Run from the repository root: python benchmarks/signflip_recall.py (seed 0 of configs/anomaly-signflip.yaml).
 """
 import numpy as np
-from dice_influence.config import load_config
-from dice_influence.experiments import anomaly as X
+
 from dice_influence.apps import anomaly as A
 from dice_influence.apps.defense import guarded_train
 from dice_influence.attacks import AttackPlan, with_data_attacks
+from dice_influence.config import load_config
+from dice_influence.experiments import anomaly as X
 from dice_influence.simulator import build_problem
 
 cfg = load_config("configs/anomaly-signflip.yaml")
