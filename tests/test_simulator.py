@@ -243,3 +243,13 @@ def test_compiled_sparse_gossip_equals_the_matmul(dtype):
     tan = torch.randn_like(theta)
     _, dout = jvp(lambda th: m(th), (torch.nan_to_num(theta),), (tan,))
     assert torch.allclose(dout, dense @ tan, atol=tol, rtol=0)
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from dice_influence._alloc import keep_freed_memory
+
+    if not platform.system() == "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True and keep_freed_memory() is True  # idempotent

@@ -292,6 +292,9 @@ def demo(
 
 
 def main() -> None:  # pragma: no cover
+    from ._alloc import keep_freed_memory
+
+    keep_freed_memory()  # large per-round buffers from the heap (measured: n=1024 0.46 -> 0.30 s/round)
     app()
 
 

@@ -164,6 +164,7 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
         "benchmark": "train",
         "setting": "MLP 784-128-64-10, Fashion-MNIST 28x28, batch 64 (32 where fewer than 64 "
                    "images per node: n >= 1024), exponential graph, plain SGD lr 0.1, float32",
+        "allocator": "glibc: large buffers from the heap, freed memory kept (_alloc.py)",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "platform": platform.platform()},
@@ -176,6 +177,9 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
 
 if __name__ == "__main__":  # subprocess entry point
     if len(sys.argv) >= 5 and sys.argv[1] == "train-one":
+        from .._alloc import keep_freed_memory
+
+        keep_freed_memory()  # as the `dice` command does
         res = train_one(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1",
                         sys.argv[5] or None if len(sys.argv) > 5 else None)
         print(json.dumps(res))
