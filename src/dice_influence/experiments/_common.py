@@ -120,11 +120,12 @@ def add_command(experiment_app: Any, name: str, help_text: str,
     experiment_app.command(name)(friendly(cmd))
 
 
-def markdown_tables(text: str) -> list[Any]:
-    """The pipe tables of a markdown text as report :class:`~dice_influence.report.Table` s."""
+def markdown_tables(text: str) -> tuple[list[Any], list[str]]:
+    """The pipe tables of a markdown text as report :class:`~dice_influence.report.Table` s,
+    and its other non-empty lines (shown as notes)."""
     from ..report import Table
 
-    tables, block = [], []
+    tables, lines, block = [], [], []
     for line in [*text.splitlines(), ""]:
         if line.startswith("|"):
             block.append([c.strip() for c in line.strip().strip("|").split("|")])
@@ -132,7 +133,9 @@ def markdown_tables(text: str) -> list[Any]:
         if len(block) >= 2:
             tables.append(Table(block[0], [r for r in block[2:]]))
         block = []
-    return tables
+        if line.strip():
+            lines.append(line.strip())
+    return tables, lines
 
 
 def register_report(kind: str, title: str, text: str,
@@ -144,9 +147,10 @@ def register_report(kind: str, title: str, text: str,
 
     @report_sections(kind)
     def _sections(run: Any) -> list[Any]:
-        return [Section(title=title, text=text, tables=markdown_tables(table(run.metrics)),
+        tables, lines = markdown_tables(table(run.metrics))
+        return [Section(title=title, text=text, tables=tables,
                         figures=[f for f in (run.figure(n, c) for n, c in figures) if f],
-                        notes=[SIGN + "."])]
+                        notes=[*lines, SIGN + "."])]
 
 
 def finish_run(out: Path, kind: str) -> None:
