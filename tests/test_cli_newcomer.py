@@ -43,7 +43,9 @@ def test_help_and_version_import_neither_torch_nor_experiments():
 
 def test_experiment_group_lists_its_commands():
     r = runner.invoke(app, ["experiment", "--help"])
-    assert r.exit_code == 0 and "alignment" in r.output and "anomaly" in r.output
+    assert r.exit_code == 0
+    for name in ("alignment", "anomaly", "contribution", "selection", "aggregation", "cascade"):
+        assert name in r.output
     r = runner.invoke(app, ["experimnt"])
     assert r.exit_code != 0 and "experiment" in r.output
 
@@ -56,6 +58,20 @@ def test_bad_set_value_is_named_not_the_config_file(tmp_path):
     r = runner.invoke(app, ["config", str(cfg), "--set", "train.rondus=5"])
     assert r.exit_code == 2 and "--set train.rondus=5" in r.output
     assert "did you mean 'rounds'?" in r.output
+
+
+def test_experiment_settings_get_did_you_mean_or_the_valid_keys():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for config, key, want in (
+        ("contribution-digits.yaml", "experiment.shapley.permutation=3", "'permutations'"),
+        ("selection-digits.yaml", "experiment.degre=3", "'degree'"),
+        ("anomaly-blog.yaml", "experiment.tracking.readot=pre", "'readout'"),
+        ("selection-digits.yaml", "experiment.zzz=3", "valid keys here: degree, every"),
+    ):
+        kind = config.split("-")[0]
+        r = runner.invoke(app, ["experiment", kind, str(root / config), "--out", "x", "--set", key])
+        assert r.exit_code == 2, r.output
+        assert want in r.output and "Traceback" not in r.output
 
 
 def test_did_you_mean_for_config_keys_and_topology_names(tmp_path):

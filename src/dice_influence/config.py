@@ -241,11 +241,12 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """Valid keys of the config section at ``loc`` (e.g. ``("train",)``); [] if unknown."""
+def _keys_at(loc: tuple[Any, ...], root: Any = None) -> list[str]:
+    """Valid keys of the config section at ``loc`` (e.g. ``("train",)``) of ``root`` (default
+    :class:`RunConfig`); [] if unknown."""
     import typing
 
-    model: Any = RunConfig
+    model: Any = RunConfig if root is None else root
     for part in loc:
         if isinstance(part, int):
             continue

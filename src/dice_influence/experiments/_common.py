@@ -21,10 +21,18 @@ def parse_settings(model: type[BaseModel], cfg: RunConfig) -> Any:
     try:
         return model.model_validate(cfg.experiment or {})
     except ValidationError as err:
+        from .._util import did_you_mean
+        from ..config import _keys_at
+
         lines = ["invalid experiment settings:"]
         for e in err.errors():
             loc = ".".join(str(p) for p in ("experiment", *e["loc"]))
-            msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                keys = _keys_at(e["loc"][:-1], model)
+                hint = did_you_mean(str(e["loc"][-1]), keys) if keys else ""
+                msg = (f"unknown key{hint}" if hint else f"unknown key; valid keys here: "
+                       f"{', '.join(keys)}" if keys else "unknown key (check the spelling)")
             got = e.get("input")
             lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
