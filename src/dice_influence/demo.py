@@ -34,6 +34,10 @@ NEXT = [
     "`dice config` lists every key)",
     "dice experiment alignment configs/alignment-digits.yaml -o runs/alignment",
     "dice experiment anomaly configs/anomaly-digits.yaml -o runs/anomaly --seeds 0,1,2",
+    "dice experiment contribution configs/contribution-digits.yaml -o runs/contribution  - who "
+    "helped, rewards, free riders (about 30 s per seed)",
+    "dice experiment selection configs/selection-digits.yaml -o runs/selection  - choose "
+    "collaborators by influence",
     "dice launch configs/p2p-digits.yaml  - the same training on real peers "
     "(torch.distributed)",
 ]
