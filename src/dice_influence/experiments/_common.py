@@ -38,6 +38,16 @@ def parse_settings(model: type[BaseModel], cfg: RunConfig) -> Any:
         raise ConfigError("\n".join(lines)) from None
 
 
+def check_attacks(attacks: list[Any], n: int) -> None:
+    """Each ``experiment.attacks`` entry's node ids and count must fit ``topology.n``."""
+    for i, a in enumerate(attacks):
+        if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
+            raise ConfigError(f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range "
+                              f"0..{n - 1}")
+        if a.count is not None and a.count > n:
+            raise ConfigError(f"experiment.attacks.{i}.count={a.count} exceeds topology.n={n}")
+
+
 def run_arm(cfg: RunConfig, *, evaluate: Callable[[Any, torch.Tensor], dict[str, Any]],
             eval_every: int, problem: Any = None, progress: bool = False,
             label: str = "training") -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..apps import reciprocity as REC
 from ..apps.defense import GuardOptions, GuardResult, guarded_train, honest_connected
 from ..attacks import AttackPlan, AttackSpec, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config
-from ._common import parse_settings
+from ._common import check_attacks, parse_settings
 from .anomaly_report import checks, legend, plots, readme, rich_tables, write_tables
 
 ARMS = ("no_attack", "no_attack_defended", "attack", "attack_defended", "attack_baseline")
@@ -102,13 +102,7 @@ def parse_experiment(cfg: RunConfig) -> AnomalyConfig:
     """Validate ``cfg.experiment``; raise :class:`ConfigError` naming the bad key."""
     ex = parse_settings(AnomalyConfig, cfg)
     n = cfg.topology.n
-    for i, a in enumerate(ex.attacks):
-        if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
-            raise ConfigError(
-                f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range 0..{n - 1}"
-            )
-        if a.count is not None and a.count > n:
-            raise ConfigError(f"experiment.attacks.{i}.count={a.count} exceeds topology.n={n}")
+    check_attacks(ex.attacks, n)
     if ex.focus_node is not None and not 0 <= ex.focus_node < n:
         raise ConfigError(f"experiment.focus_node={ex.focus_node} out of range 0..{n - 1}")
     if not cfg.data.test_samples_per_node:

@@ -38,7 +38,14 @@ from ..apps.contribution import SIGN, reciprocity_factor, reward_split
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config
 from . import contribution_truth as truth
-from ._common import add_command, finish_run, parse_settings, register_report, run_seeds
+from ._common import (
+    add_command,
+    check_attacks,
+    finish_run,
+    parse_settings,
+    register_report,
+    run_seeds,
+)
 
 FREE_RIDER_KINDS = ("free_rider", "free_rider_noise")
 
@@ -93,12 +100,7 @@ def parse_experiment(cfg: RunConfig) -> ContributionConfig:
     """Validate ``cfg.experiment``; raise :class:`ConfigError` naming the bad key."""
     ex = parse_settings(ContributionConfig, cfg)
     n = cfg.topology.n
-    for i, a in enumerate(ex.attacks):
-        if a.nodes is not None and any(not 0 <= k < n for k in a.nodes):
-            raise ConfigError(f"experiment.attacks.{i}.nodes: ids {a.nodes} out of range "
-                              f"0..{n - 1}")
-        if a.count is not None and a.count > n:
-            raise ConfigError(f"experiment.attacks.{i}.count={a.count} exceeds topology.n={n}")
+    check_attacks(ex.attacks, n)
     if cfg.train.weight_decay:
         raise ConfigError("train.weight_decay must be 0: the leave-one-node-out and Shapley "
                           "retrainings weight a node's data to zero by zeroing its update")
