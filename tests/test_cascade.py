@@ -57,12 +57,14 @@ def tiny(tmp_path, **exp):
 
 
 def test_cascade_experiment_on_a_tiny_config(tmp_path):
+    run = tmp_path / "run[red]"  # a path rich could read as markup is printed as it is
     res = CliRunner().invoke(app, ["experiment", "cascade", str(tiny(tmp_path)), "--out",
-                                   str(tmp_path / "run"), "-q"])
+                                   str(run), "-q"])
     assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "run[red]" in res.output
+    m = json.loads((run / "metrics.json").read_text())
     assert m["kind"] == "cascade"
-    page = (tmp_path / "run" / "report.html").read_text()  # the run's report
+    page = (run / "report.html").read_text()  # the run's report
     assert "data:image/png;base64" in page and "http://" not in page
     c = m["cascade"]
     assert c["graph"] == "ring" and c["source"] == 1 and c["axes"] == ["hop", "node"]
@@ -81,7 +83,7 @@ def test_cascade_experiment_on_a_tiny_config(tmp_path):
         assert rho is None or -1.0 <= rho <= 1.0
     for f in ("cascade.png", "decay.png", "asymmetry.png", "cascade.csv", "decay.csv",
               "asymmetry.csv"):
-        assert (tmp_path / "run" / f).is_file()
+        assert (run / f).is_file()
 
 
 @pytest.mark.parametrize("exp,needle", [

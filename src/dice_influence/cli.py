@@ -20,6 +20,7 @@ from .cli_support import (
     DATA_DIR_HELP,
     SET_HELP,
     console,
+    esc,
     fail,
     friendly,
     load_run_config,
@@ -180,13 +181,8 @@ def train(
     report = write_report(out, "train")
     if not quiet:
         print_nodes(traj)
-    console.print(f"run directory: [bold]{_esc(out)}[/]; report: [bold]{_esc(report)}[/]")
+    console.print(f"run directory: [bold]{esc(out)}[/]; report: [bold]{esc(report)}[/]")
 
-
-def _esc(x: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(x))
 
 
 @app.command()
@@ -246,7 +242,7 @@ def topology(
         for row in info["W"]:
             console.print("  " + " ".join(f"{v:5.3f}" if v else "  .  " for v in row))
     if plot is not None:
-        console.print(f"graph drawn to [bold]{_esc(plot)}[/]")
+        console.print(f"graph drawn to [bold]{esc(plot)}[/]")
 
 
 @app.command()
@@ -261,7 +257,7 @@ def report(
     from .report import SCREENSHOT_NAME, write_report
 
     path = write_report(run_dir)
-    console.print(f"report: [bold]{_esc(path)}[/] (open it in a browser)")
+    console.print(f"report: [bold]{esc(path)}[/] (open it in a browser)")
     if check:
         from .report.browser import BrowserError, check_report
 
@@ -270,9 +266,9 @@ def report(
         except BrowserError as exc:
             fail(exc)
         for line in res.problems:
-            console.print(f"[red]problem:[/] {_esc(line)}")
+            console.print(f"[red]problem:[/] {esc(line)}")
         console.print(f"browser check: {len(res.images)} images, {len(res.problems)} problems, "
-                      f"screenshot [bold]{_esc(res.screenshot)}[/] ({res.seconds:.1f} s)")
+                      f"screenshot [bold]{esc(res.screenshot)}[/] ({res.seconds:.1f} s)")
         if res.problems:
             raise typer.Exit(1)
 

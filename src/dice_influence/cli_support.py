@@ -38,6 +38,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError, TopologyError, ReportError, FileNotFoundError)
 
 
+def esc(x: Any) -> str:
+    """``x`` as text rich prints literally (a path or value may contain ``[...]``)."""
+    return escape(str(x))
+
+
 def fail(exc: BaseException | str, code: int = 2) -> None:
     """Print one red error line (outside text escaped, never read as markup) and exit."""
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}")

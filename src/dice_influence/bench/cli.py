@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ..cli_support import console, friendly
+from ..cli_support import console, esc, friendly
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
@@ -41,7 +41,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                           "-" if loop is None else f"{loop / r['vectorized_s_per_round']:.1f}x",
                           f"{r['peak_rss_mb']:.0f}")
         console.print(table)
-        console.print(f"wrote [bold]{json_path}[/]")
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
 
 
 
@@ -77,7 +77,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"digits, momentum {d['momentum']}: {d['samples']} samples, "
                 f"{d['seconds']:.3f} s warm = {d['ratio_to_training']:.2f}x training "
                 f"(first call on that run {d['first_call_seconds']:.2f} s)")
-        console.print(f"wrote [bold]{json_path}[/]")
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
 
     @bench_app.command("proximal")
     @friendly
@@ -96,7 +96,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
                 f"(× {row['ratio']:.2f} of plain training)"
             )
-        console.print(f"wrote [bold]{json_path}[/]")
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
 
     @bench_app.command("distributed")
     @friendly
@@ -124,4 +124,4 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"{r['bytes_sent_per_peer_per_round']:.0f}",
             )
         console.print(table)
-        console.print(f"wrote [bold]{json_path}[/]")
+        console.print(f"wrote [bold]{esc(json_path)}[/]")

@@ -116,7 +116,7 @@ def add_command(experiment_app: Any, name: str, help_text: str,
     """Register ``dice experiment NAME CONFIG --out DIR [--set ..] [--seeds ..] [-q]``."""
     import typer
 
-    from ..cli_support import SET_HELP, console, fail, friendly
+    from ..cli_support import SET_HELP, console, esc, fail, friendly
     from ..config import load_config
 
     def cmd(
@@ -131,8 +131,8 @@ def add_command(experiment_app: Any, name: str, help_text: str,
         seed_list = parse_seeds(seeds, fail)
         m = run(cfg, out, seeds=seed_list, progress=not quiet,
                 log=None if quiet else console.print)
-        console.print(table(m))
-        console.print(f"run directory: [bold]{out}[/]")
+        console.print(table(m), markup=False)
+        console.print(f"run directory: [bold]{esc(out)}[/]")
 
     cmd.__doc__ = help_text
     experiment_app.command(name)(friendly(cmd))

@@ -300,7 +300,7 @@ def print_results(metrics: dict[str, Any], console: Any, title: str = "alignment
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     import typer
 
-    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, friendly, load_run_config
+    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, esc, friendly, load_run_config
 
     @experiment_app.command("alignment")
     @friendly
@@ -311,10 +311,8 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     ) -> None:
         """DICE-E vs DICE-GT for r = 1..R hops: correlations, errors, costs, plots, report."""
-        from rich.markup import escape
-
         cfg = load_run_config(config, set_, data_dir)
         metrics = run_alignment(cfg, out, log=console.print)
         print_results(metrics, console)
         console.print(f"total {metrics['seconds']['total']:.1f} s; wrote [bold]"
-                      f"{escape(str(out))}[/] (report: report.html)")
+                      f"{esc(out)}[/] (report: report.html)")
