@@ -42,6 +42,7 @@ from ._common import (
     add_command,
     check_attacks,
     finish_run,
+    mean_worst,
     parse_settings,
     register_report,
     run_seeds,
@@ -414,9 +415,7 @@ def aggregate(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
         elif all(isinstance(v, bool) for v in vals):
             mean[k], worst[k] = float(np.mean(vals)), all(vals)
         else:
-            arr = np.asarray(vals, dtype=float)
-            mean[k] = float(arr.mean())
-            worst[k] = float(arr.max() if k in _WORST_MAX else arr.min())
+            mean[k], worst[k] = mean_worst(vals, "max" if k in _WORST_MAX else "min")
     return mean, worst
 
 
