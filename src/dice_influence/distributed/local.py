@@ -72,10 +72,14 @@ class LocalProblem:
         """Loss/accuracy of ``theta`` (1, d) on the shared test set (and the own split)."""
         with torch.no_grad():
             loss, acc = node_losses(self.fm, theta, self.val_x, self.val_y)
-            out = {"loss": float(loss[0]), "acc": float(acc[0])}
+            out = {"loss": float(loss[0])}
+            if acc is not None:  # a loss without accuracy (mse) reports losses only
+                out["acc"] = float(acc[0])
             if self.own_test:
                 ol, oa = node_losses(self.fm, theta, self.test_x[None], self.test_y[None])
-                out.update(own_loss=float(ol[0]), own_acc=float(oa[0]))
+                out["own_loss"] = float(ol[0])
+                if oa is not None:
+                    out["own_acc"] = float(oa[0])
         return out
 
 
