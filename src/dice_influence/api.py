@@ -136,6 +136,13 @@ def check_problem(problem: Problem) -> None:
 
     fm = problem.fm
     _check_module(fm.module)
+    ty = problem.node_data.y
+    if fm.loss_name in ("cross_entropy", "token_cross_entropy") and ty.is_floating_point():
+        raise APIError(f"targets: {fm.loss_name} needs integer class/token ids but the targets "
+                       f"are {ty.dtype}; use loss='mse' for float targets, or pass int64 ids")
+    if fm.loss_name == "token_cross_entropy" and ty.ndim != 3:
+        raise APIError(f"targets: token_cross_entropy needs one token sequence per sample, "
+                       f"(N, L) ids, but one sample's target has shape {tuple(ty.shape[2:])}")
     x, y = problem.batch(0)
     x, y = x[:1], y[:1]
     theta = problem.init_theta()[:1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -311,6 +312,26 @@ def load_run_data(cfg: RunConfig, only: int | None = None
     if extra:
         ds = dataclasses.replace(ds, files=(*ds.files, *extra))
     return ds, parts
+
+
+def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
+    """The files (path, size, sha256) that every peer of ``cfg`` reads alike: the data set's
+    (for ``data.dataset: nodes`` only the shared ``test.npz``: a peer never reads the other
+    nodes' files) and ``model.factory``'s module."""
+    from .data.files import file_records
+    from .data.own import test_file
+    from .models import factory_files
+
+    dc = cfg.data
+    if dc.dataset == "api":
+        raise ConfigError(API_REFUSAL)
+    if dc.dataset == "npz":
+        files = file_records([Path(dc.path or "").expanduser()])
+    elif dc.dataset == "nodes":
+        files = file_records([test_file(dc.path or "")])
+    else:
+        files = D.dataset_files(dc.dataset, data_dir=dc.data_dir)
+    return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()))
 
 
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:
