@@ -310,6 +310,28 @@ def drop_own_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def data_label(cfg: RunConfig) -> str:
+    """Short name of a run's data: the built-in data set, the file or folder of one's own
+    (``npz``/``nodes``) or ``tensors`` (from_torch)."""
+    dc = cfg.data
+    if dc.dataset in ("npz", "nodes"):
+        return Path(dc.path or "").name or dc.dataset
+    return "tensors (from_torch)" if dc.dataset == "api" else dc.dataset
+
+
+def model_label(cfg: RunConfig) -> str:
+    """Short name of a run's model: the zoo's name and sizes, the factory, or what was passed
+    to from_torch."""
+    m = cfg.model
+    if m.kind == "python":
+        return f"{m.factory}"
+    if m.kind == "api":
+        return m.description or "a model passed to from_torch"
+    if m.name in ("mlp",):
+        return f"mlp {m.hidden}"
+    return m.name
+
+
 def check_device(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` unless ``train.device`` exists on this machine."""
     import torch

@@ -28,7 +28,7 @@ from ._util import (
     temp_name,
     write_json,
 )
-from .config import ConfigError, dump_config
+from .config import ConfigError, data_label, dump_config
 from .manifest import MANIFEST, RunDirError, RunIdentity, remove_manifest, write_manifest
 from .problem import Problem
 from .trajectory import Trajectory
@@ -91,15 +91,6 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
     write_manifest(out, written, traj.identity, rounds_done=traj.rounds_done,
                    data_files=list(p.dataset.files))
     return out
-
-
-def data_label(problem: Problem) -> str:
-    """Short name of the data a run read: the built-in data set, or the file/folder of one's
-    own (``npz``/``nodes``), or ``tensors`` (from_torch)."""
-    dc = problem.cfg.data
-    if dc.dataset in ("npz", "nodes"):
-        return Path(dc.path or "").name or dc.dataset
-    return "tensors" if dc.dataset == "api" else dc.dataset
 
 
 def describe_run(problem: Problem) -> dict[str, Any]:
@@ -172,7 +163,7 @@ def plot_history(traj: Trajectory, path: Path) -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy" if what == "acc" else "test loss")
-    ax.set_title(f"{data_label(traj.problem)}: {traj.problem.n} nodes, "
+    ax.set_title(f"{data_label(traj.problem.cfg)}: {traj.problem.n} nodes, "
                  f"{traj.problem.cfg.topology.name}")
     ax.legend(loc="lower right" if what == "acc" else "upper right")
     ax.grid(alpha=0.3)
@@ -188,7 +179,7 @@ def _readme(traj: Trajectory, metrics: dict[str, Any]) -> str:
     split = (f" ({cfg.data.partition})" if cfg.data.dataset not in ("nodes", "api") else
              " (one file per node)" if cfg.data.dataset == "nodes" else "")
     source = f" from `{dd['source']}`" if cfg.data.dataset in ("npz", "nodes") else \
-        f": {dd['source']}" if cfg.data.dataset == "api" else ""
+        " (tensors passed to `dice_influence.from_torch`)" if cfg.data.dataset == "api" else ""
     where = {"builtin": f"`{m.get('name')}`",
              "python": f"`{m.get('factory')}`"
                        + (f" (module `{m['module_file']}`, sha256 {m['module_sha256'][:12]})"
