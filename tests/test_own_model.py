@@ -373,3 +373,15 @@ def test_evaluation_without_accuracy_is_nan_free():
     ev = p.evaluate(p.init_theta())
     assert set(ev) == {"loss", "mean_loss", "consensus_distance", "avg_model_loss"}
     assert node_losses(p.fm, p.init_theta(), p.val_x, p.val_y)[1] is None
+
+
+def test_datasets_per_node_equal_tensors():
+    from torch.utils.data import TensorDataset
+
+    nodes, test = _reg_nodes()
+    kw = {"test": test, "topology": {"name": "ring"}, "loss": "mse", "batch_size": 4,
+          "rounds": 3}
+    a = Trajectory.start(from_torch(Regressor(5, 8), nodes, **kw)).run(3)
+    b = Trajectory.start(from_torch(lambda: Regressor(5, 8),
+                                    [TensorDataset(x, y) for x, y in nodes], **kw)).run(3)
+    assert torch.equal(a.theta, b.theta)
