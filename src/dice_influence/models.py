@@ -172,7 +172,7 @@ class FunctionalModel:
 
     ``loss(flat, x, y, w)`` is the batch loss ``sum_i w_i * CE(f(x_i), y_i) / B`` (``B`` = batch
     size, so ``w = 1`` is the ordinary mean and zeroing ``w_i`` removes sample ``i`` while keeping
-    the denominator, SPEC §3).
+    the denominator, docs/method.md §3).
     """
 
     def __init__(self, module: nn.Module):

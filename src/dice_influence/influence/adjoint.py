@@ -1,4 +1,4 @@
-"""All-sample attribution by one reverse sweep (SPEC §4, "adjoint form").
+"""All-sample attribution by one reverse sweep (docs/method.md §4, "adjoint form").
 
 For a fixed test set and a linear read-out, the first-order map from a perturbation ``Δ`` of
 node ``j``'s half step at round ``s`` to the read-out is linear, so it is a dot product
@@ -119,7 +119,7 @@ def attribute(
     ``t1 − 1``; it takes one batched sweep per hop and source round, independent of the number
     of samples.
 
-    ``readout="factual"`` (default; SPEC §4): every gradient at the factual point, the self
+    ``readout="factual"`` (default; docs/method.md §4): every gradient at the factual point, the self
     term at ``θ_j^{s+½}``; ``"linear"`` (alias ``"paper"``): the paper's Prop. 1, self term at
     ``θ_j^s``. They differ only in the self term, so only for ``target="hops"``. The midpoint
     read-out is not linear in ``Δ`` and has no adjoint form: use ``estimate`` for it.
