@@ -51,3 +51,29 @@ def test_method_citations_name_existing_sections():
                 if not set(secs) <= have:
                     bad.append(f"{p.relative_to(ROOT)}:{i}: §{m[1]}")
     assert not bad, bad
+
+
+def test_every_config_key_has_a_description_and_dice_config_prints_it():
+    import yaml
+    from typer.testing import CliRunner
+
+    from dice_influence.cli import app
+    from dice_influence.config import RunConfig
+    from dice_influence.config_doc import fields, missing, plugin_fields
+
+    assert missing() == []
+    assert {"train.lr", "data.corruptions.fraction", "data.groups.count"} <= set(fields(RunConfig))
+    assert "policy:prune.rule" in plugin_fields()
+    r = CliRunner().invoke(app, ["config"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(r.output)["train"]["lr"] == 0.1  # comments keep it valid YAML
+    lines = r.output.splitlines()
+    keys = [i for i, ln in enumerate(lines) if re.match(r"^ *[a-z_]+:", ln)]
+    assert len(keys) > 40
+    for i in keys:  # every key of the config has its description right above it
+        assert lines[i - 1].lstrip().startswith("#"), lines[i]
+    assert max(len(ln) for ln in lines) <= 100
+    # plug-in descriptions are whole, not cut after their first line
+    text = " ".join(ln.lstrip("# ") for ln in lines if ln.startswith("#"))
+    assert "reciprocity and free-rider statistics" in text
+    assert "removes them from W^t" in text
