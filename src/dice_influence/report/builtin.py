@@ -337,6 +337,7 @@ def cascade_demo_sections(run: Run) -> list[Section]:
             "on circles by hop distance around the source. Red = the removed batch hurt that "
             "node (positive influence), blue = it helped, white = not reached yet. Each panel "
             "has its own colour scale, symmetric about 0 (± the value in its title), so that "
-            "nodes stay distinguishable as the influence spreads thin. Hover a node for its "
-            "value.")],
+            "nodes stay distinguishable as the influence spreads thin; from hop 1 on the scale "
+            "is set by the other nodes and a larger source is shown at the end of the scale "
+            "(\"source beyond\"). Hover a node for its value.")],
     )]

@@ -171,9 +171,10 @@ def cascade_figure(
     vmax = float(np.abs(shown).max()) or 1.0
 
     def norm_of(s: int) -> Any:
-        if scale == "panel":
-            m = float(np.abs(shown[s][reached_at(s)]).max()) if reached_at(s).any() else 0.0
-            return Normalize(-(m or 1.0), m or 1.0)
+        if scale == "panel":  # the source (often much larger) is clipped from hop 1 on
+            sel = reached_at(s) & ((np.arange(n) != source) if s else True)
+            m = float(np.abs(shown[s][sel]).max()) if sel.any() else 0.0
+            return Normalize(-(m or 1.0), m or 1.0, clip=True)
         if scale == "symlog":
             return SymLogNorm(linthresh=vmax * 1e-2, linscale=0.4, vmin=-vmax, vmax=vmax,
                               base=10)
@@ -186,19 +187,21 @@ def cascade_figure(
     panels = hops + 1
     cols = min(panels, max_cols)
     rows = -(-panels // cols)
-    head_in = 0.8 if title else 0.5
-    fig_h = 3.1 * rows + 0.95 + head_in
+    head_in = 1.05 if title else 0.6
+    fig_h = 3.3 * rows + 0.95 + head_in
     fig = Figure(figsize=(2.9 * cols, fig_h), dpi=110)
     gs = fig.add_gridspec(rows + 1, cols, height_ratios=[*([1.0] * rows), 0.06], hspace=0.32,
                           wspace=0.04, left=0.02, right=0.98, top=1 - head_in / fig_h,
                           bottom=0.62 / fig_h)
-    E = [(j, k) for k in range(n) for j in range(n) if W[k, j] > 0 and j != k]
+    E = sorted({(min(j, k), max(j, k)) for k in range(n) for j in range(n)
+                if W[k, j] > 0 and j != k})  # drawn once per pair of nodes
     lim = float(np.abs(pos).max()) + 0.3 * max(1.0, float(np.abs(pos).max()) / 2)
     spots: list[dict[str, Any]] = []
     for s in range(panels):
         ax = fig.add_subplot(gs[s // cols, s % cols])
         for j, k in E:  # dark: the edges the influence crossed in this round
-            front = s > 0 and dist[k] == s and dist[j] == s - 1
+            front = s > 0 and {int(dist[j]), int(dist[k])} == {s - 1, s} and (
+                W[k, j] > 0 if dist[k] == s else W[j, k] > 0)
             ax.plot(*pos[[j, k]].T, color="0.25" if front else "0.85",
                     lw=1.1 if front else 0.5, zorder=1)
         reached = reached_at(s)
@@ -220,7 +223,9 @@ def cascade_figure(
         tot = vals[reached].sum()
         sub = f"sum {tot:+.2e}"
         if scale == "panel":
-            sub += f"; colours ±{norm.vmax:.1e}"
+            sub += f"\ncolours ±{norm.vmax:.1e}"
+            if s and abs(vals[source]) > norm.vmax * (1 + 1e-9):
+                sub += ", source beyond"
         ax.set_title(f"{head}\n{sub}", fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
