@@ -338,3 +338,22 @@ def test_alignment_page_says_which_read_out_to_trust():
     assert "Trust `midpoint` for the values: Pearson 0.9998" in text
     assert "`factual`" in text and "ranks the events better than it measures them" in text
     assert "whole batch at lr 0.1" in text and "docs/method.md §4" in text
+
+
+def test_alignment_report_cards_match_the_table_and_name_the_timing(tmp_path):
+    def rec(h, ro, p, sp):
+        return {"hops": h, "readout": ro, "curvature": True, "propagation": "factual",
+                "pearson": p, "spearman": sp, "kendall": sp, "sign_agreement": 1.0,
+                "median_rel_error": 0.01, "gt_s_per_event": 0.25, "e_s_per_event": 0.125}
+
+    res = [rec(1, "factual", 0.6929, 0.9278), rec(1, "midpoint", 0.99984, 0.99999)]
+    m = {"kind": "alignment", "setting": {"events": 20, "unit": "batch", "lr": 0.1},
+         "results": res, "seconds": {"total": 3.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    html = write_report(tmp_path).read_text()
+    cards = re.findall(r'<div class="v">([^<]*)</div><div class="l">1-hop Pearson', html)
+    assert cards == ["0.9998"] and "<td>0.9998</td>" in html  # same digits, not 1.000
+    assert ">1.000<" not in html and "<td>0.99999</td>" in html
+    assert "Which read-out to trust" in html and "Trust midpoint for the values" in html
+    assert "DICE-GT (exact replay)</td><td>0.2500" in html
+    assert "divided by 20" in html and "whatever its hops" in html

@@ -331,15 +331,21 @@ def _readme(metrics: dict[str, Any]) -> str:
         "Sign: influence = loss with the data − loss without it; positive = harmful.\n",
         "Cumulative r-hop value:\n",
         "| hops | readout | curvature | propagation | pearson | spearman | kendall | sign agr. |"
-        " median rel. err | GT s/event | E s/event |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " median rel. err |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in metrics["results"]:
         lines.append(
             f"| {r['hops']} | {r['readout']} | {r['curvature']} | {r['propagation']} | "
             f"{r['pearson']:.4f} | "
             f"{r['spearman']:.4f} | {r['kendall']:.4f} | {r['sign_agreement']:.2f} | "
-            f"{r['median_rel_error']:.4f} | {r['gt_s_per_event']:.4f} | {r['e_s_per_event']:.4f} |")
+            f"{r['median_rel_error']:.4f} |")
+    guide = readout_guide(metrics)
+    if guide:
+        lines += ["\nWhich read-out to trust, from these numbers:\n", *[f"- {g}" for g in guide]]
+    lines += ["\nCost per event:\n", "| method | s/event |", "|---|---|",
+              *[f"| {n} | {v:.4f} |" for n, v in timing_rows(metrics)],
+              "", timing_caption(metrics)]
     lines += ["\nEach hop term alone (hop 0 = the self term):\n",
               "| hop | readout | curvature | propagation | pearson | spearman | sign agr. |"
               " median rel. err |",
