@@ -241,13 +241,18 @@ def fmt(v: Any, digits: int = 4) -> str:
             return "∞" if v > 0 else "−∞"
         if v.is_integer() and abs(v) < 1e6:
             return str(int(v))
+        if digits <= 0:
+            return f"{v:.0f}"
         if abs(v) < 10 ** -(digits - 1) or abs(v) >= 1e6:
             return f"{v:.{digits - 1}e}"
-        for d in range(digits, digits + 4):  # 0.99998 is not 1
-            text = f"{v:.{d}f}"
-            if not float(text).is_integer():
-                return text
-        return f"≈{round(v)}"
+        text = f"{v:.{digits}f}"
+        if abs(v) < 1.5:  # a fraction or correlation: 0.99998 is not 1, 1e-5 is not 0
+            for d in range(digits + 1, digits + 4):
+                if not float(text).is_integer():
+                    return text
+                text = f"{v:.{d}f}"
+            return text if not float(text).is_integer() else f"≈{round(v)}"
+        return text
     return str(v)
 
 
