@@ -1,4 +1,4 @@
-"""Whole-batch removal under momentum and weight decay (SPEC §3: every sample weight zero, the
+"""Whole-batch removal under momentum and weight decay (docs/method.md §3: every sample weight zero, the
 rest of the optimizer step still happens), and the adjoint under momentum on time-varying graphs."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Read-outs (paper/linear, factual, midpoint), midpoint propagation, smooth activations, and the
-alignment experiment's per-hop records (SPEC §4)."""
+alignment experiment's per-hop records (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Malicious behaviours as declarative specs (SPEC §6, issue 4).
+"""Malicious behaviours as declarative specs (docs/method.md §6, issue 4).
 
 An :class:`AttackSpec` names a behaviour and the nodes that show it (explicit ids, a count, or
 a fraction of the network, drawn with a seed). Two levels:

@@ -191,11 +191,11 @@ def config(
     path: Path = typer.Argument(None, help="A config to validate and print with its defaults."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Print a complete config (every key, with defaults) as YAML; with PATH, validate it."""
-    from .config import dump_config
-    from .plugins import catalogue_text
+    """Print a complete config (every key with its default and what it means) as YAML; with
+    PATH, validate it."""
+    from .config_doc import annotated_config
 
-    sys.stdout.write(dump_config(load_run_config(path, set_)) + catalogue_text())
+    sys.stdout.write(annotated_config(load_run_config(path, set_)))
 
 
 @app.command()

@@ -99,7 +99,7 @@ def _train(out: Path, rounds: int, console: Any) -> None:
         "data": {"dataset": "digits", "partition": "iid"},
         "topology": {"name": "exponential", "n": 16},
         "model": {"name": "mlp", "hidden": [64, 32]},
-        "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 25},
+        "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 5},
     })
     traj = train(cfg, progress=True)
     write_run_dir(traj, out)

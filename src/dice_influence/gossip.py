@@ -1,6 +1,6 @@
 """One round of Adapt-Then-Communicate decentralized SGD as a function of stacked parameters.
 
-SPEC §2: every node ``k`` takes a local step on its batch, ``θ_k^{t+½} = θ_k^t + u_k^t``, then
+docs/method.md §2: every node ``k`` takes a local step on its batch, ``θ_k^{t+½} = θ_k^t + u_k^t``, then
 gossips, ``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (``W[k, j]``: weight receiver ``k`` puts on
 sender ``j``).
 
@@ -78,7 +78,7 @@ def node_grads(
     """Batch-loss gradients of every node, ``(n, d)``, vectorized over nodes (no Python loop).
 
     ``x``: ``(n, B, *input_shape)``; ``y``: ``(n, B, *target_shape)``; ``w``: optional per-sample weights
-    ``(n, B)``; node ``k``'s loss is ``Σ_i w_ki ℓ_ki / B`` (SPEC §3 keeps the denominator).
+    ``(n, B)``; node ``k``'s loss is ``Σ_i w_ki ℓ_ki / B`` (docs/method.md §3 keeps the denominator).
     """
     n = theta.shape[0]
     return torch.cat([g.reshape(n, -1) for g in node_grad_list(fm, theta, x, y, w)], dim=1)

@@ -1,4 +1,4 @@
-"""The one training loop: a round with seams, composed over t (SPEC §2, DESIGN "one loop").
+"""The one training loop: a round with seams, composed over t (docs/method.md §2; one loop, one round).
 
 Round ``t`` of Adapt-Then-Communicate D-SGD, in this order:
 
@@ -243,7 +243,7 @@ def local_step_(
 
 
 class Gossip(Aggregator):
-    """``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (SPEC §2): the default aggregator."""
+    """``θ_k^{t+1} = Σ_j W^t[k, j] θ_j^{t+½}`` (docs/method.md §2): the default aggregator."""
 
     name = "gossip"
 

@@ -5,10 +5,10 @@ every kind with its keys):
 
 ```yaml
 observers:                 # read what each round carries
-  - kind: proximal         # online proximal influence (SPEC §5)
+  - kind: proximal         # online proximal influence (docs/method.md §5)
     readout: pre
 policy:                    # decides W^t
-  kind: prune              # detection + self-healing (SPEC §6)
+  kind: prune              # detection + self-healing (docs/method.md §6)
   rule: sign
 aggregator:                # how half steps are combined (default: the W^t matmul)
   kind: clipped_gossip

@@ -1,7 +1,7 @@
 """What defines a run: data on every node, the mixing schedule, the batch schedule, the model
 and the optimizer (:class:`Problem`), built from a validated config by :func:`build_problem`.
 
-Any round of a run can be recomputed exactly from its :class:`Problem` (SPEC §2).
+Any round of a run can be recomputed exactly from its :class:`Problem` (docs/method.md §2).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Problem:
         w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pure local step of every node (transforms included): returns ``θ^{t+½}`` and the new
-        optimizer state. ``w`` (n, B): per-sample weights (SPEC §3 removals)."""
+        optimizer state. ``w`` (n, B): per-sample weights (docs/method.md §3 removals)."""
         x, y = self.batch(t)
         return functional_step(self.fm, self.opt, theta, state, x, y, self.lr(t), w=w, t=t,
                                transforms=self.transforms)

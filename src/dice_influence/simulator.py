@@ -1,7 +1,7 @@
 """The decentralized-SGD simulator: build a problem from a config and train it.
 
 :func:`~dice_influence.problem.build_problem` turns a :class:`~dice_influence.config.RunConfig`
-into a :class:`~dice_influence.problem.Problem`; :func:`train` runs Algorithm 1 (SPEC §2) and
+into a :class:`~dice_influence.problem.Problem`; :func:`train` runs Algorithm 1 (docs/method.md §2) and
 returns a :class:`~dice_influence.trajectory.Trajectory` that replays any round bit-exactly.
 This module is the public entry point; it re-exports the pieces users need.
 """

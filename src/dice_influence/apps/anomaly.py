@@ -1,4 +1,4 @@
-"""Malicious-neighbour detection from proximal influence (SPEC §6), decided locally by each node.
+"""Malicious-neighbour detection from proximal influence (docs/method.md §6), decided locally by each node.
 
 Every rule maps a score matrix ``S`` (n, n) — ``S[k, j]`` = receiver ``k``'s accumulated
 proximal influence of sender ``j`` (positive = harmful) — and the edge mask ``E[k, j]``

@@ -1,4 +1,4 @@
-"""Node contribution, rewards and free riders as an observer of the one loop (SPEC §5–6).
+"""Node contribution, rewards and free riders as an observer of the one loop (docs/method.md §5–6).
 
 Who helped the network, by how much, and who only took? For every node ``j``, per round and
 cumulative (sign everywhere: influence = loss with the data − loss without it; **negative =
@@ -340,7 +340,7 @@ def reciprocity_factor(outflow: np.ndarray, inflow: np.ndarray,
     """``ρ_j = 2 g_j / (g_j + k_j)`` clipped to ``clip``, with ``g_j = max(−outflow_j, 0)`` the
     help node ``j`` gave and ``k_j = max(−inflow_j, 0)`` the help it took (proximal ledger;
     negative = helpful). When both flows are helpful ``ρ = 2R/(1+R)`` with ``R`` = outflow /
-    inflow (SPEC §5): 1 for balanced give and take, 2 for a node that only gives, 0 for one
+    inflow (docs/method.md §5): 1 for balanced give and take, 2 for a node that only gives, 0 for one
     that only takes; unlike ``R`` it stays finite when a node takes ~0. The default clip
     ``(½, 1)`` only penalizes net takers (at most halving their reward): how much help a node
     happens to receive depends on its neighbours, so it earns no bonus. ``ρ = 1`` when a node

@@ -1,4 +1,4 @@
-"""Self-healing decentralized training (SPEC §6): detect harmful neighbours, prune, heal.
+"""Self-healing decentralized training (docs/method.md §6): detect harmful neighbours, prune, heal.
 
 Built on the one loop (:mod:`dice_influence.loop`):
 
@@ -41,7 +41,7 @@ REPAIR_RULES = ("rescale", "diagonal")
 
 
 def repair_rows(W: np.ndarray, blocked: np.ndarray, rule: str = "rescale") -> np.ndarray:
-    """THE rule that repairs rows after edges are removed (SPEC §6; both runtimes call it).
+    """THE rule that repairs rows after edges are removed (docs/method.md §6; both runtimes call it).
 
     ``W[k, j] = 0`` where ``blocked[k, j]`` (never the diagonal), then each row that lost
     weight is made stochastic again. ``rule="rescale"`` (the default, chosen by measurement —

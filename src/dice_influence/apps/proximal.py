@@ -1,4 +1,4 @@
-"""Proximal influence as an observer of the one loop (SPEC §5, paper Def. 4).
+"""Proximal influence as an observer of the one loop (docs/method.md §5, paper Def. 4).
 
 Each tracked round, receiver ``k`` adds ``q_k W^t[k, j] G_kᵀ u_j^t`` for every in-neighbour
 ``j``, ``G_k`` its test-loss gradient on its own test split (read-out ``pre`` = ``∇L(θ_k^t)``,

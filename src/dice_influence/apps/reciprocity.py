@@ -1,4 +1,4 @@
-"""Reciprocity between neighbours from accumulated proximal influence (SPEC §5, paper Def. 5).
+"""Reciprocity between neighbours from accumulated proximal influence (docs/method.md §5, paper Def. 5).
 
 ``P[k, j]`` = ``I_prox(j → k)`` (receiver row, sender column; positive = harmful).
 

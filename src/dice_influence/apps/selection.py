@@ -1,4 +1,4 @@
-"""Collaborator selection as policies of the one loop (SPEC §6): whom each node learns from.
+"""Collaborator selection as policies of the one loop (docs/method.md §6): whom each node learns from.
 
 Every ``every`` rounds each node ``k`` scores its current in-neighbours ``N_k`` and a few
 candidates ``C_k`` drawn by a seeded peer sampler, keeps the best ``degree`` of them and rewires

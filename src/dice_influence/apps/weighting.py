@@ -1,4 +1,4 @@
-"""Influence-weighted aggregation as a policy of the one loop (SPEC §6).
+"""Influence-weighted aggregation as a policy of the one loop (docs/method.md §6).
 
 Each round node ``k`` reweights its in-neighbours from their measured proximal influence on it
 (read from a :class:`~dice_influence.apps.proximal.ProximalObserver`; positive = harmful):

@@ -1,7 +1,7 @@
 """One peer of a real decentralized network: ATC-DSGD round by round over torch.distributed.
 
 Each round ``t`` peer ``k`` runs the one loop (:mod:`dice_influence.loop`) on its own row, with
-the same plug-in objects the simulator runs over all rows (SPEC §2, §5, §6):
+the same plug-in objects the simulator runs over all rows (docs/method.md §2, §5, §6):
 
 1. the local step on its own batch (the simulator's :func:`~dice_influence.loop.local_step_`),
    transforms included: ``θ_k^{t+½} = θ_k^t + u_k^t``;

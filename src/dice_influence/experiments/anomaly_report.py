@@ -174,7 +174,7 @@ def _plot_graph(W0: np.ndarray, blocked: np.ndarray, mal: np.ndarray, path: Path
     ax.scatter(pos[~mal, 0], pos[~mal, 1], s=60, c="tab:blue", zorder=2, label="honest")
     ax.scatter(pos[mal, 0], pos[mal, 1], s=90, c="tab:red", marker="X", zorder=2, label="attacker")
     for i in range(n):
-        ax.annotate(str(i), tuple(pos[i] * 1.08), ha="center", va="center", fontsize=6)
+        ax.annotate(str(i), tuple(pos[i] * 1.08), ha="center", va="center", fontsize=7.5)
     ax.plot([], [], color="tab:red", ls="--", label="pruned edge")
     ax.plot([], [], color="0.6", label="kept edge")
     ax.legend(loc="lower left", fontsize=8)
@@ -186,13 +186,7 @@ def _plot_graph(W0: np.ndarray, blocked: np.ndarray, mal: np.ndarray, path: Path
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+    return fmt(v)  # whole numbers without decimals, 0.99998 never shown as 1.0000
 
 
 DET_KEYS = (

@@ -384,9 +384,11 @@ register_report(
     "One removed batch's exact influence (DICE-GT) on every node, hop by hop; how fast the "
     "per-node influence decays with hop distance on five graphs; and whether nodes with more "
     "out-weight (column sum of W) have more outgoing influence (Spearman over nodes).",
-    table, [("cascade.png", "One event: the source (star) in the centre, nodes on rings by hop "
-             "distance; colour = the node's test-loss change with − without the batch at each "
-             "hop (red = harmful, blue = helpful, white = not reached yet)."),
+    table, [("cascade.png", "One event: the source is the star; a ring graph is drawn as a "
+             "ring, other graphs put the nodes on circles by hop distance around the source. "
+             "Colour = the node's test-loss change with − without the batch at each hop (red = "
+             "harmful, blue = helpful, white = not reached yet), scaled per panel (the scale is "
+             "in each panel's title). Hover a node for its value."),
             ("decay.png", "Mean |influence| of the nodes first reached at hop s (left) and of "
              "the per-hop term (right), log scale: straight lines = geometric decay."),
             ("asymmetry.png", "One dot per node: out-weight vs outgoing influence at the "

@@ -60,7 +60,7 @@ def plots(seed_result: dict[str, Any], out: Path, budget: float = 100.0) -> None
     fig = Figure(figsize=(max(8, 0.8 * n), 4.4), dpi=110)
     ax = fig.add_subplot()
     ax.bar(range(n), [r["reward"] for r in recs], color=cols, edgecolor="k", lw=0.5)
-    ax.set_xticks(range(n), [lb.replace("% ", "%\n") for lb in labels], fontsize=6.5)
+    ax.set_xticks(range(n), [lb.replace("% ", "%\n") for lb in labels], fontsize=8)
     ax.set_ylabel(f"reward (budget {budget:g})")
     ax.set_title(f"Rewards by measured helpful contribution (seed {seed}); colour = true quality")
     ax.legend(handles=[Patch(color=colormaps_v(0.95), label="high quality (clean, more data)"),
@@ -105,8 +105,8 @@ def plots(seed_result: dict[str, Any], out: Path, budget: float = 100.0) -> None
     lim = float(np.nanmax(np.abs(P))) or 1.0
     im = ax.imshow(P, cmap="RdBu_r", vmin=-lim, vmax=lim)
     short = [lb.replace("\n", " ") for lb in labels]
-    ax.set_xticks(range(n), short, rotation=90, fontsize=6)
-    ax.set_yticks(range(n), short, fontsize=6)
+    ax.set_xticks(range(n), short, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), short, fontsize=8)
     ax.set_xlabel("sender j (gives)")
     ax.set_ylabel("receiver k (takes)")
     ax.set_title("Who helped whom: proximal ledger I(j→k)\nblue = helpful, red = harmful",
@@ -117,9 +117,9 @@ def plots(seed_result: dict[str, Any], out: Path, budget: float = 100.0) -> None
     bx.barh(y - 0.2, out_, height=0.4, color="tab:blue", label="outflow Σ_k I(j→k) (gives)")
     bx.barh(y + 0.2, in_, height=0.4, color="tab:orange", label="inflow Σ_l I(l→j) (takes)")
     for yi, r in zip(y, Rj, strict=True):
-        bx.annotate("R –" if not np.isfinite(r) else f"R {r:.2f}", (0, yi), fontsize=6,
+        bx.annotate("R –" if not np.isfinite(r) else f"R {r:.2f}", (0, yi), fontsize=8,
                     xytext=(4, -2), textcoords="offset points")
-    bx.set_yticks(y, short, fontsize=6)
+    bx.set_yticks(y, short, fontsize=8)
     bx.invert_yaxis()
     bx.axvline(0, color="0.3", lw=0.8)
     bx.set_xlabel("proximal influence (negative = helpful)")
@@ -143,7 +143,9 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        from ..report import fmt  # 242.0 evaluations -> 242; 0.99998 never 1.000
+
+        return fmt(v, 3) if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 

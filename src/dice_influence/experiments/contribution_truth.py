@@ -1,4 +1,4 @@
-"""Ground truths of node contribution: leave-one-node-out and Shapley values (SPEC §5).
+"""Ground truths of node contribution: leave-one-node-out and Shapley values (docs/method.md §5).
 
 Both retrain the network with some nodes' data weighted to zero for the whole run; such a node
 still takes part (it relays what it receives: ``θ_j^{t+½} = θ_j^t``, then gossips). Under SGD or

@@ -1,4 +1,4 @@
-"""Experiment: collaborator selection on data with hidden groups (SPEC §6).
+"""Experiment: collaborator selection on data with hidden groups (docs/method.md §6).
 
 ``dice experiment selection CONFIG --out DIR [--set key=value ...] [--seeds 0,1,2]``
 

@@ -1,4 +1,4 @@
-"""All-sample attribution by one reverse sweep (SPEC §4, "adjoint form").
+"""All-sample attribution by one reverse sweep (docs/method.md §4, "adjoint form").
 
 For a fixed test set and a linear read-out, the first-order map from a perturbation ``Δ`` of
 node ``j``'s half step at round ``s`` to the read-out is linear, so it is a dot product
@@ -60,16 +60,35 @@ class Attribution:
     options: dict[str, Any] = field(default_factory=dict)
 
     def top(self, node: int, k: int = 10, *, harmful: bool = True) -> list[dict[str, Any]]:
-        """The ``k`` most harmful (or, with ``harmful=False``, most helpful) samples that node
-        ``node`` trained on in the window: opponents (positive) or proponents (negative)."""
+        """Up to ``k`` samples node ``node`` trained on in the window, in the direction named:
+        ``harmful=True`` (default) = :meth:`most_harmful`, ``harmful=False`` =
+        :meth:`most_helpful`. Only samples of that sign are returned, so the list can be shorter
+        than ``k`` (empty when no sample of the node is harmful)."""
+        return self.most_harmful(node, k) if harmful else self.most_helpful(node, k)
+
+    def most_harmful(self, node: int, k: int = 10) -> list[dict[str, Any]]:
+        """Opponents: up to ``k`` samples of node ``node`` with score > 0 (removing them lowers
+        the target loss), largest score first."""
+        return self._ranked(node, k, harmful=True)
+
+    def most_helpful(self, node: int, k: int = 10) -> list[dict[str, Any]]:
+        """Proponents: up to ``k`` samples of node ``node`` with score < 0 (removing them raises
+        the target loss), most negative first."""
+        return self._ranked(node, k, harmful=False)
+
+    def _ranked(self, node: int, k: int, *, harmful: bool) -> list[dict[str, Any]]:
         s = self.scores[:, node, :].reshape(-1)
         order = torch.argsort(s, descending=harmful)[:k]
         B = self.scores.shape[2]
         out = []
         for flat in order.tolist():
+            v = float(s[flat])
+            if (v <= 0) if harmful else (v >= 0):
+                break  # sorted: every later sample has the other sign (or 0)
             r, i = divmod(flat, B)
             out.append({"round": self.rounds[r], "node": node, "batch_position": i,
-                        "dataset_index": int(self.index[r, node, i]), "score": float(s[flat])})
+                        "dataset_index": int(self.index[r, node, i]), "score": v,
+                        "direction": "harmful" if harmful else "helpful"})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +119,7 @@ def attribute(
     ``t1 − 1``; it takes one batched sweep per hop and source round, independent of the number
     of samples.
 
-    ``readout="factual"`` (default; SPEC §4): every gradient at the factual point, the self
+    ``readout="factual"`` (default; docs/method.md §4): every gradient at the factual point, the self
     term at ``θ_j^{s+½}``; ``"linear"`` (alias ``"paper"``): the paper's Prop. 1, self term at
     ``θ_j^s``. They differ only in the self term, so only for ``target="hops"``. The midpoint
     read-out is not linear in ``Δ`` and has no adjoint form: use ``estimate`` for it.

@@ -1,6 +1,6 @@
 """Removal events, reach sets and the influence result type shared by DICE-GT and DICE-E.
 
-Sign convention (SPEC §1): influence = test loss with the data − test loss without it.
+Sign convention (docs/method.md §1): influence = test loss with the data − test loss without it.
 Positive = the data was harmful, negative = helpful.
 """
 
@@ -22,7 +22,7 @@ class Event:
 
     ``samples``: positions within that batch (0..B-1); ``None`` removes the whole batch: every
     sample weight is zero, so the batch contributes no gradient while momentum from earlier
-    rounds and weight decay still act (SPEC §3; under plain SGD the node skips its update).
+    rounds and weight decay still act (docs/method.md §3; under plain SGD the node skips its update).
     A batch's first-order influence is the sum of its samples'."""
 
     node: int
@@ -120,7 +120,7 @@ def node_weights(n: int, q: str | Sequence[float] | None) -> torch.Tensor:
 
 def reach_masks(traj: Any, events: Sequence[Event], hops: int) -> torch.Tensor:
     """Boolean ``(E, hops+1, n)``: ``[e, s, k]`` is True when ``k ∈ N^(s)(j)`` (first reached at
-    round ``t+s``, SPEC §3); ``[e, 0, j]`` marks the source itself (the self term)."""
+    round ``t+s``, docs/method.md §3); ``[e, 0, j]`` marks the source itself (the self term)."""
     n = traj.problem.n
     out = torch.zeros(len(events), hops + 1, n, dtype=torch.bool)
     cache: dict[tuple[int, int], list[list[int]]] = {}
@@ -137,7 +137,7 @@ def reach_masks(traj: Any, events: Sequence[Event], hops: int) -> torch.Tensor:
 
 @dataclass
 class InfluenceResult:
-    """Influence of removal events, per node and hop (SPEC §3–4).
+    """Influence of removal events, per node and hop (docs/method.md §3–4).
 
     Sign: influence = test loss with the data − without it; **positive = harmful**.
 

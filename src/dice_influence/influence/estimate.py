@@ -1,4 +1,4 @@
-"""DICE-E: first-order influence estimates by pushing a tangent through the rounds (SPEC §4).
+"""DICE-E: first-order influence estimates by pushing a tangent through the rounds (docs/method.md §4).
 
 With ``δ = θ − θ̃`` (factual minus counterfactual):
 

@@ -1,4 +1,4 @@
-"""DICE-GT: influence by exact counterfactual replay (SPEC §3, paper Defs. 2–3).
+"""DICE-GT: influence by exact counterfactual replay (docs/method.md §3, paper Defs. 2–3).
 
 For an event (node ``j``, round ``t``, samples ``S``), round ``t`` is replayed with the weights
 of ``S`` in ``j``'s batch loss set to zero (denominator kept). Removing the whole batch zeroes

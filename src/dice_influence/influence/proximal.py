@@ -1,4 +1,4 @@
-"""Proximal influence between neighbours (SPEC §5, paper Def. 4).
+"""Proximal influence between neighbours (docs/method.md §5, paper Def. 4).
 
 ``I_prox(j → k) = Σ_t q_k W^t[k, j] ∇L(θ_k^{t+1}; z'_k)ᵀ u_j^t`` — the one-hop term of sender
 ``j``'s whole update on receiver ``k``, measured with ``k``'s own test set. Sign: positive =
@@ -47,7 +47,7 @@ def dot_matrix(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
 
 
 class ProximalTracker:
-    """Online proximal influence on every edge (receiver ``k`` ← sender ``j``), SPEC §5.
+    """Online proximal influence on every edge (receiver ``k`` ← sender ``j``), docs/method.md §5.
 
     Each recorded round adds ``q_k W^t[k, j] G_kᵀ u_j^t`` where ``G_k`` is receiver ``k``'s
     gradient on its own test split ``z'_k`` (read-out ``pre`` = ``∇L(θ_k^t)``, ``post`` =

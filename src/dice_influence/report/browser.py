@@ -78,6 +78,8 @@ class BrowserCheck:
     height: int = 0
     screenshot: Path | None = None
     seconds: float = 0.0
+    probe: Any = None
+    """What the ``probe`` expression of :func:`check_report` returned (JSON value)."""
 
     @property
     def problems(self) -> list[str]:
@@ -239,10 +241,12 @@ def _high_fd(fd: int) -> int:
 
 def check_report(html: str | Path, screenshot: str | Path | None = None, *,
                  browser: str | None = None, width: int = 1280, timeout: float = 30.0,
-                 max_height: int = 20000) -> BrowserCheck:
-    """Open ``html`` by ``file://`` in headless Chromium and report what it saw; save a
-    full-page PNG screenshot to ``screenshot`` when given. Raises :class:`BrowserError` when
-    no browser is found or it fails to start."""
+                 max_height: int = 20000, probe: str | None = None) -> BrowserCheck:
+    """Open ``html`` by ``file://`` in headless Chromium ``width`` CSS pixels wide and report
+    what it saw; save a full-page PNG screenshot to ``screenshot`` when given. ``probe``: a
+    JavaScript expression evaluated in the page after the checks (before the screenshot; it
+    may interact, e.g. click a table head); its JSON value lands in ``.probe``. Raises
+    :class:`BrowserError` when no browser is found or it fails to start."""
     from .._util import atomic_write_bytes
 
     t0 = time.perf_counter()
@@ -277,6 +281,12 @@ def check_report(html: str | Path, screenshot: str | Path | None = None, *,
             raise BrowserError(f"image check failed: {ev['exceptionDetails'].get('text')}")
         info = json.loads(ev["result"]["value"])
         res.images, res.title, res.height = info["images"], info["title"], int(info["height"])
+        if probe is not None:
+            pv = b.call("Runtime.evaluate", {"expression": probe, "awaitPromise": True,
+                                             "returnByValue": True}, sid)
+            if "exceptionDetails" in pv:
+                raise BrowserError(f"probe failed: {pv['exceptionDetails'].get('text')}")
+            res.probe = pv.get("result", {}).get("value")
         if screenshot is not None:
             h = max(1, min(res.height, max_height))
             b.call("Emulation.setDeviceMetricsOverride",

@@ -69,6 +69,9 @@ class Figure:
     path: Path | None = None
     png: bytes | None = None
     title: str = ""
+    hotspots: list[dict[str, Any]] | None = None
+    """Hover targets: ``{"x", "y", "r", "label"}`` in image pixels (origin top left); when None,
+    read from the PNG's ``dice:hotspots`` text chunk if it has one (see :func:`png_hotspots`)."""
 
     @property
     def name(self) -> str:
@@ -85,6 +88,10 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)
+    """Plot files of the run this section stands in for (not repeated under "Other plots")."""
+    highlights: list[str] = field(default_factory=list)
+    """How to read the section (e.g. which number to trust), shown in a box above its tables."""
 
 
 @dataclass
@@ -219,8 +226,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    """A value as a person reads it: booleans yes/no, floats with ``digits`` significant
-    decimals, None as a dash."""
+    """A value as a person reads it: booleans yes/no, None as a dash, whole numbers without
+    decimals (``24.0`` → ``24``), other floats with ``digits`` decimals (scientific below
+    ``10**-(digits-1)`` and from 1e6), never rounded onto a whole number they are not
+    (``0.99998`` → ``0.99998``, not ``1.0000``; closer still: ``≈1``)."""
     if v is None:
         return "–"
     if isinstance(v, bool):
@@ -228,11 +237,78 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        if v != 0 and (abs(v) < 10 ** -(digits - 1) or abs(v) >= 1e6):
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        if v.is_integer() and abs(v) < 1e6:
+            return str(int(v))
+        if digits <= 0:
+            return f"{v:.0f}"
+        if abs(v) < 10 ** -(digits - 1) or abs(v) >= 1e6:
             return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}f}"
+        text = f"{v:.{digits}f}"
+        if abs(v) < 1.5:  # a fraction or correlation: 0.99998 is not 1, 1e-5 is not 0
+            for d in range(digits + 1, digits + 4):
+                if not float(text).is_integer():
+                    return text
+                text = f"{v:.{d}f}"
+            return text if not float(text).is_integer() else f"≈{round(v)}"
+        return text
     return str(v)
 
 
-def figure_paths(sections: Sequence[Section]) -> set[Path]:
-    return {f.path.resolve() for s in sections for f in s.figures if f.path is not None}
+def figure_paths(sections: Sequence[Section], root: Path | None = None) -> set[Path]:
+    """The plot files the sections show or stand in for (resolved)."""
+    out = {f.path.resolve() for s in sections for f in s.figures if f.path is not None}
+    if root is not None:
+        out |= {(root / name).resolve() for s in sections for name in s.claims}
+    return out
+
+
+HOTSPOTS_KEY = "dice:hotspots"
+"""PNG text chunk holding a figure's hover targets (JSON list of ``{x, y, r, label}``)."""
+
+
+def hotspots_of(fig: Any, points: Any, labels: Sequence[str], ax: Any,
+                radius_pt: float = 7.0) -> list[dict[str, Any]]:
+    """Hover targets for data points ``points`` ((m, 2)) of axes ``ax`` in matplotlib figure
+    ``fig``, in pixels of the PNG that ``fig.savefig`` writes (no ``bbox_inches``)."""
+    import numpy as np
+
+    fig.draw_without_rendering()  # applies layout and equal aspect, as savefig will
+    xy = ax.transData.transform(np.asarray(points, dtype=float))
+    h = fig.get_figheight() * fig.dpi
+    r = radius_pt * fig.dpi / 72
+    return [{"x": round(float(x), 1), "y": round(float(h - y), 1), "r": round(r, 1),
+             "label": str(lab)} for (x, y), lab in zip(xy, labels, strict=True)]
+
+
+def png_hotspots(data: bytes) -> list[dict[str, Any]] | None:
+    """The hover targets stored in a PNG's ``dice:hotspots`` text chunk (None if absent)."""
+    import struct
+    import zlib
+
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            key, _, rest = body.partition(b"\0")
+            if key.decode("latin-1") != HOTSPOTS_KEY:
+                continue
+            try:
+                if kind == b"zTXt":
+                    text = zlib.decompress(rest[1:]).decode("latin-1")
+                elif kind == b"iTXt":
+                    comp, rest = rest[0], rest[2:]
+                    rest = rest.split(b"\0", 2)[2]
+                    text = (zlib.decompress(rest) if comp else rest).decode("utf-8")
+                else:
+                    text = rest.decode("latin-1")
+                spots = json.loads(text)
+            except (ValueError, zlib.error, IndexError):
+                return None
+            return spots if isinstance(spots, list) else None
+    return None

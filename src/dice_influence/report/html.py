@@ -20,9 +20,57 @@ from .core import (
     child_runs,
     detect_kind,
     figure_paths,
+    png_hotspots,
     read_json,
     sections_for,
 )
+
+SORT_SCRIPT = """
+(function () {
+  function key(td) {
+    var s = td.textContent.trim().replace(/\u2212/g, '-').replace(/^[\u2248+]/, '');
+    var v = parseFloat(s);
+    return (isNaN(v) || !/^-?[0-9.]/.test(s)) ? null : v;
+  }
+  function sortBy(t, th, i) {
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    var heads = t.tHead.rows[0].cells;
+    for (var h = 0; h < heads.length; h++) heads[h].setAttribute('aria-sort', 'none');
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+    var body = t.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (x, y) {
+      var a = key(x.cells[i]), b = key(y.cells[i]), d;
+      if (a !== null && b !== null) d = a - b;
+      else if (a !== null) d = -1;
+      else if (b !== null) d = 1;
+      else d = x.cells[i].textContent.localeCompare(y.cells[i].textContent, undefined, {numeric: true});
+      return asc ? d : -d;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  }
+  document.querySelectorAll('table.sortable').forEach(function (t) {
+    var heads = t.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, i) {
+      th.tabIndex = 0;
+      th.setAttribute('aria-sort', 'none');
+      th.title = 'sort by this column (click again to reverse)';
+      th.addEventListener('click', function () { sortBy(t, th, i); });
+      th.addEventListener('keydown', function (e) {
+        if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(t, th, i); }
+      });
+    });
+  });
+})();
+"""
+"""The page's one script: click (or Enter on) a column head to sort a table by it. Allowed by
+the page's Content-Security-Policy through its SHA-256 hash, and nothing else is."""
+
+
+def _csp_hash(script: str) -> str:
+    import hashlib
+
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+
 
 MAX_DEPTH = 1
 """Run dirs nested deeper than this below the report's own dir are linked, not embedded."""
@@ -66,6 +114,7 @@ def write_report(run_dir: str | Path, kind: str | None = None, *, title: str | N
 def render_report(run_dir: Path, kind: str, *, title: str | None = None) -> str:
     """The HTML text of the report of ``run_dir`` (Jinja2 template ``report.html.j2``)."""
     import jinja2
+    from markupsafe import Markup
 
     from .. import __version__
 
@@ -86,6 +135,8 @@ def render_report(run_dir: Path, kind: str, *, title: str | None = None) -> str:
         "sign": SIGN_CONVENTION,
         "blocks": blocks,
         "toc": toc,
+        "script": Markup(SORT_SCRIPT),
+        "script_hash": _csp_hash(SORT_SCRIPT),
     }
     return env.get_template("report.html.j2").render(page=page)
 
@@ -102,7 +153,7 @@ def _collect(root: Path, path: Path, kind: str, depth: int, blocks: list[dict[st
     sections = [s for s in sections if s is not None]
     for s in sections:
         s.figures = [f for f in s.figures if f is not None]
-    claimed = figure_paths(sections)
+    claimed = figure_paths(sections, path)
     others = [p for p in sorted(path.iterdir())
               if p.suffix.lower() in (".png", ".svg") and p.is_file()
               and not p.name.startswith((".", "report")) and p.resolve() not in claimed]
@@ -136,20 +187,23 @@ def _collect(root: Path, path: Path, kind: str, depth: int, blocks: list[dict[st
 def _render_section(s: Section, sid: str) -> dict[str, Any]:
     figs = []
     for f in s.figures:
-        src, (w, h) = _data_uri(f)
+        src, (w, h), data = _data_uri(f)
+        spots = f.hotspots if f.hotspots is not None else png_hotspots(data)
         figs.append({"src": src, "width": w, "height": h, "caption": f.caption,
-                     "name": f.title or f.name, "alt": f.title or f.name or "plot"})
+                     "name": f.title or f.name, "alt": f.title or f.name or "plot",
+                     "spots": spots if spots and w and h else []})
     return {
         "id": sid, "title": s.title, "text": s.text, "notes": s.notes,
+        "highlights": s.highlights,
         "stats": [{"label": st.label, "value": st.value, "note": st.note} for st in s.stats],
         "tables": [{"columns": t.columns, "rows": [[str(v) for v in r] for r in t.rows],
-                    "caption": t.caption} for t in s.tables],
+                    "caption": t.caption, "sortable": len(t.rows) > 2} for t in s.tables],
         "figures": figs,
     }
 
 
-def _data_uri(f: Figure) -> tuple[str, tuple[int | str, int | str]]:
-    """``data:`` URI of a figure and its pixel size (read from the PNG header)."""
+def _data_uri(f: Figure) -> tuple[str, tuple[int | str, int | str], bytes]:
+    """``data:`` URI of a figure, its pixel size (read from the PNG header) and its bytes."""
     if f.png is not None:
         data, mime = f.png, "image/png"
     elif f.path is not None:
@@ -160,7 +214,7 @@ def _data_uri(f: Figure) -> tuple[str, tuple[int | str, int | str]]:
     size: tuple[int | str, int | str] = ("", "")
     if mime == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         size = struct.unpack(">II", data[16:24])
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size, data
 
 
 def _files(path: Path, root: Path) -> list[dict[str, str]]:

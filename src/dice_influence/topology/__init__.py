@@ -1,6 +1,6 @@
 """Communication graphs and mixing matrices for decentralized SGD.
 
-Convention (SPEC §1): ``W[k, j]`` is the weight that **receiver** ``k`` puts on **sender** ``j``.
+Convention (docs/method.md §1): ``W[k, j]`` is the weight that **receiver** ``k`` puts on **sender** ``j``.
 Rows sum to 1 (row-stochastic), entries are ``>= 0``; matrices are float64 arrays of shape
 ``(n, n)``. The out-neighbours of ``j`` are ``{k != j : W[k, j] > 0}``; the in-neighbours of ``k``
 are ``{j != k : W[k, j] > 0}``. In graph form an edge ``j -> k`` (sender -> receiver) exists when

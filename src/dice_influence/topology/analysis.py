@@ -54,7 +54,7 @@ def describe(W: Any) -> dict[str, Any]:
 
 
 def reach_sets(schedule_or_W: Schedule | Any, j: int, t: int, hops: int) -> list[list[int]]:
-    """Nodes first reached by a perturbation of node ``j`` at round ``t`` (SPEC §3).
+    """Nodes first reached by a perturbation of node ``j`` at round ``t`` (docs/method.md §3).
 
     Element ``s - 1`` is ``N^(s)(j)``: the nodes ``k != j`` with
     ``(W^{t+s-1} ... W^t)[k, j] > 0`` but not for any smaller ``s``. Computed on the supports with
