@@ -19,7 +19,8 @@ DESCRIPTIONS: dict[str, str] = {
             "same seed, same bits",
     "data": "which data, and how it is split over the nodes",
     "data.dataset": "digits (embedded, offline), fashion-mnist, mnist, cifar10 (files in "
-                    "data_dir) or synthetic",
+                    "data_dir), synthetic, npz (your own arrays in one file) or nodes (one "
+                    "node_<k>.npz per node plus test.npz, in data.path)",
     "data.data_dir": "folder holding the dataset files (default: $DICE_DATA_DIR, then the "
                      "system's dataset packages)",
     "data.partition": "who holds what: iid, dirichlet (label skew, see alpha) or shards "
@@ -49,6 +50,8 @@ DESCRIPTIONS: dict[str, str] = {
     "topology.p": "edge probability (erdos-renyi) or rewiring probability (watts-strogatz)",
     "topology.degree": "degree of random-regular",
     "topology.k": "ring neighbours of watts-strogatz",
+    "loss": "the per-sample loss every node trains on and every influence is measured in: "
+            "cross_entropy (class ids), mse or token_cross_entropy (sequences)",
     "model": "the network every node trains (all nodes share the architecture)",
     "model.name": "logreg, mlp, cnn or resnet",
     "model.hidden": "hidden layer widths of the mlp",
