@@ -124,8 +124,22 @@ def test_observer_settings_are_validated_in_the_config():
         cfg_for(observers=[{"kind": "contribution", "curvature": "hessian"}])
     with pytest.raises(ConfigError, match=r"observers\.0\.horizn"):
         cfg_for(observers=[{"kind": "contribution", "horizn": "run"}])
-    with pytest.raises(ValueError, match="stateless"):
-        train(cfg_for(train={"momentum": 0.9}, observers=[{"kind": "contribution"}]))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_adjoint_under_momentum_equals_attribution_in_total(nesterov):
+    """Under momentum ``Σ_t λ^{tᵀ} u^t`` (what j sent) = ``Σ_t c_g^{tᵀ} g^t`` (all its
+    gradients removed): the state cotangent carries the buffer's later use."""
+    cfg = cfg_for(train={"momentum": 0.9, "nesterov": nesterov},
+                  topology={"time_varying": "random-matching"} if nesterov else {},
+                  observers=[{"kind": "contribution", "curvature": "exact"}])
+    traj = train(cfg)
+    obs = traj.plugins.find("contribution")
+    att = attribute(traj, (0, cfg.train.rounds), target="horizon", q="uniform",
+                    per_node_test=False)
+    want = att.scores.sum((0, 2)).numpy()
+    assert np.abs(want).max() > 1e-5
+    np.testing.assert_allclose(obs.measures()["adjoint"], want, rtol=1e-8, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------ ground truth

@@ -36,6 +36,28 @@ class FaultSettings(_Strict):
     kind: Literal["die", "stall"] = "die"
 
 
+class SweepSettings(_Strict):
+    """The reverse sweep on the peers (docs/distributed.md, "contribution on real peers"): run
+    when the config has a ``contribution`` observer with a horizon (``run``: once after
+    training; ``window``: at the end of every window of ``window`` rounds)."""
+
+    enabled: bool | None = Field(None, description="default: when the config has a "
+                                 "contribution observer whose horizon is not off")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="c: keep θ and the optimizer state every c rounds and replay "
+        "a segment (over the network) during the sweep: O(T/c + c) parameter vectors; "
+        "default ceil(sqrt(T)) for a window of T rounds")
+    targets: Literal["both", "primary"] = Field(
+        "both", description="primary: the observer's target only (adjoint_test); both: also "
+        "the other one (shared validation set / each peer's own test split) when it exists")
+    scores: bool = Field(True, description="write every trained sample's score")
+    max_norm_ratio: float | None = Field(
+        None, gt=1, allow_inf_nan=False,
+        description="norm bound on the reverse messages: an incoming adjoint longer than "
+        "this ratio times this peer's own cotangent is scaled down to that length and logged "
+        "(null: no bound)")
+
+
 class DistributedSettings(_Strict):
     """``experiment.distributed`` of a run config."""
 
@@ -57,6 +79,9 @@ class DistributedSettings(_Strict):
     init_method: str | None = Field(None, description="default: env:// (torchrun)")
     allow_network: bool = Field(False, description="permit a non-loopback rendezvous/interface")
     detection: DetectionSettings = DetectionSettings()
+    sweep: SweepSettings = SweepSettings()
+    attacks: bool = Field(False, description="run experiment.attacks (free riders, update "
+                          "and data attacks) on the peers, as `dice experiment` does")
     fault: FaultSettings | None = None
 
 
