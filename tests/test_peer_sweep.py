@@ -38,7 +38,7 @@ def cfg_for(n: int, *, time_varying=None, momentum=0.0, rounds=8, policy=None, s
         "train": {"rounds": rounds, "batch_size": 8, "lr": 0.1, "eval_every": rounds,
                   "dtype": "float64", "momentum": momentum},
         "observers": [{"kind": "contribution", "curvature": "exact", **(observer or {})}],
-        "experiment": {"distributed": {"timeout_s": 40, "sweep": sweep or {}}},
+        "experiment": {"distributed": {"timeout_s": 40, "sweep": {"targets": "both", **(sweep or {})}}},
     }
     if policy is not None:
         raw["policy"] = policy

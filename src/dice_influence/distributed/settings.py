@@ -36,6 +36,16 @@ class FaultSettings(_Strict):
     kind: Literal["die", "stall"] = "die"
 
 
+class LieSettings(_Strict):
+    """A drill for measuring honesty (docs/contribution.md, "Honesty"): peer ``peer`` corrupts
+    every adjoint it sends in the sweep — ``scale`` (× ``factor``), ``sign`` (× −1) or
+    ``random`` (a Gaussian vector of the same norm, seeded)."""
+
+    peer: int = Field(..., ge=0)
+    kind: Literal["scale", "sign", "random"] = "scale"
+    factor: float = Field(10.0, allow_inf_nan=False)
+
+
 class SweepSettings(_Strict):
     """The reverse sweep on the peers (docs/distributed.md, "contribution on real peers"): run
     when the config has a ``contribution`` observer with a horizon (``run``: once after
@@ -48,7 +58,7 @@ class SweepSettings(_Strict):
         "a segment (over the network) during the sweep: O(T/c + c) parameter vectors; "
         "default ceil(sqrt(T)) for a window of T rounds")
     targets: Literal["both", "primary"] = Field(
-        "both", description="primary: the observer's target only (adjoint_test); both: also "
+        "primary", description="primary: the observer's target only (adjoint_test); both: also "
         "the other one (shared validation set / each peer's own test split) when it exists")
     scores: bool = Field(True, description="write every trained sample's score")
     max_norm_ratio: float | None = Field(
@@ -56,6 +66,8 @@ class SweepSettings(_Strict):
         description="norm bound on the reverse messages: an incoming adjoint longer than "
         "this ratio times this peer's own cotangent is scaled down to that length and logged "
         "(null: no bound)")
+    lie: LieSettings | None = Field(None, description="honesty drill: one peer corrupts its "
+                                    "adjoint messages")
 
 
 class DistributedSettings(_Strict):
@@ -103,6 +115,9 @@ def distributed_settings(cfg: RunConfig) -> DistributedSettings:
             lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
     n = cfg.topology.n
+    if s.sweep.lie is not None and s.sweep.lie.peer >= n:
+        raise ConfigError(f"experiment.distributed.sweep.lie.peer: {s.sweep.lie.peer} out of "
+                          f"range for topology.n={n}")
     if s.fault is not None and s.fault.peer >= n:
         raise ConfigError(
             f"experiment.distributed.fault.peer: {s.fault.peer} out of range for topology.n={n}"

@@ -99,6 +99,8 @@ class PeerSweep:
         self.c_setting = sw.checkpoint_every
         self.want_scores = bool(sw.scores)
         self.max_ratio = sw.max_norm_ratio
+        self.lie = sw.lie
+        self.ratio_max = 0.0  # max over incoming messages of (‖msg‖ / W_nominal) / ‖own λ‖
         self.q = float(node_weight_vector(self.n, s.q)[self.k])
         have_own = lp.own_test
         if s.adjoint_test == "own" and not have_own:
@@ -218,7 +220,8 @@ class PeerSweep:
                 ins, outs, row = self.rec[t]
                 theta, state, u = prim[t]
                 e0 = time.perf_counter()
-                sends = {j: (float(row[j]) * a[:, 0, :]).contiguous() for j in ins}
+                sends = {j: self._lie(t, (float(row[j]) * a[:, 0, :]).contiguous())
+                         for j in ins}
                 got = tp.exchange_adjoint(t, sends, outs, m)
                 self.seconds["exchange"] += time.perf_counter() - e0
                 mu = float(row[k]) * a
@@ -242,13 +245,33 @@ class PeerSweep:
         self.t0 = None
         self.seconds["sweep"] += time.perf_counter() - start
 
+    def _lie(self, t: int, msg: torch.Tensor) -> torch.Tensor:
+        """The honesty drill (``sweep.lie``): this peer corrupts what it sends."""
+        lie = self.lie
+        if lie is None or lie.peer != self.k:
+            return msg
+        if lie.kind == "scale":
+            return msg * lie.factor
+        if lie.kind == "sign":
+            return -msg
+        gen = torch.Generator().manual_seed(1_000_003 * self.k + t)
+        r = torch.randn(msg.shape, generator=gen, dtype=msg.dtype).to(msg.device)
+        return r * (msg.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-300))
+
     def _bounded(self, t: int, j: int, msg: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """``msg`` (targets, d) from out-neighbour ``j``, scaled down to ``max_norm_ratio``
-        times this peer's own cotangent norm when longer (and logged)."""
+        """``msg`` (targets, d) from out-neighbour ``j`` carries ``W^t[j, k] λ_j``; near
+        consensus ``λ_j ≈ λ_k``, so ``‖msg‖ / W_nominal[j, k]`` is compared with this peer's
+        own ``‖λ_k‖`` (the ratio's maximum is reported). Longer than ``max_norm_ratio`` times
+        it: scaled down to that length and logged."""
+        w = float(self.lp.W(t)[j, self.k])
+        own_norm = own.reshape(own.shape[0], -1).norm(dim=1)
+        norm = msg.norm(dim=1)
+        if w > 0:
+            r = float((norm / w / own_norm.clamp_min(1e-300)).max())
+            self.ratio_max = max(self.ratio_max, r)
         if self.max_ratio is None:
             return msg
-        bound = self.max_ratio * own.reshape(own.shape[0], -1).norm(dim=1)
-        norm = msg.norm(dim=1)
+        bound = self.max_ratio * max(w, 1e-12) * own_norm
         if bool((norm > bound).any()):
             scale = torch.where(norm > bound, bound / norm.clamp_min(1e-300),
                                 torch.ones_like(norm))
@@ -322,7 +345,8 @@ class PeerSweep:
                        "sweep_bytes_peak": self.vectors_peak * d * item,
                        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                        * 1024},
-            "events": self.events, "ledger": ledger,
+            "events": self.events, "incoming_norm_ratio_max": self.ratio_max,
+            "ledger": ledger,
         }
 
     def write(self, out: Path, train_seconds: float, ledger: dict[str, Any]) -> dict[str, Any]:
@@ -413,6 +437,7 @@ def merge_contributions(out: Path, n: int, cfg: Any) -> dict[str, Any] | None:
         "parameter_vectors_peak": [p["memory"]["parameter_vectors_peak"] for p in parts],
         "max_rss_bytes": [p["memory"]["max_rss_bytes"] for p in parts],
         "events": [{"receiver": p["peer"], **e} for p in parts for e in p["events"]],
+        "incoming_norm_ratio_max": [p["incoming_norm_ratio_max"] for p in parts],
     }
     return summary
 
