@@ -124,6 +124,14 @@ class StackedProblem(Problem):
             m = self._mixers[key] = Mixer(self.W(t), dtype=self.dtype, device=self.device)
         return m
 
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base.batch(t)
+        R = self.copies
+        return x.repeat(R, *([1] * (x.ndim - 1))), y.repeat(R, 1)
+
+    def init_theta(self) -> torch.Tensor:
+        return self.base.init_theta().repeat(self.copies, 1)
+
 
 def isolate(W: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """``W`` with the nodes ``removed`` (bool (n,)) taken out of the graph: nobody reads them
@@ -136,14 +144,6 @@ def isolate(W: np.ndarray, removed: np.ndarray) -> np.ndarray:
         return W
     blocked = removed[None, :] | removed[:, None]
     return repair_rows(W, blocked)
-
-    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.base.batch(t)
-        R = self.copies
-        return x.repeat(R, *([1] * (x.ndim - 1))), y.repeat(R, 1)
-
-    def init_theta(self) -> torch.Tensor:
-        return self.base.init_theta().repeat(self.copies, 1)
 
 
 def stack(problem: Problem, keep: np.ndarray,
@@ -284,8 +284,12 @@ def shapley_exact(utility: Utility, n: int) -> np.ndarray:
     return phi
 
 
+ORDERINGS = ("independent", "cyclic")
+
+
 def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: int = 0,
-                         tolerance: float = 0.0) -> dict[str, Any]:
+                         tolerance: float = 0.0, orderings: str = "cyclic",
+                         se_widen: float = 1.0) -> dict[str, Any]:
     """Permutation-sampling Shapley values (TMC-style), stratified: permutations come in blocks
     of ``2n``, the ``n`` cyclic shifts of one random order and of its reverse, so every player
     takes every position twice per block (the position, not the data, drives most of the
@@ -293,15 +297,30 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     below ``tolerance · |U(∅) − U(N)|`` (later marginals taken as 0; evaluations then run in
     ``n`` position stages). Returns ``phi``, its standard error ``se`` (positions as strata:
     the spread of each player's marginals at the same position), ``evaluations`` (coalitions
-    trained)."""
+    trained).
+
+    ``orderings="cyclic"`` (default) is the stratified design above: its cyclic shifts share
+    coalitions (fewer retrainings) and its estimates are the more accurate, but the
+    position-stratified error treats the shifts of one order as independent, which they are
+    not (nested prefixes), so it can be too small with few blocks: ``se`` is that error times
+    ``se_widen`` (``se_raw`` without). ``"independent"`` draws every order independently, each
+    paired with its reverse (antithetic pairs, independent of each other): ``se`` is the plain
+    standard error over the pairs' means, valid by construction (``se_widen`` not applied)."""
     if permutations < 1:
         raise ValueError(f"permutations={permutations} must be >= 1")
+    if orderings not in ORDERINGS:
+        raise ValueError(f"orderings={orderings!r}: choose one of {ORDERINGS}")
     rng = np.random.default_rng([int(seed), 0x5A9])
-    blocks = math.ceil(permutations / (2 * n))
     perms = []
-    for _ in range(blocks):
-        base = rng.permutation(n)
-        perms += [np.roll(b, s) for b in (base, base[::-1]) for s in range(n)]
+    if orderings == "cyclic":
+        blocks = math.ceil(permutations / (2 * n))
+        for _ in range(blocks):
+            base = rng.permutation(n)
+            perms += [np.roll(b, s) for b in (base, base[::-1]) for s in range(n)]
+    else:
+        for _ in range(math.ceil(permutations / 2)):
+            base = rng.permutation(n)
+            perms += [base, base[::-1]]
     perms = np.array(perms[:permutations])
     M = len(perms)
     full = np.ones((1, n), dtype=bool)
@@ -346,8 +365,16 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     for m, p in enumerate(perms):
         marg[m, p] = np.diff(prefix[m])  # U(S ∪ j) − U(S): loss with j − without
     phi = marg.mean(0)
-    se = _stratified_se(marg, perms)
+    if orderings == "cyclic":
+        se_raw = _stratified_se(marg, perms)
+        se = se_raw * se_widen
+    else:  # antithetic pairs (an order and its reverse) are the independent draws
+        pairs = marg[: M - M % 2].reshape(-1, 2, n).mean(1) if M >= 4 else marg
+        se = pairs.std(0, ddof=1) / math.sqrt(len(pairs)) if len(pairs) > 1 \
+            else np.full(n, np.nan)
+        se_raw, se_widen = se, 1.0
     return {"phi": phi, "se": se, "permutations": M, "evaluations": evaluations,
+            "orderings": orderings, "se_raw": se_raw, "se_widen": se_widen,
             "tolerance": tolerance, "u_full": float(u_full), "u_empty": float(u_empty)}
 
 
