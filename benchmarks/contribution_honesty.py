@@ -88,13 +88,13 @@ def misreport_transforms(problem: Any, node: int, kind: str, holder: Holder):
 def part1(cfg: Any, node: int = 13) -> dict[str, Any]:
     from dice_influence.apps.contribution import ContributionObserver, reward_split
     from dice_influence.experiments import contribution as X
-    from dice_influence.experiments import contribution_truth as truth
     from dice_influence.loop import Loop
 
     ex = X.parse_experiment(cfg)
     ex = ex.model_copy(update={"attacks": [a for a in ex.attacks if node not in (a.nodes or [])]})
     base, _ = X.build_scenario(cfg, ex)
     out = {}
+    losses: dict[str, np.ndarray] = {}
     for kind in ("zero", "copy", "stale"):
         holder = Holder()
         if kind == "zero":
@@ -110,11 +110,17 @@ def part1(cfg: Any, node: int = 13) -> dict[str, Any]:
         obs = ContributionObserver(p.n, p, rounds=cfg.train.rounds)
         theta = p.init_theta()
         holder.theta = None
-        Loop(p, [*track, obs]).run(theta, p.opt.init_state(theta), 0, cfg.train.rounds)
+        final, _ = Loop(p, [*track, obs]).run(theta, p.opt.init_state(theta), 0,
+                                              cfg.train.rounds)
         m = obs.measures()
-        holder.theta = None
-        loo = truth.leave_one_out(p, cfg.train.rounds, removal="data")["loo"] \
-            if kind == "zero" else None
+        losses[kind] = np.asarray(p.evaluate(final)["loss"])
+        others = np.arange(p.n) != node
+        # the value of its data (LOO, data removal): with its data weighted to zero the stale
+        # rider sends zeros (= the zero free rider) and the copier still copies (= itself)
+        if kind == "stale":
+            loo_node = float(losses[kind][others].mean() - losses["zero"][others].mean())
+        else:
+            loo_node = 0.0
         fr = np.asarray(m["free_rider"], dtype=bool)
         reward = reward_split(m["adjoint"], m["proximal_out"], m["proximal_in"], budget=1.0,
                               excluded=fr)
@@ -130,7 +136,7 @@ def part1(cfg: Any, node: int = 13) -> dict[str, Any]:
                                  for v in np.asarray(m["alignment_rms"])[:, node]
                                  if np.isfinite(v)],
             "reward_share": float(reward[node]),
-            "loo_data": None if loo is None else float(loo[node]),
+            "loo_data": loo_node,
         }
         print("part1", kind, json.dumps(out[kind]), flush=True)
     return out
@@ -139,7 +145,8 @@ def part1(cfg: Any, node: int = 13) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ part 2
 
 
-def launch_once(rounds: int, lie: dict | None, bound: float | None) -> dict[str, Any]:
+def launch_once(rounds: int, lie: dict | None, bound: float | None,
+                min_cosine: float | None = None) -> dict[str, Any]:
     from dice_influence.config import load_config
     from dice_influence.distributed import launch
 
@@ -147,6 +154,8 @@ def launch_once(rounds: int, lie: dict | None, bound: float | None) -> dict[str,
     if lie is not None:
         sets += [f"experiment.distributed.sweep.lie.{k}={v}" for k, v in lie.items()]
     sets.append(f"experiment.distributed.sweep.max_norm_ratio={bound if bound else 'null'}")
+    sets.append("experiment.distributed.sweep.min_cosine="
+                f"{min_cosine if min_cosine is not None else 'null'}")
     cfg = load_config(CONFIG, sets)
     with tempfile.TemporaryDirectory() as tmp:
         res = launch(cfg, cfg.topology.n, Path(tmp) / "p2p", wall_timeout=3000)
@@ -156,7 +165,7 @@ def launch_once(rounds: int, lie: dict | None, bound: float | None) -> dict[str,
     return m["observers"]["contribution"]
 
 
-def part2(rounds: int) -> dict[str, Any]:
+def part2(rounds: int, defended: tuple[float, float] | None = None) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     from dice_influence.apps.contribution import reward_split
@@ -174,12 +183,20 @@ def part2(rounds: int) -> dict[str, Any]:
                            "honest": {"adjoint": h.tolist(), "reward": hr.tolist(),
                                       "incoming_norm_ratio_max":
                                       honest["sweep"]["incoming_norm_ratio_max"]}}
-    for name, lie, bound in (("scale10", {"peer": liar, "kind": "scale", "factor": 10}, None),
-                             ("sign", {"peer": liar, "kind": "sign"}, None),
-                             ("random", {"peer": liar, "kind": "random"}, None),
-                             ("scale10_bound3", {"peer": liar, "kind": "scale", "factor": 10},
-                              3.0)):
-        g = launch_once(rounds, lie, bound)
+    out["honest"]["incoming_cosine_min"] = honest["sweep"].get("incoming_cosine_min")
+    lies = (("scale10", {"peer": liar, "kind": "scale", "factor": 10}),
+            ("sign", {"peer": liar, "kind": "sign"}),
+            ("random", {"peer": liar, "kind": "random"}))
+    if defended is not None:
+        out["defence"] = {"max_norm_ratio": defended[0], "min_cosine": defended[1]}
+        hd = launch_once(rounds, None, *defended)
+        out["honest_defended"] = {
+            "max_rel_change": float(np.abs(np.asarray(hd["adjoint"]) - h).max()
+                                    / np.abs(h).max()),
+            "replaced_messages": len(hd["sweep"]["events"])}
+        print("part2 honest_defended", json.dumps(out["honest_defended"]), flush=True)
+    for name, lie in lies:
+        g = launch_once(rounds, lie, *(defended or (None, None)))
         a = np.asarray(g["adjoint"])
         r = reward_split(a, g["proximal_out"], g["proximal_in"], budget=1.0,
                          excluded=np.asarray(g["free_rider"], bool))
@@ -195,7 +212,10 @@ def part2(rounds: int) -> dict[str, Any]:
             "incoming_norm_ratio_max": ratios,
             "max_ratio_at_liars_neighbours": float(max(ratios[k] for k in range(len(ratios))
                                                        if W[k, liar] > 0 and k != liar)),
-            "clip_events": len(g["sweep"]["events"]),
+            "replaced_messages": len(g["sweep"]["events"]),
+            "min_cosine_at_liars_neighbours": float(min(
+                g["sweep"].get("incoming_cosine_min", [1.0] * len(ratios))[k]
+                for k in range(len(ratios)) if W[k, liar] > 0 and k != liar)),
         }
         print("part2", name, json.dumps({k: v for k, v in out[name].items()
                                          if k not in ("adjoint", "reward",
@@ -208,6 +228,11 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/contribution-honesty.json")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--defended", default=None,
+                    help="RATIO,COSINE: rerun the lies with these sweep defences on")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the simulator part of an existing --json, keep the rest")
     args = ap.parse_args()
     from dice_influence.config import load_config
 
@@ -218,9 +243,15 @@ def main() -> None:
                                    "negative = helpful",
                            "command": f"python benchmarks/contribution_honesty.py --json "
                                       f"{args.json}"}
-    res["misreporting_free_riders"] = part1(load_config(CONFIG))
+    if args.merge and Path(args.json).is_file():
+        res = {**json.loads(Path(args.json).read_text()), **res}
+    if not args.skip_sim:
+        res["misreporting_free_riders"] = part1(load_config(CONFIG))
     if not args.skip_peers:
         res["lying_in_the_sweep"] = part2(args.rounds)
+    if args.defended:
+        ratio, cos = (float(v) for v in args.defended.split(","))
+        res["lying_in_the_sweep_defended"] = part2(args.rounds, (ratio, cos))
     res["seconds"] = time.perf_counter() - t0
     res["loadavg_before"], res["loadavg_after"] = load0, os.getloadavg()
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -62,10 +62,14 @@ class SweepSettings(_Strict):
         "the other one (shared validation set / each peer's own test split) when it exists")
     scores: bool = Field(True, description="write every trained sample's score")
     max_norm_ratio: float | None = Field(
-        None, gt=1, allow_inf_nan=False,
+        5.0, gt=1, allow_inf_nan=False,
         description="norm bound on the reverse messages: an incoming adjoint longer than "
-        "this ratio times this peer's own cotangent is scaled down to that length and logged "
-        "(null: no bound)")
+        "this ratio times the receiver's own cotangent (times the nominal edge weight) is "
+        "replaced by that estimate and logged (null: no bound)")
+    min_cosine: float | None = Field(
+        0.5, ge=-1, le=1, allow_inf_nan=False,
+        description="direction check on the reverse messages: an incoming adjoint whose cosine "
+        "with the receiver's own cotangent is below this is replaced the same way (null: off)")
     lie: LieSettings | None = Field(None, description="honesty drill: one peer corrupts its "
                                     "adjoint messages")
 

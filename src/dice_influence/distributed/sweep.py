@@ -100,7 +100,9 @@ class PeerSweep:
         self.want_scores = bool(sw.scores)
         self.max_ratio = sw.max_norm_ratio
         self.lie = sw.lie
-        self.ratio_max = 0.0  # max over incoming messages of (‖msg‖ / W_nominal) / ‖own λ‖
+        self.ratio_max = 0.0  # max over incoming messages of ‖msg‖ / ‖W_nominal λ_own‖
+        self.cos_min = 1.0  # min over incoming messages of cos(msg, λ_own)
+        self.min_cos = sw.min_cosine
         self.q = float(node_weight_vector(self.n, s.q)[self.k])
         have_own = lp.own_test
         if s.adjoint_test == "own" and not have_own:
@@ -110,6 +112,7 @@ class PeerSweep:
         self.targets = [s.adjoint_test] + (
             [other] if sw.targets == "both" and (other == "shared" or have_own) else [])
         self.stateful = lp.opt.stateful
+        self._shared_rows = torch.tensor([nm == "shared" for nm in self.targets])
         # recorded per round: (ins, outs, this peer's row of W_used)
         self.rec: dict[int, tuple[list[int], list[int], np.ndarray]] = {}
         self.ckpt: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -259,25 +262,39 @@ class PeerSweep:
         return r * (msg.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-300))
 
     def _bounded(self, t: int, j: int, msg: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """``msg`` (targets, d) from out-neighbour ``j`` carries ``W^t[j, k] λ_j``; near
-        consensus ``λ_j ≈ λ_k``, so ``‖msg‖ / W_nominal[j, k]`` is compared with this peer's
-        own ``‖λ_k‖`` (the ratio's maximum is reported). Longer than ``max_norm_ratio`` times
-        it: scaled down to that length and logged."""
+        """Checks on ``msg`` (targets, d) from out-neighbour ``j``, which carries
+        ``W^t[j, k] λ_j``. Near consensus ``λ_j ≈ λ_k``, so the receiver compares it with its
+        own ``W_nominal[j, k] λ_k``: the norm ratio and the cosine (their worst values are
+        reported). Only the shared target is checked: with each node's own test split as the
+        target, neighbours' cotangents differ by construction. A message whose ratio exceeds ``max_norm_ratio`` or whose cosine is below
+        ``min_cosine`` is **replaced** by that estimate ``W_nominal[j, k] λ_k`` (clipping alone
+        would let a liar's excess compound round after round) and logged."""
         w = float(self.lp.W(t)[j, self.k])
-        own_norm = own.reshape(own.shape[0], -1).norm(dim=1)
-        norm = msg.norm(dim=1)
-        if w > 0:
-            r = float((norm / w / own_norm.clamp_min(1e-300)).max())
-            self.ratio_max = max(self.ratio_max, r)
-        if self.max_ratio is None:
+        if w <= 0:
             return msg
-        bound = self.max_ratio * max(w, 1e-12) * own_norm
-        if bool((norm > bound).any()):
-            scale = torch.where(norm > bound, bound / norm.clamp_min(1e-300),
-                                torch.ones_like(norm))
-            self.events.append({"round": t, "event": "adjoint_clipped", "peer": j,
-                                "ratio": float((norm / bound.clamp_min(1e-300)).max())})
-            return msg * scale[:, None]
+        ref = w * own.reshape(own.shape[0], -1)
+        ref_norm = ref.norm(dim=1)
+        norm = msg.norm(dim=1)
+        ratio = norm / ref_norm.clamp_min(1e-300)
+        cos = (msg * ref).sum(1) / (norm * ref_norm).clamp_min(1e-300)
+        # only a shared target makes λ_j ≈ λ_k comparable; a zero message (an edge the
+        # sender's policy pruned) carries nothing and is left alone
+        shared = self._shared_rows & (norm > 0)
+        if not bool(shared.any()):
+            return msg
+        ratio, cos = ratio.where(shared, torch.zeros_like(ratio)), \
+            cos.where(shared, torch.ones_like(cos))
+        self.ratio_max = max(self.ratio_max, float(ratio.max()))
+        self.cos_min = min(self.cos_min, float(cos.min()))
+        bad = torch.zeros_like(norm, dtype=torch.bool)
+        if self.max_ratio is not None:
+            bad |= ratio > self.max_ratio
+        if self.min_cos is not None:
+            bad |= cos < self.min_cos
+        if bool(bad.any()):
+            self.events.append({"round": t, "event": "adjoint_replaced", "peer": j,
+                                "ratio": float(ratio.max()), "cosine": float(cos.min())})
+            return torch.where(bad[:, None], ref, msg)
         return msg
 
     def _replay(self, s0: int, s1: int) -> dict[int, tuple]:
@@ -346,6 +363,7 @@ class PeerSweep:
                        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                        * 1024},
             "events": self.events, "incoming_norm_ratio_max": self.ratio_max,
+            "incoming_cosine_min": self.cos_min,
             "ledger": ledger,
         }
 
@@ -438,6 +456,7 @@ def merge_contributions(out: Path, n: int, cfg: Any) -> dict[str, Any] | None:
         "max_rss_bytes": [p["memory"]["max_rss_bytes"] for p in parts],
         "events": [{"receiver": p["peer"], **e} for p in parts for e in p["events"]],
         "incoming_norm_ratio_max": [p["incoming_norm_ratio_max"] for p in parts],
+        "incoming_cosine_min": [p["incoming_cosine_min"] for p in parts],
     }
     return summary
 

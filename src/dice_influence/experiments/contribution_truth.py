@@ -91,6 +91,18 @@ class _StackedMixer:
         return mixed if out is None else out.copy_(mixed)
 
 
+class _BatchedMixer:
+    """Copy ``r`` mixed with its own ``W_r`` (``Ws``: (R, n, n)): one batched product."""
+
+    def __init__(self, Ws: torch.Tensor) -> None:
+        self.Ws = Ws
+
+    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        R, n, _ = self.Ws.shape
+        mixed = torch.bmm(self.Ws, theta.view(R, n, theta.shape[1])).reshape(R * n, -1)
+        return mixed if out is None else out.copy_(mixed)
+
+
 @dataclass
 class StackedProblem(Problem):
     """``R`` copies of ``base`` as one problem of ``R·n`` nodes (module docstring)."""
@@ -114,14 +126,15 @@ class StackedProblem(Problem):
     def mixer(self, t: int) -> Any:
         if self.isolated is None:
             return _StackedMixer(self.base.mixer(t), self.copies)
-        from ..gossip import Mixer
-
         key = 0 if self.base.schedule.is_static else t
         m = self._mixers.get(key)
         if m is None:
             if len(self._mixers) > 64:
                 self._mixers.clear()
-            m = self._mixers[key] = Mixer(self.W(t), dtype=self.dtype, device=self.device)
+            Wt = self.base.W(t)
+            Ws = np.stack([isolate(Wt, iso) for iso in self.isolated])
+            m = self._mixers[key] = _BatchedMixer(
+                torch.as_tensor(Ws, dtype=self.dtype, device=self.device))
         return m
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
