@@ -26,8 +26,10 @@ consistent sign), and a node is a free rider when more than ``quorum`` of its ou
 flag it. Rewards: :func:`reward_split`.
 
 In the simulator the observer sees every row; on a peer (``view`` = its own row plus what
-arrived) it keeps its row of the ledger and its in-neighbours' alignment; the adjoint needs the
-whole network and runs only in the simulator. :func:`merge_ledgers` sums the peers' rows.
+arrived) it keeps its row of the ledger and its in-neighbours' alignment, and the adjoint (b)
+is computed by the peers together in a reverse gossip sweep
+(:mod:`dice_influence.distributed.sweep`, the same single-node pullback as here).
+:func:`merge_ledgers` sums the peers' rows.
 """
 
 from __future__ import annotations
