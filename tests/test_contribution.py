@@ -124,8 +124,22 @@ def test_observer_settings_are_validated_in_the_config():
         cfg_for(observers=[{"kind": "contribution", "curvature": "hessian"}])
     with pytest.raises(ConfigError, match=r"observers\.0\.horizn"):
         cfg_for(observers=[{"kind": "contribution", "horizn": "run"}])
-    with pytest.raises(ValueError, match="stateless"):
-        train(cfg_for(train={"momentum": 0.9}, observers=[{"kind": "contribution"}]))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_adjoint_under_momentum_equals_attribution_in_total(nesterov):
+    """Under momentum ``Σ_t λ^{tᵀ} u^t`` (what j sent) = ``Σ_t c_g^{tᵀ} g^t`` (all its
+    gradients removed): the state cotangent carries the buffer's later use."""
+    cfg = cfg_for(train={"momentum": 0.9, "nesterov": nesterov},
+                  topology={"time_varying": "random-matching"} if nesterov else {},
+                  observers=[{"kind": "contribution", "curvature": "exact"}])
+    traj = train(cfg)
+    obs = traj.plugins.find("contribution")
+    att = attribute(traj, (0, cfg.train.rounds), target="horizon", q="uniform",
+                    per_node_test=False)
+    want = att.scores.sum((0, 2)).numpy()
+    assert np.abs(want).max() > 1e-5
+    np.testing.assert_allclose(obs.measures()["adjoint"], want, rtol=1e-8, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------ ground truth
@@ -197,11 +211,30 @@ def test_shapley_sampler_against_exact_shapley():
         K = np.asarray(keep, dtype=float)
         return K @ w + np.einsum("ci,ij,cj->c", K, np.triu(V, 1), K)
 
-    np.testing.assert_allclose(truth.shapley_permutations(pair, n, 2 * n)["phi"],
+    np.testing.assert_allclose(truth.shapley_permutations(pair, n, 2 * n,
+                                                          orderings="cyclic")["phi"],
                                truth.shapley_exact(pair, n), atol=1e-12)
     # truncation only removes evaluations
     tr = truth.shapley_permutations(u, n, 4 * n, seed=3, tolerance=0.5)
     assert tr["evaluations"] <= truth.shapley_permutations(u, n, 4 * n, seed=3)["evaluations"]
+
+
+def test_independent_orderings_give_calibrated_standard_errors():
+    """Over many sampler seeds, the spread of φ̂ matches the reported se (independent
+    orderings); the cyclic design's se is widened by se_widen."""
+    n = 10
+    u = _random_game(n, 4)
+    exact = truth.shapley_exact(u, n)
+    res = [truth.shapley_permutations(u, n, 2 * n, seed=s, orderings="independent")
+           for s in range(150)]
+    P, S = np.array([r["phi"] for r in res]), np.array([r["se"] for r in res])
+    assert np.abs(P.mean(0) - exact).max() < 4 * P.std(0).max() / math.sqrt(150)  # unbiased
+    ratio = P.std(0, ddof=1).mean() / S.mean(0).mean()
+    assert 0.85 < ratio < 1.15, ratio
+    cyc = truth.shapley_permutations(u, n, 2 * n, seed=0, orderings="cyclic", se_widen=1.5)
+    np.testing.assert_allclose(cyc["se"], 1.5 * cyc["se_raw"])
+    with pytest.raises(ValueError, match="orderings"):
+        truth.shapley_permutations(u, n, 2 * n, orderings="sobol")
 
 
 def test_network_shapley_sampler_matches_exact_on_four_nodes():
@@ -325,10 +358,15 @@ def test_experiment_command_writes_the_metrics(tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(m["contribution"]) == 8
     keys = {"spearman_loo", "spearman_quality", "spearman_shapley", "free_rider_precision",
-            "free_rider_recall", "attacker_reward", "online_overhead"}
+            "free_rider_recall", "attacker_reward", "online_overhead", "spearman_loo_data",
+            "spearman_loo_node", "spearman_loo_data_vs_node", "loo_over_plain"}
     assert keys <= set(m["agreement"]) and keys <= set(m["agreement_worst"])
+    ag = m["per_seed"][0]["agreement"]
+    assert ag["spearman_loo"] == ag["spearman_loo_data"]  # ground_truth: data (the default)
+    assert ag["loo_over_plain"] == pytest.approx(ag["loo_seconds"] / ag["plain_seconds"])
     rec = m["contribution"][3]
     assert rec["role"] == "free_rider" and rec["loo"] == 0.0 and rec["reward"] == 0.0
+    assert rec["loo_data"] == 0.0 and rec["loo_node"] != 0.0  # it relays: removing it matters
     assert rec["shapley_exact"] is not None  # n <= 8: exact Shapley as the sampler's check
     for name in ("rewards.png", "contribution_vs_loo.png", "reciprocity.png", "README.md",
                  "contribution.csv"):
@@ -336,6 +374,55 @@ def test_experiment_command_writes_the_metrics(tmp_path):
     assert m["kind"] == "contribution"
     page = (tmp_path / "run" / "report.html").read_text()  # the run's report, plots inlined
     assert page.count("data:image/png;base64") >= 3 and "spearman_loo" in page
+
+
+def test_experiment_console_prints_the_node_table(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    raw = {**TINY, "experiment": {**TINY["experiment"], "ground_truth": "node",
+                                  "ablation": []}}
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["experiment", "contribution", str(path), "--out",
+                                   str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "| node | role |" in res.output and "Shapley ± se" in res.output
+    assert "LOO (node)" in res.output and "s wall (" in res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ag = m["per_seed"][0]["agreement"]
+    assert ag["spearman_loo"] == ag["spearman_loo_node"]
+    assert all(r["loo"] == r["loo_node"] for r in m["contribution"])
+
+
+def test_node_removal_takes_the_node_out_of_the_graph():
+    from dice_influence.gossip import node_losses
+    from dice_influence.loop import run_rounds
+
+    p = build_problem(cfg_for(n=5, rounds=5, topology={"time_varying": "random-matching"}))
+    node = truth.leave_one_out(p, 5, removal="node")
+    data = truth.leave_one_out(p, 5, removal="data")
+    assert np.abs(node["loo"] - data["loo"]).max() > 1e-4  # different questions
+    W = p.W(0)
+    iso = truth.isolate(W, np.eye(5, dtype=bool)[2])
+    assert np.allclose(iso.sum(1), 1) and iso[2, 2] == 1 and not iso[:, 2][[0, 1, 3, 4]].any()
+
+    class Without:  # the schedule with node j out of every W^t (rows repaired by the rule)
+        def __init__(self, sched, j):
+            self.sched, self.j, self.is_static = sched, j, sched.is_static
+
+        def W(self, t):
+            return truth.isolate(self.sched.W(t), np.eye(5, dtype=bool)[self.j])
+
+    theta0 = p.init_theta()
+    full, _ = run_rounds(p, theta0, None, 0, 5)
+    L0 = node_losses(p.fm, full, p.val_x, p.val_y)[0].numpy()
+    for j in (0, 2):
+        q = dataclasses.replace(p, schedule=Without(p.schedule, j), _mixers={})
+        th, _ = run_rounds(q, theta0, None, 0, 5)
+        L = node_losses(p.fm, th, p.val_x, p.val_y)[0].numpy()
+        others = np.arange(5) != j
+        np.testing.assert_allclose(node["loo"][j], L0[others].mean() - L[others].mean(),
+                                   rtol=1e-9, atol=1e-12)
 
 
 def test_experiment_settings_are_validated():

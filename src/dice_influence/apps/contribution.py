@@ -26,8 +26,10 @@ consistent sign), and a node is a free rider when more than ``quorum`` of its ou
 flag it. Rewards: :func:`reward_split`.
 
 In the simulator the observer sees every row; on a peer (``view`` = its own row plus what
-arrived) it keeps its row of the ledger and its in-neighbours' alignment; the adjoint needs the
-whole network and runs only in the simulator. :func:`merge_ledgers` sums the peers' rows.
+arrived) it keeps its row of the ledger and its in-neighbours' alignment, and the adjoint (b)
+is computed by the peers together in a reverse gossip sweep
+(:mod:`dice_influence.distributed.sweep`, the same single-node pullback as here).
+:func:`merge_ledgers` sums the peers' rows.
 """
 
 from __future__ import annotations
@@ -101,10 +103,9 @@ class ContributionObserver(Observer):
             if p.aggregator is not None:
                 raise ValueError("the adjoint contribution needs the W^t matmul; a robust "
                                  "aggregator is not linear (use horizon: off)")
-            if p.opt.stateful and curvature != "none":
-                raise ValueError("curvature: exact needs a stateless optimizer (momentum 0): the "
-                                 "observer does not see the momentum buffer; use curvature: "
-                                 "none or train.momentum: 0")
+            from ..influence.pullback import check_transposable
+
+            check_transposable(p.opt, curvature)
         # (a): per-round outflow increments; free riders: alignment sums per edge [k, j]
         self.a_rounds: dict[int, np.ndarray] = {}
         self.align = np.zeros((3, n, n))  # count, sum, sum of squares
@@ -196,7 +197,10 @@ class ContributionObserver(Observer):
             return loss_grads(self.problem.fm, theta, x, y)[1]
 
     def _sweep(self, rounds: list[int], theta_end: torch.Tensor) -> list[np.ndarray]:
-        """Values ``λ_j^{tᵀ} û_j^t`` per round: (n,) or, with ``exclude_self``, (receiver, n)."""
+        """Values ``λ_j^{tᵀ} û_j^t`` per round: (n,) or, with ``exclude_self``, (receiver, n).
+        ``λ^t`` = cotangent on ``θ^{t+½}``: gossip transposed, then each local step pulled back
+        by :func:`~dice_influence.influence.pullback.step_pullback` (optimizer-state cotangents
+        carried under momentum) — the same function a real peer calls on its own row."""
         n = self.n
         G = self._readout_grad(theta_end).detach()
         q = self.q.to(G.dtype)
@@ -205,6 +209,7 @@ class ContributionObserver(Observer):
             a[torch.arange(n), torch.arange(n)] = q[:, None] * G  # receiver r reads L_r
         else:
             a = q[:, None] * G
+        a_st = torch.zeros_like(a) if self.problem.opt.stateful else None
         out: list[np.ndarray] = [np.zeros(0)] * len(rounds)
         with torch.no_grad():
             for i in range(len(rounds) - 1, -1, -1):
@@ -213,21 +218,18 @@ class ContributionObserver(Observer):
                 lam = torch.matmul(torch.as_tensor(W.T.copy(), dtype=a.dtype), a)
                 out[i] = (lam.double() * U.double()).sum(-1).numpy()
                 if i > 0:
-                    a = self._jt(t, theta, lam)
+                    a, a_st = self._jt(t, theta, lam, a_st)
         return out
 
-    def _jt(self, t: int, theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """``J_tᵀ λ`` of round ``t``'s local step at ``θ^t`` (transforms included): one
-        reverse-over-reverse product (for plain SGD ``J = I − η H``); ``λ`` may carry a
-        leading receiver axis."""
-        if self.curvature == "none":
-            return lam
-        if lam.ndim == 3:
-            return torch.stack([self._jt(t, theta, lam[r]) for r in range(lam.shape[0])])
-        from torch.func import vjp
+    def _jt(self, t: int, theta: torch.Tensor, lam: torch.Tensor,
+            lam_st: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(J_tᵀ λ, state cotangent)`` of round ``t``'s local step at ``θ^t`` (transforms
+        included; for plain SGD ``J = I − η H``); ``λ`` may carry a leading receiver axis."""
+        from ..influence.pullback import step_pullback
 
-        p = self.problem
-        return vjp(lambda th: p.local_step(th, None, t)[0], theta)[1](lam)[0]
+        a, a_st, _ = step_pullback(self.problem, theta, None, t, lam, lam_st,
+                                   curvature=self.curvature)
+        return a, a_st
 
     # ------------------------------------------------------------------ read-outs
 

@@ -103,10 +103,12 @@ def check_checkpoints(out: Path, ident: RunIdentity, *, resume_round: int | None
 
 def _clear_outputs(out: Path, n: int) -> None:
     """Remove a previous run's results (not its checkpoints) so nothing stale is collected."""
-    for name in ("final.safetensors", "summary.json", "proximal.csv", "contribution_ledger.json"):
+    for name in ("final.safetensors", "summary.json", "proximal.csv", "contribution_ledger.json",
+                 "metrics.json"):
         (out / name).unlink(missing_ok=True)
     for k in range(n):
-        for name in ("metrics.json", "proximal.json", "proximal.csv", "params.safetensors"):
+        for name in ("metrics.json", "proximal.json", "proximal.csv", "params.safetensors",
+                     "contribution.json", "sample_scores.csv"):
             (out / f"peer-{k}" / name).unlink(missing_ok=True)
 
 
@@ -310,6 +312,7 @@ def collect(
         "proximal": None if P is None else P.tolist(),
     }
     write_json(out / "summary.json", summary)
+    _merge_contribution(out, n)
     return LaunchResult(
         out=out,
         n=n,
@@ -320,3 +323,17 @@ def collect(
         errors=errors,
         seconds=seconds,
     )
+
+
+def _merge_contribution(out: Path, n: int) -> None:
+    """``OUT/metrics.json`` with ``observers.contribution`` merged from the peers' reverse
+    sweep (the keys ``dice train`` writes), when every peer wrote its ``contribution.json``."""
+    from .sweep import merge_contributions
+
+    if not (out / "config.yaml").is_file():
+        return
+    cfg = load_config(out / "config.yaml")
+    contrib = merge_contributions(out, n, cfg)
+    if contrib is not None:
+        write_json(out / "metrics.json", {"kind": "p2p", "n": n,
+                                          "observers": {"contribution": contrib}})

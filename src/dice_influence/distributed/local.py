@@ -45,6 +45,7 @@ class LocalProblem:
     device: torch.device
     transforms: tuple = ()  # update-level behaviours of this node (part of the round)
     aggregator: object = None  # None: the W^t row product; else the config's robust rule
+    index: torch.Tensor | None = None  # (m,) dataset index of each local sample
 
     @property
     def d(self) -> int:
@@ -104,9 +105,11 @@ def build_local(
         raise ConfigError(f"peer rank {k} out of range for topology.n={n}")
     dtype = S.run_dtype(cfg)
     dev = torch.device(device if device is not None else cfg.train.device)
+    cfg, transforms = _with_attacks(cfg)
     ds, given = S.load_run_data(cfg, only=k)  # data.dataset=nodes: node k's file only
     parts = given if given is not None else S.build_partition(cfg, ds)
     nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=S.build_corruptions(cfg))
+    index = nd.index[k, : int(nd.sizes[k])].clone().cpu()
     x, y = _row(S.group_data(cfg, nd, ds.num_classes), k, dtype, dev)
     del nd
     own = test_set == "own" or (test_set == "auto" and dc.test_samples_per_node is not None)
@@ -142,4 +145,27 @@ def build_local(
         dtype=dtype,
         device=dev,
         aggregator=build_aggregator(cfg),
+        transforms=transforms,
+        index=index,
     )
+
+
+def _with_attacks(cfg: RunConfig) -> tuple[RunConfig, tuple]:
+    """With ``experiment.distributed.attacks: true``: the config's ``experiment.attacks`` as
+    ``dice experiment`` runs them (data-level ones as corruptions, update-level ones as this
+    node's transforms; noise depends only on seed, round and node, so every peer draws what the
+    simulator draws). Otherwise ``cfg`` unchanged and no transforms."""
+    from pydantic import ValidationError
+
+    from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
+    from .settings import distributed_settings
+
+    if not distributed_settings(cfg).attacks:
+        return cfg, ()
+    raw = (cfg.experiment or {}).get("attacks") or []
+    try:
+        specs = [AttackSpec.model_validate(a) for a in raw]
+    except ValidationError as err:
+        raise ConfigError(f"experiment.attacks: {err.errors()[0]['msg']}") from None
+    plan = AttackPlan.resolve(specs, cfg.topology.n, cfg.seed)
+    return with_data_attacks(cfg, plan), attack_transforms(plan)

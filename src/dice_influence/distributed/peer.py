@@ -63,6 +63,8 @@ def peer_identity(cfg: RunConfig, s: DistributedSettings | None = None) -> RunId
     files = peer_source_files(cfg)
     extra = {"distributed": {"readout": s.readout, "test_set": s.test_set, "q": s.q,
                              "detection": s.detection.model_dump(mode="json")}}
+    if s.attacks:  # only when set, so that older runs keep their identity
+        extra["distributed"]["attacks"] = True
     return RunIdentity.of(cfg, files, extra)
 
 
@@ -136,6 +138,9 @@ class Peer:
         self.rounds_run = 0
         self._logged = 0
         self.identity = peer_identity(cfg, self.s)
+        from .sweep import sweep_plan
+
+        self.sweep = sweep_plan(self)  # the reverse sweep (contribution), or None
         if not self.s.resume:
             self._start_afresh()
         self._warm_up()
@@ -200,6 +205,8 @@ class Peer:
         decide = self.policy is not None and self.policy.active(t)
         x, y = lp.batch(t)
         lr = lp.lr(t)
+        if self.sweep is not None:
+            self.sweep.before_round(st)
         half = st.theta.clone()
         opt_state = None if st.opt_state is None else st.opt_state.clone()
         views = None if opt_state is None else param_views(lp.fm, opt_state)
@@ -227,6 +234,8 @@ class Peer:
             for o in busy:
                 o.after_gossip(view, W_used)
         self.transport.wait(t, [wk for wk in work if wk[1].startswith("send")], deadline)
+        if self.sweep is not None:
+            self.sweep.after_round(t, ins, outs, W_used, prev, st.opt_state, u)
         cum = self.prox.tracker.cum[k].numpy()
         if self.s.record_rounds and self.prox in busy:
             inc = {j: float(cum[j] - st.P[j]) for j in ins}
@@ -287,6 +296,8 @@ class Peer:
         fault = self.s.fault
         if st.t == 0 and not st.history:
             st.history.append({"round": 0, **self.lp.evaluate(st.theta)})
+        if self.sweep is not None:
+            self.sweep.check_resume(st.t)
         t0 = time.perf_counter()
         try:
             while st.t < total:
@@ -296,6 +307,8 @@ class Peer:
                 self.rounds_run += 1
                 if self.first_round_s is None:
                     self.first_round_s = time.perf_counter() - t0
+                if self.sweep is not None and self.sweep.due(st.t):
+                    self.sweep.run(st)  # every peer sweeps the window that just ended
                 if st.t % eval_every == 0 or st.t == total:
                     st.history.append(self._evaluate(st))
                 if ck is not None and st.t % ck == 0:
@@ -307,6 +320,12 @@ class Peer:
         self.seconds = time.perf_counter() - t0
         self.write_outputs(st)
         return st
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of the training rounds (the sweeps' time taken out)."""
+        sweep = 0.0 if self.sweep is None else self.sweep.seconds["sweep"]
+        return self.seconds - sweep
 
     def _evaluate(self, st: PeerState) -> dict[str, Any]:
         """This peer's evaluation at ``st.t``; a non-finite loss means this peer diverged."""
@@ -383,6 +402,12 @@ class Peer:
             "checkpoints": self.checkpoint_rounds(),
             "identity": self.identity.digest,
         }
+        if self.sweep is not None and error is None and self.sweep.windows:
+            from .sweep import peer_ledger
+
+            res = self.sweep.write(self.out, self.train_seconds, peer_ledger(self))
+            metrics["contribution"] = {k: res[k] for k in ("adjoint", "adjoint_by_target",
+                                                           "seconds", "memory")}
         write_json(self.out / "metrics.json", metrics)
 
     def checkpoint_rounds(self) -> list[int]:

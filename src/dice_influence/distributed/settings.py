@@ -36,6 +36,44 @@ class FaultSettings(_Strict):
     kind: Literal["die", "stall"] = "die"
 
 
+class LieSettings(_Strict):
+    """A drill for measuring honesty (docs/contribution.md, "Honesty"): peer ``peer`` corrupts
+    every adjoint it sends in the sweep — ``scale`` (× ``factor``), ``sign`` (× −1) or
+    ``random`` (a Gaussian vector of the same norm, seeded)."""
+
+    peer: int = Field(..., ge=0)
+    kind: Literal["scale", "sign", "random"] = "scale"
+    factor: float = Field(10.0, allow_inf_nan=False)
+
+
+class SweepSettings(_Strict):
+    """The reverse sweep on the peers (docs/distributed.md, "contribution on real peers"): run
+    when the config has a ``contribution`` observer with a horizon (``run``: once after
+    training; ``window``: at the end of every window of ``window`` rounds)."""
+
+    enabled: bool | None = Field(None, description="default: when the config has a "
+                                 "contribution observer whose horizon is not off")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="c: keep θ and the optimizer state every c rounds and replay "
+        "a segment (over the network) during the sweep: O(T/c + c) parameter vectors; "
+        "default ceil(sqrt(T)) for a window of T rounds")
+    targets: Literal["both", "primary"] = Field(
+        "primary", description="primary: the observer's target only (adjoint_test); both: also "
+        "the other one (shared validation set / each peer's own test split) when it exists")
+    scores: bool = Field(True, description="write every trained sample's score")
+    max_norm_ratio: float | None = Field(
+        5.0, gt=1, allow_inf_nan=False,
+        description="norm bound on the reverse messages: an incoming adjoint longer than "
+        "this ratio times the receiver's own cotangent (times the nominal edge weight) is "
+        "replaced by that estimate and logged (null: no bound)")
+    min_cosine: float | None = Field(
+        0.5, ge=-1, le=1, allow_inf_nan=False,
+        description="direction check on the reverse messages: an incoming adjoint whose cosine "
+        "with the receiver's own cotangent is below this is replaced the same way (null: off)")
+    lie: LieSettings | None = Field(None, description="honesty drill: one peer corrupts its "
+                                    "adjoint messages")
+
+
 class DistributedSettings(_Strict):
     """``experiment.distributed`` of a run config."""
 
@@ -57,6 +95,9 @@ class DistributedSettings(_Strict):
     init_method: str | None = Field(None, description="default: env:// (torchrun)")
     allow_network: bool = Field(False, description="permit a non-loopback rendezvous/interface")
     detection: DetectionSettings = DetectionSettings()
+    sweep: SweepSettings = SweepSettings()
+    attacks: bool = Field(False, description="run experiment.attacks (free riders, update "
+                          "and data attacks) on the peers, as `dice experiment` does")
     fault: FaultSettings | None = None
 
 
@@ -78,6 +119,9 @@ def distributed_settings(cfg: RunConfig) -> DistributedSettings:
             lines.append(f"  {loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
     n = cfg.topology.n
+    if s.sweep.lie is not None and s.sweep.lie.peer >= n:
+        raise ConfigError(f"experiment.distributed.sweep.lie.peer: {s.sweep.lie.peer} out of "
+                          f"range for topology.n={n}")
     if s.fault is not None and s.fault.peer >= n:
         raise ConfigError(
             f"experiment.distributed.fault.peer: {s.fault.peer} out of range for topology.n={n}"

@@ -32,9 +32,12 @@ HEADER = 4  # int64 slots: magic, round, sender, kind
 ANNOUNCE = HEADER + 2  # ... + element count, dtype code
 KIND_PACKET = 1
 KIND_CONTROL = 2
+KIND_ADJOINT = 3
 TAG_PACKET = 1
 TAG_CONTROL = 2
 TAG_ANNOUNCE = 3
+TAG_ADJOINT_ANNOUNCE = 4
+TAG_ADJOINT = 5
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
 _DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in DTYPE_CODES.items()}
 FLAG_KEEP = 0
@@ -114,9 +117,11 @@ class Transport:
             dtype=torch.int64, device=self.device,
         )
 
-    def check_announcement(self, ann: torch.Tensor, src: int, t: int) -> None:
+    def check_announcement(self, ann: torch.Tensor, src: int, t: int, kind: int = KIND_PACKET,
+                           expect: int | None = None) -> None:
         """Refuse a packet of another length or dtype before receiving it."""
-        self._check(ann[:HEADER], src, t, KIND_PACKET)
+        self._check(ann[:HEADER], src, t, kind)
+        expect = self.packet_numel if expect is None else expect
         numel, code = (int(v) for v in ann[HEADER:].cpu().tolist())
         want = DTYPE_CODES.get(self.dtype, 0)
         if code != want:
@@ -125,9 +130,9 @@ class Transport:
                 f"peer expects {_DTYPE_NAMES.get(want, self.dtype)} (train.dtype differs between "
                 "peers?)"
             )
-        if numel != self.packet_numel:
+        if numel != expect:
             raise PeerFailure(
-                src, t, f"announced a packet of {numel} values, expected {self.packet_numel} "
+                src, t, f"announced a packet of {numel} values, expected {expect} "
                 f"(d={self.d} parameters: the model or config differs between peers?)"
             )
 
@@ -168,6 +173,50 @@ class Transport:
         self.bytes_received += len(frm) * (self.packet_bytes + ANNOUNCE * 8)
         self.messages_sent += len(to)
         return bufs, work
+
+    def exchange_adjoint(self, t: int, sends: dict[int, torch.Tensor], frm: list[int],
+                         m: int = 1) -> dict[int, torch.Tensor]:
+        """One round of the reverse sweep: send ``sends[j]`` (``(m, d)``: the cotangent this peer
+        passes back to its in-neighbour ``j``, ``m`` targets) and receive one from each peer in
+        ``frm`` (its out-neighbours in round ``t``). Same announcement, header and finiteness
+        checks as the forward packets (kind ``adjoint``); returns the received ``(m, d)``."""
+        numel = self._slots + m * self.d
+        bufs = {j: torch.full((numel,), float("nan"), dtype=self.dtype, device=self.device)
+                for j in frm}
+        work: list[tuple[int, str, Any]] = []
+        for j in frm:
+            ann = torch.full((ANNOUNCE,), -1, dtype=torch.int64, device=self.device)
+            first = dist.irecv(ann, src=j, tag=TAG_ADJOINT_ANNOUNCE)
+            work.append((j, "receive its adjoint", _Announced(self, j, t, ann, first, bufs[j],
+                                                              KIND_ADJOINT, TAG_ADJOINT)))
+        keep = []
+        for j, vec in sends.items():
+            if not bool(torch.isfinite(vec).all()):
+                raise PeerFailure(self.rank, t, "its own adjoint became non-finite in the sweep")
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._header(buf).copy_(torch.tensor([MAGIC, t, self.rank, KIND_ADJOINT]))
+            buf[self._slots:] = vec.reshape(-1)
+            ann = torch.tensor([MAGIC, t, self.rank, KIND_ADJOINT, numel,
+                                DTYPE_CODES.get(self.dtype, 0)], dtype=torch.int64,
+                               device=self.device)
+            keep += [buf, ann]
+            work.append((j, "send it our adjoint",
+                         dist.isend(ann, dst=j, tag=TAG_ADJOINT_ANNOUNCE)))
+            work.append((j, "send it our adjoint", dist.isend(buf, dst=j, tag=TAG_ADJOINT)))
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_sent += len(sends) * (numel * itemsize + ANNOUNCE * 8)
+        self.bytes_received += len(frm) * (numel * itemsize + ANNOUNCE * 8)
+        self.messages_sent += len(sends)
+        self.wait(t, work)
+        out = {}
+        for j, buf in bufs.items():
+            self._check(self._header(buf), j, t, KIND_ADJOINT)
+            body = buf[self._slots:]
+            if not bool(torch.isfinite(body).all()):
+                raise PeerFailure(j, t, "sent a non-finite adjoint in the reverse sweep")
+            out[j] = body.view(m, self.d)
+        del keep
+        return out
 
     def exchange_control(self, t: int, flags: dict[int, int], frm: list[int]) -> dict[int, int]:
         """Send one flag to each peer in ``flags`` and receive one from each peer in ``frm``."""
@@ -243,13 +292,14 @@ class _Announced:
     when the announcement matches). Behaves like a ``dist.Work`` for :meth:`Transport.wait`."""
 
     def __init__(self, tp: Transport, src: int, t: int, ann: torch.Tensor, first: Any,
-                 buf: torch.Tensor):
+                 buf: torch.Tensor, kind: int = KIND_PACKET, tag: int = TAG_PACKET):
         self.tp, self.src, self.t, self.ann, self.first, self.buf = tp, src, t, ann, first, buf
+        self.kind, self.tag = kind, tag
         self.second: Any = None
 
     def _post(self) -> None:
-        self.tp.check_announcement(self.ann, self.src, self.t)
-        self.second = dist.irecv(self.buf, src=self.src, tag=TAG_PACKET)
+        self.tp.check_announcement(self.ann, self.src, self.t, self.kind, self.buf.numel())
+        self.second = dist.irecv(self.buf, src=self.src, tag=self.tag)
 
     def is_completed(self) -> bool:
         if self.second is None:

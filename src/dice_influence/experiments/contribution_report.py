@@ -14,11 +14,19 @@ from ..config import data_label, model_label
 
 ROLE_LABEL = {"honest": "", "duplicate": "dup", "free_rider": "FR", "attacker": "ATK"}
 KEYS = ("spearman_loo", "spearman_loo_honest", "spearman_quality", "spearman_shapley",
-        "spearman_loo_shapley", "spearman_loo_proximal", "first_order_ratio",
+        "spearman_loo_shapley", "spearman_loo_proximal", "spearman_loo_data",
+        "spearman_loo_node", "spearman_loo_data_vs_node", "first_order_ratio",
         "free_riders_last", "free_riders_last_among_helpful",
-        "free_rider_precision", "free_rider_recall", "attacker_reward", "shapley_sampler_max_error", "online_overhead", "online_overhead_wall",
+        "free_rider_precision", "free_rider_recall", "attacker_reward",
+        "shapley_sampler_max_error", "online_overhead", "online_overhead_wall",
         "plain_seconds", "measured_seconds", "loo_seconds", "loo_over_plain",
-        "shapley_seconds", "shapley_evaluations", "shapley_se_mean")
+        "shapley_seconds", "shapley_cpu_seconds", "shapley_evaluations", "shapley_se_mean")
+UNITS = {"online_overhead": "x (CPU time ratio)", "online_overhead_wall": "x (wall ratio)",
+         "loo_over_plain": "x (wall ratio)", "plain_seconds": "s wall",
+         "measured_seconds": "s wall", "loo_seconds": "s wall", "shapley_seconds": "s wall",
+         "shapley_cpu_seconds": "s CPU", "shapley_evaluations": "retrainings",
+         "shapley_se_mean": "test loss", "attacker_reward": "share of budget",
+         "first_order_ratio": "(b) / LOO, least squares"}
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -152,25 +160,39 @@ def _fmt(v: Any) -> str:
 def markdown_table(metrics: dict[str, Any]) -> str:
     """Agreement with the truths and costs: mean and worst over seeds."""
     mean, worst = metrics["agreement"], metrics["agreement_worst"]
-    lines = ["| metric | mean | worst |", "|---|---|---|"]
+    lines = ["| metric | unit | mean | worst |", "|---|---|---|---|"]
     extra = [k for k in mean if k.startswith("spearman_loo_") and k not in KEYS]
     for k in (*KEYS, *extra):
         if k in mean:
-            lines.append(f"| {k} | {_fmt(mean[k])} | {_fmt(worst[k])} |")
+            unit = UNITS.get(k, "Spearman" if k.startswith("spearman") else "")
+            lines.append(f"| {k} | {unit} | {_fmt(mean[k])} | {_fmt(worst[k])} |")
     return "\n".join(lines)
 
 
 def node_table(metrics: dict[str, Any], seed: int) -> str:
     rows = [r for r in metrics["contribution"] if r["seed"] == seed]
-    head = ("| node | role | noise | size | contribution | LOO | Shapley ± se | reward | "
-            "free rider |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| node | role | noise | size | contribution | LOO (data) | LOO (node) | "
+            "Shapley ± se | reward | free rider |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sh = "–" if r["shapley"] is None else f"{r['shapley']:.4f} ± {r['shapley_se']:.4f}"
         lines.append(f"| {r['node']} | {r['role']} | {r['noise']:.0%} | {r['size']:g}x | "
-                     f"{r['contribution']:.4f} | {_fmt(r['loo'])} | {sh} | "
+                     f"{r['contribution']:.4f} | {_f4(r.get('loo_data', r['loo']))} | "
+                     f"{_f4(r.get('loo_node'))} | {sh} | "
                      f"{r['reward']:.2f} | {_fmt(r['free_rider_flag'])} |")
     return "\n".join(lines)
+
+
+def console_tables(metrics: dict[str, Any]) -> str:
+    """What ``dice experiment contribution`` prints: the agreement table and the first seed's
+    per-node table (contribution, both leave-one-node-outs, Shapley ± se, reward)."""
+    seed = metrics["seeds"][0]
+    return (markdown_table(metrics) + f"\n\nNodes, seed {seed} (test loss; negative = "
+            f"helpful; reward out of the budget):\n" + node_table(metrics, seed))
+
+
+def _f4(v: Any) -> str:
+    return "–" if v is None else f"{v:.4f}"
 
 
 def readme(cfg: Any, metrics: dict[str, Any]) -> str:

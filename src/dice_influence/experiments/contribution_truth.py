@@ -91,22 +91,51 @@ class _StackedMixer:
         return mixed if out is None else out.copy_(mixed)
 
 
+class _BatchedMixer:
+    """Copy ``r`` mixed with its own ``W_r`` (``Ws``: (R, n, n)): one batched product."""
+
+    def __init__(self, Ws: torch.Tensor) -> None:
+        self.Ws = Ws
+
+    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        R, n, _ = self.Ws.shape
+        mixed = torch.bmm(self.Ws, theta.view(R, n, theta.shape[1])).reshape(R * n, -1)
+        return mixed if out is None else out.copy_(mixed)
+
+
 @dataclass
 class StackedProblem(Problem):
     """``R`` copies of ``base`` as one problem of ``R·n`` nodes (module docstring)."""
 
     base: Problem | None = None
     copies: int = 1
+    isolated: np.ndarray | None = None  # (R, n): nodes taken out of copy r's graph
 
     @property
     def n(self) -> int:
         return self.base.n * self.copies
 
     def W(self, t: int) -> np.ndarray:
-        return np.kron(np.eye(self.copies), self.base.W(t))
+        if self.isolated is None:
+            return np.kron(np.eye(self.copies), self.base.W(t))
+        from scipy.linalg import block_diag
+
+        Wt = self.base.W(t)
+        return block_diag(*[isolate(Wt, iso) for iso in self.isolated])
 
     def mixer(self, t: int) -> Any:
-        return _StackedMixer(self.base.mixer(t), self.copies)
+        if self.isolated is None:
+            return _StackedMixer(self.base.mixer(t), self.copies)
+        key = 0 if self.base.schedule.is_static else t
+        m = self._mixers.get(key)
+        if m is None:
+            if len(self._mixers) > 64:
+                self._mixers.clear()
+            Wt = self.base.W(t)
+            Ws = np.stack([isolate(Wt, iso) for iso in self.isolated])
+            m = self._mixers[key] = _BatchedMixer(
+                torch.as_tensor(Ws, dtype=self.dtype, device=self.device))
+        return m
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.base.batch(t)
@@ -117,8 +146,23 @@ class StackedProblem(Problem):
         return self.base.init_theta().repeat(self.copies, 1)
 
 
-def stack(problem: Problem, keep: np.ndarray) -> StackedProblem:
-    """The stacked problem whose copy ``r`` keeps the data of nodes ``keep[r]`` (bool (R, n))."""
+def isolate(W: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """``W`` with the nodes ``removed`` (bool (n,)) taken out of the graph: nobody reads them
+    and they read nobody, every row that lost weight repaired by the one rule
+    (:func:`~dice_influence.apps.defense.repair_rows`)."""
+    from ..apps.defense import repair_rows
+
+    removed = np.asarray(removed, dtype=bool)
+    if not removed.any():
+        return W
+    blocked = removed[None, :] | removed[:, None]
+    return repair_rows(W, blocked)
+
+
+def stack(problem: Problem, keep: np.ndarray,
+          isolated: np.ndarray | None = None) -> StackedProblem:
+    """The stacked problem whose copy ``r`` keeps the data of nodes ``keep[r]`` (bool (R, n))
+    and, with ``isolated`` (bool (R, n)), has those nodes taken out of its graph."""
     keep = np.asarray(keep, dtype=bool)
     R, n = keep.shape
     if n != problem.n:
@@ -127,7 +171,9 @@ def stack(problem: Problem, keep: np.ndarray) -> StackedProblem:
     fields["transforms"] = (DataRemoval(~keep.reshape(-1)),
                             *(Tiled(tr, n, R) for tr in problem.transforms))
     fields["_mixers"] = {}
-    return StackedProblem(**fields, base=problem, copies=R)
+    iso = None if isolated is None or not np.asarray(isolated).any() else \
+        np.asarray(isolated, dtype=bool).reshape(R, n)
+    return StackedProblem(**fields, base=problem, copies=R, isolated=iso)
 
 
 def check_removable(problem: Problem) -> None:
@@ -144,7 +190,8 @@ def check_removable(problem: Problem) -> None:
 
 def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
                    max_nodes: int = 1024, progress: bool = False,
-                   label: str = "retraining") -> dict[str, np.ndarray]:
+                   label: str = "retraining",
+                   isolated: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Train one network per row of ``keep`` (bool (C, n): whose data is used) for ``rounds``
     rounds, ``max_nodes // n`` networks per vectorized run (``progress``: a bar over their
     rounds). Returns final per-node test loss and accuracy on ``z'`` (``loss``, ``acc``:
@@ -161,7 +208,8 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
     chunks = range(0, len(keep), per)
     with progress_bar(progress, len(chunks) * rounds, label) as advance:
         for c in chunks:
-            sp = stack(problem, keep[c:c + per])
+            sp = stack(problem, keep[c:c + per],
+                       None if isolated is None else np.asarray(isolated)[c:c + per])
             theta = sp.init_theta()
             theta, _ = Loop(sp).run(theta, sp.opt.init_state(theta), 0, rounds,
                                     on_round=lambda *_: advance())
@@ -178,19 +226,30 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
 # ----------------------------------------------------------------------------- LOO
 
 
+REMOVALS = ("data", "node")
+
+
 def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None = None,
-                  max_nodes: int = 1024, progress: bool = False) -> dict[str, Any]:
+                  max_nodes: int = 1024, progress: bool = False,
+                  removal: str = "data") -> dict[str, Any]:
     """Leave-one-node-out for each of ``nodes`` (default all), batched with the factual network
     as copy 0. Per node ``j`` (axis ``node``): ``loo`` = mean test loss of the *other* nodes
-    with ``j``'s data − without it (negative = helpful), ``loo_all`` the same over all nodes,
-    ``loo_acc`` = their mean accuracy with − without (positive = helpful)."""
+    with ``j`` − without it (negative = helpful), ``loo_all`` the same over all nodes,
+    ``loo_acc`` = their mean accuracy with − without (positive = helpful).
+
+    ``removal="data"``: ``j``'s data weighted to zero while ``j`` still relays (the value of
+    its data); ``"node"``: ``j`` taken out of the graph, rows repaired by the one rule (its
+    data and its relay role gone: the value of its membership)."""
+    if removal not in REMOVALS:
+        raise ValueError(f"removal={removal!r}: choose data or node")
     n = problem.n
     nodes = list(range(n)) if nodes is None else [int(j) for j in nodes]
     keep = np.ones((1 + len(nodes), n), dtype=bool)
     for i, j in enumerate(nodes, start=1):
         keep[i, j] = False
     res = run_coalitions(problem, keep, rounds, max_nodes=max_nodes, progress=progress,
-                         label="leave-one-node-out")
+                         label=f"leave-one-node-out ({removal})",
+                         isolated=~keep if removal == "node" else None)
     L, A = res["loss"], res["acc"]
     others = ~np.eye(n, dtype=bool)[nodes]
     loo = np.array([(L[0, o].mean() - L[i, o].mean()) for i, o in enumerate(others, start=1)])
@@ -198,7 +257,7 @@ def leave_one_out(problem: Problem, rounds: int, *, nodes: Sequence[int] | None 
     return {"nodes": nodes, "loo": loo, "loo_all": L[0].mean() - L[1:].mean(1),
             "loo_acc": acc, "factual_loss": L[0], "factual_acc": A[0],
             "seconds": float(res["seconds"]), "cpu_seconds": float(res["cpu_seconds"]),
-            "retrainings": len(nodes),
+            "retrainings": len(nodes), "removal": removal,
             "networks_per_run": min(len(keep), max(1, max_nodes // n))}
 
 
@@ -239,8 +298,12 @@ def shapley_exact(utility: Utility, n: int) -> np.ndarray:
     return phi
 
 
+ORDERINGS = ("independent", "cyclic")
+
+
 def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: int = 0,
-                         tolerance: float = 0.0) -> dict[str, Any]:
+                         tolerance: float = 0.0, orderings: str = "cyclic",
+                         se_widen: float = 1.0) -> dict[str, Any]:
     """Permutation-sampling Shapley values (TMC-style), stratified: permutations come in blocks
     of ``2n``, the ``n`` cyclic shifts of one random order and of its reverse, so every player
     takes every position twice per block (the position, not the data, drives most of the
@@ -248,15 +311,30 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     below ``tolerance · |U(∅) − U(N)|`` (later marginals taken as 0; evaluations then run in
     ``n`` position stages). Returns ``phi``, its standard error ``se`` (positions as strata:
     the spread of each player's marginals at the same position), ``evaluations`` (coalitions
-    trained)."""
+    trained).
+
+    ``orderings="cyclic"`` (default) is the stratified design above: its cyclic shifts share
+    coalitions (fewer retrainings) and its estimates are the more accurate, but the
+    position-stratified error treats the shifts of one order as independent, which they are
+    not (nested prefixes), so it can be too small with few blocks: ``se`` is that error times
+    ``se_widen`` (``se_raw`` without). ``"independent"`` draws every order independently, each
+    paired with its reverse (antithetic pairs, independent of each other): ``se`` is the plain
+    standard error over the pairs' means, valid by construction (``se_widen`` not applied)."""
     if permutations < 1:
         raise ValueError(f"permutations={permutations} must be >= 1")
+    if orderings not in ORDERINGS:
+        raise ValueError(f"orderings={orderings!r}: choose one of {ORDERINGS}")
     rng = np.random.default_rng([int(seed), 0x5A9])
-    blocks = math.ceil(permutations / (2 * n))
     perms = []
-    for _ in range(blocks):
-        base = rng.permutation(n)
-        perms += [np.roll(b, s) for b in (base, base[::-1]) for s in range(n)]
+    if orderings == "cyclic":
+        blocks = math.ceil(permutations / (2 * n))
+        for _ in range(blocks):
+            base = rng.permutation(n)
+            perms += [np.roll(b, s) for b in (base, base[::-1]) for s in range(n)]
+    else:
+        for _ in range(math.ceil(permutations / 2)):
+            base = rng.permutation(n)
+            perms += [base, base[::-1]]
     perms = np.array(perms[:permutations])
     M = len(perms)
     full = np.ones((1, n), dtype=bool)
@@ -301,8 +379,16 @@ def shapley_permutations(utility: Utility, n: int, permutations: int, *, seed: i
     for m, p in enumerate(perms):
         marg[m, p] = np.diff(prefix[m])  # U(S ∪ j) − U(S): loss with j − without
     phi = marg.mean(0)
-    se = _stratified_se(marg, perms)
+    if orderings == "cyclic":
+        se_raw = _stratified_se(marg, perms)
+        se = se_raw * se_widen
+    else:  # antithetic pairs (an order and its reverse) are the independent draws
+        pairs = marg[: M - M % 2].reshape(-1, 2, n).mean(1) if M >= 4 else marg
+        se = pairs.std(0, ddof=1) / math.sqrt(len(pairs)) if len(pairs) > 1 \
+            else np.full(n, np.nan)
+        se_raw, se_widen = se, 1.0
     return {"phi": phi, "se": se, "permutations": M, "evaluations": evaluations,
+            "orderings": orderings, "se_raw": se_raw, "se_widen": se_widen,
             "tolerance": tolerance, "u_full": float(u_full), "u_empty": float(u_empty)}
 
 
