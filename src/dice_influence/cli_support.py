@@ -55,11 +55,38 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _commit_claimed()
+            return result
         except user_errors() as exc:
             fail(exc)
+        finally:
+            _release_claimed()
 
     return wrapper
+
+
+OVERWRITE_HELP = ("Replace the folder as a whole when it holds another run's or another "
+                  "command's files (everything in it is removed first; files no dice command "
+                  "wrote are never removed).")
+
+
+def overwrite_option() -> Any:
+    """The ``--overwrite`` option every command that writes a folder shares."""
+    return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+
+
+def _commit_claimed() -> None:
+    """After a command succeeded: commit (``manifest.json``) each folder it claimed."""
+    folders = sys.modules.get("dice_influence.folders")
+    if folders is not None:
+        folders.commit_claimed()
+
+
+def _release_claimed() -> None:
+    folders = sys.modules.get("dice_influence.folders")
+    if folders is not None:
+        folders.release_folders()
 
 
 def load_run_config(config: Path | None, overrides: list[str] | None,
