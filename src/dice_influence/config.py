@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from ._util import did_you_mean
 
@@ -23,6 +30,7 @@ class ConfigError(ValueError):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0..2**32-1
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]  # `seed: true` is not seed 1
 MAX_NODES = 4096  # mixing matrices are dense (n, n) float64: 4096 nodes = 128 MiB each
 
 
@@ -38,7 +46,7 @@ class CorruptionConfig(_Strict):
     fraction: float = Field(1.0, ge=0.0, le=1.0)
     sigma: float = Field(1.0, ge=0.0)
     permutation: list[int] | None = None
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
 
 
 class GroupsConfig(_Strict):
@@ -121,7 +129,7 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: data, topology, model, training. ``seed`` drives every random draw."""
 
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
@@ -136,6 +144,17 @@ class RunConfig(_Strict):
     experiment: dict[str, Any] = Field(
         default_factory=dict, description="settings of an experiment built on this run"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, raw: Any) -> Any:
+        """Non-finite numbers are refused everywhere, free-form sections included (plug-in
+        and experiment settings): ``margin: .nan`` would silently never prune."""
+        bad = _non_finite(raw)
+        if bad is not None:
+            where, v = bad
+            raise ValueError(f"{where}: {v} is not a finite number; give a finite value")
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -184,6 +203,25 @@ class RunConfig(_Strict):
         return self
 
 
+def _non_finite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """The first ``(dotted key, value)`` in ``obj`` that is a non-finite float, else None."""
+    import math
+
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "(top level)", obj)
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def _check_data_layout(cfg: RunConfig, n: int) -> None:
     """Per-node sizes and duplicated nodes must fit the network (messages name the key)."""
     dc = cfg.data
@@ -227,8 +265,14 @@ def check_device(cfg: RunConfig) -> None:
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
+        if e["type"] == "value_error":  # our validators' messages name the key themselves
+            msg = msg.removeprefix("Value error, ")
+            if not loc:
+                lines.append(f"  {msg}")
+                continue
+        loc = loc or "(top level)"
         if e["type"] == "extra_forbidden":
             keys = _keys_at(e["loc"][:-1])
             hint = did_you_mean(str(e["loc"][-1]), keys) if keys else ""
