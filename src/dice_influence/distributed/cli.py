@@ -57,6 +57,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         from ..config import ConfigError
         from ..folders import claim_folder
         from ..report import write_report
+        from .launch import LaunchInterrupted
         from .launch import launch as run_launch
         from .peer import peer_identity
 
@@ -69,8 +70,16 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
             )
         claim_folder(out, "launch", peer_identity(cfg), overwrite=overwrite, resume=resume)
         console.print(f"launching {n} peers on loopback -> [bold]{escape(str(out))}[/]")
-        res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
-                         wall_timeout=timeout)
+        try:
+            res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
+                             wall_timeout=timeout)
+        except LaunchInterrupted as stop:
+            done = [m and m["rounds_done"] for m in stop.result.metrics]
+            console.print(
+                f"[bold red]interrupted[/] after {stop.result.seconds:.1f} s: all {n} peers "
+                f"stopped, rendezvous removed; rounds done per peer {done}; "
+                f"{escape(str(out / 'summary.json'))} written; continue with --resume")
+            raise typer.Exit(130) from None
         table = Table(title=f"{n} peers, {res.seconds:.1f} s",
                       caption="rounds/s: rounds done / wall time of each peer, single "
                       "measurement")
