@@ -138,6 +138,19 @@ def test_unknown_files_are_never_removed_even_with_overwrite(tmp_path):
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
+def test_the_users_config_in_the_folder_is_kept_across_runs(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = out / "mine.yaml"
+    cfg.write_text(yaml.safe_dump(TRAIN))
+    for _ in range(2):  # a fresh folder, then a rerun that replaces the run's files
+        r = runner.invoke(app, ["train", str(cfg), "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        assert cfg.is_file() and (out / "config.yaml").is_file()
+    assert "mine.yaml" not in json.loads((out / "manifest.json").read_text())["files"]
+    assert folder_problems(out) == []
+
+
 def test_bench_refuses_a_foreign_json_and_a_run_folder(tmp_path):
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')

@@ -14,6 +14,8 @@ Each output folder a ``dice`` command writes (``train``, ``launch``, ``demo``, e
 - at the end :func:`commit_folder` writes ``manifest.json`` over every file of the folder
   (``report.html`` included), with the hashes of the bytes this process wrote.
 
+The user's own config files in the folder (any top-level ``*.yaml`` but ``config.yaml``, e.g.
+``dice train run/c.yaml -o run``) are left alone: never refused, removed or committed.
 Folders written before markers existed are recognised by their files (``metrics.json``'s
 ``kind``, ``manifest.json``, ``trajectory.json``, ``summary.json`` + ``peer-0/``).
 ``dice bench`` writes one JSON file, claimed with :func:`claim_file` by the same rules.
@@ -166,12 +168,24 @@ def describe(kind: str | None) -> str:
 # ------------------------------------------------------------------------------ claim
 
 
+def _kept(out: Path) -> set[str]:
+    """The user's own config files at the top of ``out`` (``dice train run/c.yaml -o run``):
+    every ``*.yaml``/``*.yml`` but ``config.yaml``, the only YAML a dice command writes. They
+    are never removed, never refused and never committed as the run's."""
+    if not out.is_dir():
+        return set()
+    return {p.name for p in out.iterdir()
+            if p.is_file() and p.suffix in (".yaml", ".yml") and p.name != "config.yaml"}
+
+
 def clear_folder(out: str | Path) -> None:
-    """Remove everything in ``out`` except its lock file (the manifest first)."""
+    """Remove everything in ``out`` except its lock file and the user's kept config files (the
+    manifest first)."""
     out = Path(out)
+    keep = _kept(out) | {LOCK}
     remove_manifest(out)
     for p in out.iterdir():
-        if p.name == LOCK:
+        if p.name in keep:
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -195,7 +209,8 @@ def claim_folder(out: str | Path, kind: str, identity: RunIdentity | None = None
         raise ConfigError(f"--out {out} is a file, not a folder; choose a folder path")
     lock_folder(out)
     _remove_orphans(out)
-    entries = _entries(out)
+    kept = _kept(out)
+    entries = [p for p in _entries(out) if p.name not in kept]
     found = folder_kind(out) if entries or read_marker(out) else None
     if entries and found is None:
         names = ", ".join(p.name for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
@@ -268,12 +283,15 @@ def claim_file(path: str | Path, kind: str, *, overwrite: bool = False) -> Path:
 
 
 def _committed_files(out: Path) -> list[str]:
+    kept = _kept(out)
     names = []
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
         if not p.is_file() or p.name in IGNORED or p.name == MANIFEST and rel.parent == Path():
             continue
         if p.name.startswith(".") and p.name.endswith(".tmp"):
+            continue
+        if rel.parent == Path() and p.name in kept:
             continue
         if any(part in NOT_COMMITTED_DIRS for part in rel.parts[:-1]):
             continue
