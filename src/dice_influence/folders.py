@@ -70,8 +70,12 @@ def lock_folder(out: str | Path) -> None:
     key = os.path.abspath(out)
     if key in _HELD:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirError(f"--out {out}: cannot create its lock file ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
