@@ -29,7 +29,8 @@ import numpy as np
 from .._util import atomic_path, atomic_write_text, write_json
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from ..manifest import RunDirError, RunIdentity
-from . import lifeline
+from .lifeline import rendezvous_dir, sweep_stale
+from .lifeline import start as watch_launcher
 from .settings import distributed_settings
 
 
@@ -133,7 +134,7 @@ def _peer_main(rank: int, n: int, init: str, config: str, out: str, log: str) ->
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    lifeline.start(init)  # stop when the launcher dies (kill -9 included)
+    watch_launcher(init)  # stop when the launcher dies (kill -9 included)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(n),
@@ -204,8 +205,8 @@ def launch(
     cfg_path = out / "config.yaml"
     atomic_write_text(cfg_path, dump_config(cfg))
     grace = grace if grace is not None else 2 * s.timeout_s + 10
-    lifeline.sweep_stale()
-    rdv = lifeline.rendezvous_dir()
+    sweep_stale()
+    rdv = rendezvous_dir()
     init = f"file://{rdv}/rendezvous"
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
