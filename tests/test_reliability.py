@@ -246,13 +246,14 @@ def test_files_swapped_between_runs_are_refused(tmp_path):
 
 
 def test_inconsistent_trajectory_json_is_one_line(tmp_path):
+    from dice_influence._util import atomic_write_text
     from dice_influence.manifest import write_manifest
 
     traj = train(load_config(tiny()))
     traj.save(tmp_path)
     meta = json.loads((tmp_path / "trajectory.json").read_text())
     del meta["lrs"]
-    (tmp_path / "trajectory.json").write_text(json.dumps(meta))
+    atomic_write_text(tmp_path / "trajectory.json", json.dumps(meta))  # committed as written
     write_manifest(tmp_path, ["trajectory.json", "checkpoints.safetensors"], traj.identity)
     with pytest.raises(ConfigError, match="lrs"):
         Trajectory.load(tmp_path)

@@ -167,7 +167,10 @@ def _listening(pid: int) -> list[str]:
     return out
 
 
-def test_env_rendezvous_listens_on_the_given_address_only(tmp_path):
+@pytest.mark.parametrize("how", ["env", "tcp"])
+def test_rendezvous_listens_on_the_given_address_only(tmp_path, how):
+    """env:// (MASTER_ADDR) and tcp://127.0.0.1:PORT (DICE_INIT_METHOD) alike: the store
+    listens on loopback only, never on 0.0.0.0 / [::] (issue 21)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -177,6 +180,8 @@ def test_env_rendezvous_listens_on_the_given_address_only(tmp_path):
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     env.pop("DICE_INIT_METHOD", None)
+    if how == "tcp":
+        env.update(DICE_INIT_METHOD=f"tcp://127.0.0.1:{port}", MASTER_PORT="1")
     proc = subprocess.Popen([sys.executable, "-m", "dice_influence.distributed", str(cfg),
                              "--out", str(tmp_path / "o")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -67,13 +67,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+            digest = _digest_fd(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        _WRITTEN[os.path.abspath(path)] = digest
         fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_WRITTEN: dict[str, dict[str, Any]] = {}
+"""absolute path -> ``{"size", "sha256"}`` of the bytes this process last wrote there."""
+
+
+def _digest_fd(fd: int) -> dict[str, Any]:
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def written_digest(path: str | Path) -> dict[str, Any] | None:
+    """``{"size", "sha256"}`` of what this process last wrote to ``path`` through
+    :func:`atomic_path` (read back from the temporary file before the rename, so a file that
+    another process replaced since is not mistaken for ours); None if it wrote nothing there."""
+    return _WRITTEN.get(os.path.abspath(path))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -20,10 +20,12 @@ from .cli_support import (
     DATA_DIR_HELP,
     SET_HELP,
     console,
+    err_console,
     esc,
     fail,
     friendly,
     load_run_config,
+    overwrite_option,
     print_nodes,
 )
 
@@ -155,13 +157,14 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its latest checkpoint (same "
         "config; train.rounds may grow)."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace another run's files in --out."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Train decentralized SGD; write a run directory (config, metrics, CSVs, checkpoints,
     report.html). Checkpoints go to OUT/progress/ as training goes, so a killed run continues
     with --resume."""
     from .config import check_device
+    from .folders import claim_folder
+    from .manifest import RunIdentity
     from .report import write_report
     from .rundir import check_writable, open_run, progress_writer, write_run_dir
     from .simulator import build_problem
@@ -170,7 +173,10 @@ def train(
     cfg = load_run_config(config, set_, data_dir)
     check_device(cfg)
     check_writable(out)
-    traj = open_run(out, build_problem(cfg), resume=resume, overwrite=overwrite)
+    problem = build_problem(cfg)
+    claim_folder(out, "train", RunIdentity.of(cfg, problem.dataset.files), overwrite=overwrite,
+                 resume=resume)
+    traj = open_run(out, problem, resume=resume, overwrite=overwrite)
     try:
         traj.run(cfg.train.rounds - traj.rounds_done, progress=not quiet,
                  on_checkpoint=progress_writer(traj, out))
@@ -254,8 +260,11 @@ def report(
 ) -> None:
     """Write RUN_DIR/report.html: one self-contained page (config, headline numbers, every
     plot with what it shows) that opens from a file without network."""
+    from .folders import open_for_report
     from .report import SCREENSHOT_NAME, write_report
 
+    for problem in open_for_report(run_dir):
+        err_console.print(f"[bold yellow]warning:[/] {esc(problem)}")
     path = write_report(run_dir)
     console.print(f"report: [bold]{esc(path)}[/] (open it in a browser)")
     if check:
@@ -278,12 +287,16 @@ def report(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Directory to write."),
     rounds: int = typer.Option(150, help="Training rounds."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """End to end on the embedded digits data: train 16 nodes on an exponential graph, draw one
     removal's influence cascade, check DICE-E against DICE-GT, then catch label-flipping
     neighbours and heal the network. Ends with one report of everything."""
     from .demo import run_demo
+    from .folders import claim_folder, experiment_identity
 
+    claim_folder(out, "demo", experiment_identity("demo", None, rounds=rounds),
+                 overwrite=overwrite)
     run_demo(out, rounds, console)
 
 

@@ -55,11 +55,38 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _commit_claimed()
+            return result
         except user_errors() as exc:
             fail(exc)
+        finally:
+            _release_claimed()
 
     return wrapper
+
+
+OVERWRITE_HELP = ("Replace the folder as a whole when it holds another run's or another "
+                  "command's files (everything in it is removed first; files no dice command "
+                  "wrote are never removed).")
+
+
+def overwrite_option() -> Any:
+    """The ``--overwrite`` option every command that writes a folder shares."""
+    return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+
+
+def _commit_claimed() -> None:
+    """After a command succeeded: commit (``manifest.json``) each folder it claimed."""
+    folders = sys.modules.get("dice_influence.folders")
+    if folders is not None:
+        folders.commit_claimed()
+
+
+def _release_claimed() -> None:
+    folders = sys.modules.get("dice_influence.folders")
+    if folders is not None:
+        folders.release_folders()
 
 
 def load_run_config(config: Path | None, overrides: list[str] | None,
@@ -81,21 +108,29 @@ def load_run_config(config: Path | None, overrides: list[str] | None,
 
 
 def _blame_overrides(config: Path | None, overrides: list[str], exc: Exception) -> str:
-    """The message for overrides that broke a valid config: each bad ``--set`` by name."""
-    from .config import ConfigError, load_config
+    """The message for overrides that broke a valid config: each error line of the config
+    with every override applied (so it names the values the user set, not the file's), led
+    by the ``--set`` whose key it names, or by all of them when it names none."""
+    import re
 
-    bad = []
-    for pair in overrides:
-        try:
-            load_config(config, [pair])
-        except ConfigError as one:
-            lines = str(one).splitlines()
-            detail = "; ".join(s.strip() for s in lines[1:]) if len(lines) > 1 else lines[0]
-            bad.append(f"--set {pair}: {detail}")
-    if not bad:
-        sets = " ".join(f"--set {p}" for p in overrides)
-        return f"{sets} (together): {exc}"
-    return "\n".join(bad)
+    lines = str(exc).splitlines()
+    body = [ln.strip() for ln in (lines[1:] if len(lines) > 1 else lines)]
+    keys = {p.split("=", 1)[0].strip(): p for p in overrides if "=" in p}
+    out = []
+    for text in body:
+        m = re.match(r"[\w.]+", text)
+        loc = m.group(0) if m else ""
+        hit = [p for k, p in keys.items() if loc == k or loc.startswith(k + ".")]
+        if not hit:
+            hit = [p for k, p in keys.items() if k.startswith(loc + ".")] if loc else []
+        if hit:
+            out.append(f"--set {hit[0]}: {text}")
+        elif len(lines) == 1:
+            return text  # e.g. an override that is not key=value
+        else:
+            sets = " ".join(f"--set {p}" for p in overrides)
+            out.append(f"{sets} (together): {text}")
+    return "\n".join(out)
 
 
 def print_nodes(traj: Any, title: str | None = None) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from ._util import did_you_mean
 
@@ -23,6 +30,7 @@ class ConfigError(ValueError):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0..2**32-1
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]  # `seed: true` is not seed 1
 MAX_NODES = 4096  # mixing matrices are dense (n, n) float64: 4096 nodes = 128 MiB each
 
 
@@ -38,7 +46,7 @@ class CorruptionConfig(_Strict):
     fraction: float = Field(1.0, ge=0.0, le=1.0)
     sigma: float = Field(1.0, ge=0.0)
     permutation: list[int] | None = None
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
 
 
 class GroupsConfig(_Strict):
@@ -156,7 +164,7 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: data, topology, model, training. ``seed`` drives every random draw."""
 
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
@@ -172,6 +180,17 @@ class RunConfig(_Strict):
     experiment: dict[str, Any] = Field(
         default_factory=dict, description="settings of an experiment built on this run"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, raw: Any) -> Any:
+        """Non-finite numbers are refused everywhere, free-form sections included (plug-in
+        and experiment settings): ``margin: .nan`` would silently never prune."""
+        bad = _non_finite(raw)
+        if bad is not None:
+            where, v = bad
+            raise ValueError(f"{where}: {v} is not a finite number; give a finite value")
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -219,6 +238,25 @@ class RunConfig(_Strict):
                     "on sender j)"
                 )
         return self
+
+
+def _non_finite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """The first ``(dotted key, value)`` in ``obj`` that is a non-finite float, else None."""
+    import math
+
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "(top level)", obj)
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_data_layout(cfg: RunConfig, n: int) -> None:
@@ -352,8 +390,14 @@ def check_device(cfg: RunConfig) -> None:
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
+        if e["type"] == "value_error":  # our validators' messages name the key themselves
+            msg = msg.removeprefix("Value error, ")
+            if not loc:
+                lines.append(f"  {msg}")
+                continue
+        loc = loc or "(top level)"
         if e["type"] == "extra_forbidden":
             keys = _keys_at(e["loc"][:-1])
             hint = did_you_mean(str(e["loc"][-1]), keys) if keys else ""
@@ -361,7 +405,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
                    f"unknown key; valid keys here: {', '.join(keys)}" if keys else
                    "unknown key (check the spelling; `dice config` prints every valid key)")
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {short_repr(got)})"
         lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
 
@@ -399,9 +443,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {pair!r} must look like key=value, e.g. train.lr=0.05")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {pair!r}: value is not valid YAML ({exc})") from None
+            value = safe_yaml(raw, f"override {pair[:80]!r}")
+        except ConfigError as exc:
+            raise ConfigError(f"override {pair[:80]!r}: value is not valid YAML ({exc})") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -420,6 +464,149 @@ def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+# ------------------------------------------------------------------------------ YAML input
+
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few KiB; a larger file is not a config
+MAX_DEPTH = 64  # nesting levels of mappings/lists
+MAX_ALIASES = 100
+MAX_VALUES = 200_000  # scalars after expanding aliases (a "billion laughs" file expands to 10^9)
+MAX_INT_DIGITS = 40
+
+
+def short_repr(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters (an error never prints a whole input)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxdict = r.maxtuple = 6
+    r.maxlevel = 3
+    text = r.repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with limits: duplicate keys, nesting depth, alias count, expanded size and
+    integer length are refused (each a :class:`yaml.YAMLError` with the line)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name); write the values out",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_DEPTH} levels deep",
+                self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges are resolved by PyYAML itself
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark
+                ) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)} (first on line "
+                    f"{seen[key].line + 1}); the later one would silently replace it",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer with {digits} digits; no setting needs more than "
+                f"{MAX_INT_DIGITS}", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Scalars in ``node`` with every alias expanded (shared nodes counted each time)."""
+    got = memo.get(id(node))
+    if got is not None:
+        return got
+    if isinstance(node, yaml.ScalarNode):
+        size = 1
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    memo[id(node)] = size
+    return size
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` with :class:`_Loader`'s limits; :class:`ConfigError` naming
+    ``where`` and the line on any problem."""
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader refuses control characters here already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_VALUES:
+            raise ConfigError(f"{where}: expands to {size} values (aliases of aliases?); a "
+                              f"config has at most {MAX_VALUES}")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML: {str(problem)[:200]}{at}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml_file(path: Path) -> Any:
+    """The YAML document in ``path``: at most 1 MiB of UTF-8 text (a UTF-16 file or invalid
+    UTF-8 is named as such), parsed by :func:`safe_yaml`."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size} bytes; a config is at most "
+                              f"{MAX_CONFIG_BYTES} bytes (is it the right file?)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:4]):
+        raise ConfigError(f"{path} is saved as UTF-16 (or UTF-32); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}, line {line}: "
+                          f"{data[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    return safe_yaml(text, str(path))
+
+
 def load_config(
     source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
@@ -434,10 +621,7 @@ def load_config(
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass a path to a YAML file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raw = read_yaml_file(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a YAML mapping at top level, got {type(raw).__name__}")
         name = str(path)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._util import fsync_dir, write_json
+from ._util import fsync_dir, write_json, written_digest
 from .config import ConfigError, RunConfig, drop_own_defaults
 
 MANIFEST = "manifest.json"
@@ -159,12 +159,16 @@ def write_manifest(
     folder: str | Path, files: list[str], identity: RunIdentity, **extra: Any
 ) -> None:
     """Commit ``folder``: record ``files`` (names inside it) with their hashes, and the run
-    identity. Call after every listed file is durably written."""
+    identity. Call after every listed file is durably written. A file this process wrote is
+    recorded with the hash of the bytes it wrote (:func:`~dice_influence._util.written_digest`),
+    never re-hashed from disk: if another process replaced it meanwhile, the manifest does not
+    match the folder and the loaders refuse it, instead of committing the other run's file."""
     folder = Path(folder)
     doc = {
         "format": MANIFEST_FORMAT,
         "identity": identity.to_json(),
-        "files": {name: file_digest(folder / name) for name in files},
+        "files": {name: written_digest(folder / name) or file_digest(folder / name)
+                  for name in files},
         **extra,
     }
     write_json(folder / MANIFEST, doc)

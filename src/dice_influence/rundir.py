@@ -7,7 +7,9 @@ Layout: ``config.yaml``, ``metrics.json``, ``nodes.csv`` (per-node final test lo
 read), written last as the commit marker: while a folder is rewritten it has no manifest, and
 loaders refuse it. ``progress/round-<t>.safetensors`` are the checkpoints ``dice train`` writes
 as it goes (parameters, optimizer state, history so far, run identity); ``--resume`` continues
-from the latest one of the same run. Every file is written atomically (temporary file, fsync,
+from the latest one of the same run whose tensors match the SHA-256 recorded in it (a damaged
+one is skipped with a warning; orphaned temporary files of a killed writer are removed when
+the folder is claimed). Every file is written atomically (temporary file, fsync,
 rename).
 """
 
@@ -16,7 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from ._util import (
     atomic_path,
@@ -32,9 +36,6 @@ from .config import ConfigError, data_label, dump_config
 from .manifest import MANIFEST, RunDirError, RunIdentity, remove_manifest, write_manifest
 from .problem import Problem
 from .trajectory import Trajectory
-
-if TYPE_CHECKING:
-    import torch
 
 RUN_FILES = ("config.yaml", "metrics.json", "nodes.csv", "history.csv", "final.safetensors",
              "trajectory.json", "checkpoints.safetensors", "accuracy.png", "README.md")
@@ -256,10 +257,36 @@ def save_progress(traj: Trajectory, out: str | Path, t: int,
     }
     if plug_meta is not None:
         meta["plugins"] = plug_meta
+    meta["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in tensors.items()})
     path = Path(out) / PROGRESS / f"round-{t}.safetensors"
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (row-major, its own dtype)."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes()).hexdigest()
+
+
+def check_progress_tensors(path: Path, meta: dict[str, str],
+                           tensors: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`RunDirError` unless every tensor of progress checkpoint ``path`` has the
+    SHA-256 recorded when it was written (a flipped bit on disk is caught here)."""
+    try:
+        want = json.loads(meta["tensor_sha256"])
+        assert isinstance(want, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise RunDirError(f"{path} records no tensor hashes (damaged, or written by an older "
+                          "version)") from None
+    bad = sorted(set(want) ^ set(tensors)) + [k for k in sorted(tensors)
+                                              if k in want and tensor_sha256(tensors[k]) != want[k]]
+    if bad:
+        raise RunDirError(f"{path} is damaged: tensor {bad[0]!r} differs from the hash recorded "
+                          "when it was written")
 
 
 def progress_writer(traj: Trajectory, out: str | Path) -> Callable[[int], None]:
@@ -352,6 +379,14 @@ def open_run(out: str | Path, problem: Problem, *, resume: bool = False,
     return Trajectory.start(problem)
 
 
+def _skip_damaged(exc: RunDirError) -> None:
+    """A damaged progress checkpoint is not resumed from: say so; the previous good one (or the
+    committed run, or round 0) is used instead."""
+    import sys
+
+    sys.stderr.write(f"warning: {exc}; resuming from the previous good checkpoint\n")
+
+
 def _resume(out: Path, problem: Problem, ident: RunIdentity) -> Trajectory:
     from safetensors.torch import load_file
 
@@ -370,9 +405,21 @@ def _resume(out: Path, problem: Problem, ident: RunIdentity) -> Trajectory:
         plugins[done.rounds_done] = done.plugin_checkpoint(done.rounds_done)
         every = done.checkpoint_every
     for t, path in sorted(_progress_files(out).items()):
-        meta, other = _progress_meta(path)
+        try:
+            meta, other = _progress_meta(path)
+        except RunDirError as exc:
+            _skip_damaged(exc)
+            continue
         ident.require_same(other, f"--resume: {path}", fix)
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+            check_progress_tensors(path, meta, tensors)
+        except RunDirError as exc:
+            _skip_damaged(exc)
+            continue
+        except Exception as exc:  # safetensors' own errors for a truncated or damaged file
+            _skip_damaged(RunDirError(f"{path} is damaged ({exc})"))
+            continue
         checkpoints[t] = (tensors["theta"], tensors.get("state"))
         sources[t] = json.loads(meta["history"])
         plugins[t] = ({k: v for k, v in tensors.items() if k.startswith(("plugin/", "W_used/"))},

@@ -354,6 +354,11 @@ class Trajectory:
         meta = _checked_meta(meta, where)
         if meta.get("identity", ident.digest) != ident.digest:
             raise RunDirError(f"{where} records another run than {d / 'manifest.json'}")
+        ckpt = d / "checkpoints.safetensors"
+        if _tensor_file_identity(ckpt) != ident.digest:
+            raise RunDirError(
+                f"{ckpt} records another run than {where} and {d / 'manifest.json'} (a mixed "
+                "folder: one run's trajectory, another's checkpoints); write the run again")
         cfg = load_config(yaml.safe_load(meta["config_yaml"]))
         problem = problem or build_problem(cfg)
         traj = cls(problem, meta["checkpoint_every"])
@@ -394,6 +399,18 @@ class Trajectory:
                     )
         traj.theta, traj.state = _snapshot(*traj.checkpoints[traj.rounds_done])
         return traj
+
+
+def _tensor_file_identity(path: Path) -> str | None:
+    """The run identity digest a safetensors file records in its metadata (None if none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("identity")
+    except Exception:  # safetensors raises its own error types for damaged files
+        raise RunDirError(f"{path} is damaged (not a safetensors file); write the run "
+                          "again") from None
 
 
 _META_TYPES: dict[str, tuple[type, ...]] = {

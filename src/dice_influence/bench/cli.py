@@ -8,7 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ..cli_support import console, esc, friendly
+from ..cli_support import console, esc, friendly, overwrite_option
+from ..folders import claim_file
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
@@ -22,8 +23,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         rounds: int = typer.Option(20, help="Timed rounds per measurement."),
         loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
         data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
+        claim_file(json_path, "train", overwrite=overwrite)
         from .train import bench_train as run
 
         ns = [int(v) for v in nodes.split(",") if v.strip()]
@@ -51,8 +54,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         json_path: Path = typer.Option(Path("bench-influence.json"), "--json"),
         max_hops: int = typer.Option(8, help="Hops 1..max_hops."),
         batched: int = typer.Option(32, help="Events in the batched measurement."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Time per event of DICE-GT and DICE-E vs hops; all-sample attribution vs training."""
+        claim_file(json_path, "influence", overwrite=overwrite)
         from .influence import bench_influence
 
         res = bench_influence(max_hops=max_hops, batched=batched, out=json_path,
@@ -86,8 +91,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         config: Path = typer.Option(None, help="Config to time (default: anomaly-blog)."),
         rounds: int = typer.Option(30, help="Timed rounds per measurement."),
         repeats: int = typer.Option(3, help="Repetitions (the minimum is kept)."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Overhead of online proximal influence vs plain training (s/round, ratios)."""
+        claim_file(json_path, "proximal", overwrite=overwrite)
         from .proximal import bench_proximal
 
         res = bench_proximal(config, rounds=rounds, repeats=repeats, out=json_path)
@@ -106,8 +113,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         ),
         peers: str = typer.Option("4,8,16", help="Comma-separated peer counts."),
         rounds: int = typer.Option(30, help="Rounds per measurement."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Rounds/s of N local peers vs the simulator at the same n; bytes per peer per round."""
+        claim_file(json_path, "distributed", overwrite=overwrite)
         from .distributed import bench_distributed as run
 
         ns = [int(v) for v in peers.split(",") if v.strip()]

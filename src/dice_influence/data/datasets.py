@@ -281,6 +281,33 @@ def _load_synthetic(
     return _to_dataset("synthetic", x_tr, y[tr], x_te, y[te], classes)
 
 
+_IDX_SIGNATURES = {  # mean training pixel in [0, 1]; per-class training counts
+    "fashion-mnist": (FASHION_MNIST_MEAN, "exactly 6000 per class"),
+    "mnist": (MNIST_MEAN, "5421 to 6742 per class"),
+}
+
+
+def _check_idx_identity(name: str, x: np.ndarray, y: np.ndarray, folder: Path) -> None:
+    """Refuse Fashion-MNIST files read as MNIST and the reverse: the two share the idx format
+    and file names but not their statistics (mean training pixel 0.2860 vs 0.1307;
+    Fashion-MNIST has exactly 6000 training images per class, MNIST 5421 to 6742)."""
+    if x.size == 0 or x.dtype != np.uint8:
+        return
+    m = float(x.mean(dtype=np.float64)) / 255.0
+    looks = [k for k, (mean, _) in _IDX_SIGNATURES.items() if abs(m - mean) < 0.03]
+    if not looks or looks[0] == name:
+        return
+    other = looks[0]
+    counts = np.bincount(y.astype(np.int64), minlength=10).tolist()
+    raise DataError(
+        f"data.dataset={name}, but the files in {folder} look like {other}: mean training "
+        f"pixel {m:.4f} ({other}'s is {_IDX_SIGNATURES[other][0]}, {name}'s "
+        f"{_IDX_SIGNATURES[name][0]}); training images per class {counts} ({other}: "
+        f"{_IDX_SIGNATURES[other][1]}). Set data.dataset={other}, or point data.data_dir at "
+        f"{name} files"
+    )
+
+
 def _load_idx_dataset(
     name: str, files: dict[str, Path], mean: float, std: float, normalize: bool
 ) -> Dataset:
@@ -294,6 +321,8 @@ def _load_idx_dataset(
             )
         if yi.size and (yi.min() < 0 or yi.max() > 9):
             raise DataError(f"{name}: {split} labels outside [0, 9]; the label file is corrupt")
+    _check_idx_identity(name, arrays["train_images"], arrays["train_labels"],
+                        files["train_images"].parent)
 
     def prep(a: np.ndarray) -> np.ndarray:
         x = a.astype(np.float32)[:, None, :, :]

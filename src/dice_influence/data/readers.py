@@ -4,10 +4,10 @@ unpickler that only resolves the few numpy/codec names an array needs."""
 
 from __future__ import annotations
 
-import gzip
 import importlib
 import math
 import pickle
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +27,55 @@ _IDX_DTYPES = {
 }
 
 
+MAX_IDX_BYTES = 1 << 30  # 1 GiB: 20x the largest idx file this package reads
+
+
+def _gunzip_idx(path: Path, raw: bytes) -> bytes:
+    """Decompress an idx ``.gz`` no further than its header says it holds: the header is
+    decompressed first, then at most the bytes its dims need (+1 to detect a longer stream),
+    so a gzip bomb is refused before it fills memory."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        head = d.decompress(raw, 4)
+        if len(head) == 4 and head[3] > 0:
+            head += d.decompress(d.unconsumed_tail, 4 * head[3])
+        need = _idx_payload_size(head)
+        if need is None:  # not an idx header: parse_idx names the problem
+            return head
+        if need > MAX_IDX_BYTES:
+            raise DataError(f"{path}: idx header declares {need} bytes of data (more than "
+                            f"{MAX_IDX_BYTES}); the file is corrupt or not a dataset")
+        body = d.decompress(d.unconsumed_tail, need + 1)
+        if len(body) > need or (d.unconsumed_tail and d.decompress(d.unconsumed_tail, 1)):
+            raise DataError(f"{path}: the gzip stream holds more data than the idx header's dims "
+                            f"declare ({need} bytes); the file is corrupt or not idx")
+    except zlib.error as exc:
+        raise DataError(f"{path}: corrupt gzip stream ({exc}); re-download the file") from None
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to decompress {need} bytes") from None
+    return head + body
+
+
+def _idx_payload_size(head: bytes) -> int | None:
+    """Bytes of data an idx header declares (None if ``head`` is no complete idx header)."""
+    if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES or not head[3]:
+        return None
+    ndim = head[3]
+    if len(head) < 4 + 4 * ndim:
+        return None
+    dims = np.frombuffer(head, dtype=">u4", count=ndim, offset=4)
+    return math.prod(int(x) for x in dims) * _IDX_DTYPES[head[2]].itemsize
+
+
 def _read_bytes(path: Path) -> bytes:
-    """File contents, transparently gunzipped when the file starts with the gzip magic."""
+    """File contents, transparently gunzipped (bounded by the idx header) when the file starts
+    with the gzip magic."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise _unreadable(path, exc) from None
     if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt gzip stream ({exc}); re-download the file") from exc
+        return _gunzip_idx(path, raw)
     return raw
 
 
@@ -75,7 +113,13 @@ def parse_idx(path: str | Path) -> np.ndarray:
             "the file is truncated or corrupt, re-download it"
         )
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
+    arr = arr.astype(dtype.newbyteorder("="), copy=True)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i[0]) for i in np.nonzero(bad))
+        raise DataError(f"{path}: {int(bad.sum())} values are NaN or infinite (first at index "
+                        f"{first}); the file is corrupt: re-download or re-export it")
+    return arr
 
 
 def _unreadable(path: Path, exc: OSError) -> DataError:

@@ -11,7 +11,13 @@ SET_HELP = "Override a config value, e.g. --set train.lr=0.05 (repeatable)."
 
 def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add the peer-to-peer commands to the ``dice`` app."""
-    from ..cli_support import DATA_DIR_HELP, console, friendly, load_run_config
+    from ..cli_support import (
+        DATA_DIR_HELP,
+        console,
+        friendly,
+        load_run_config,
+        overwrite_option,
+    )
 
     @app.command()
     @friendly
@@ -41,9 +47,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         resume: bool = typer.Option(
             False, "--resume", help="Continue from the last checkpoint all peers share."
         ),
-        overwrite: bool = typer.Option(
-            False, "--overwrite", help="Replace another run's checkpoints in --out."
-        ),
+        overwrite: bool = overwrite_option(),
         timeout: float = typer.Option(None, "--timeout", help="Kill everything after SECONDS."),
     ) -> None:
         """Start one local peer per node on loopback (one process each); collect outputs."""
@@ -51,8 +55,11 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         from rich.table import Table
 
         from ..config import ConfigError
+        from ..folders import claim_folder
         from ..report import write_report
+        from .launch import LaunchInterrupted
         from .launch import launch as run_launch
+        from .peer import peer_identity
 
         cfg = load_run_config(config, set_, data_dir)
         n = cfg.topology.n
@@ -61,9 +68,18 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
                 f"--peers {peers} but topology.n={n} in {config}: one peer per node; drop "
                 f"--peers (it defaults to {n}) or pass --set topology.n={peers}"
             )
+        claim_folder(out, "launch", peer_identity(cfg), overwrite=overwrite, resume=resume)
         console.print(f"launching {n} peers on loopback -> [bold]{escape(str(out))}[/]")
-        res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
-                         wall_timeout=timeout)
+        try:
+            res = run_launch(cfg, n, out, resume=resume, overwrite=overwrite,
+                             wall_timeout=timeout)
+        except LaunchInterrupted as stop:
+            done = [m and m["rounds_done"] for m in stop.result.metrics]
+            console.print(
+                f"[bold red]interrupted[/] after {stop.result.seconds:.1f} s: all {n} peers "
+                f"stopped, rendezvous removed; rounds done per peer {done}; "
+                f"{escape(str(out / 'summary.json'))} written; continue with --resume")
+            raise typer.Exit(130) from None
         table = Table(title=f"{n} peers, {res.seconds:.1f} s",
                       caption="rounds/s: rounds done / wall time of each peer, single "
                       "measurement")

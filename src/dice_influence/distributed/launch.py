@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import sys
-import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ import numpy as np
 from .._util import atomic_path, atomic_write_text, write_json
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from ..manifest import RunDirError, RunIdentity
+from .lifeline import rendezvous_dir, sweep_stale
+from .lifeline import start as watch_launcher
 from .settings import distributed_settings
 
 
@@ -134,6 +136,7 @@ def _peer_main(rank: int, n: int, init: str, config: str, out: str, log: str) ->
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    watch_launcher(init)  # stop when the launcher dies (kill -9 included)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(n),
@@ -204,12 +207,15 @@ def launch(
     cfg_path = out / "config.yaml"
     atomic_write_text(cfg_path, dump_config(cfg))
     grace = grace if grace is not None else 2 * s.timeout_s + 10
-    rdv = tempfile.mkdtemp(prefix="dice-rdv-")
+    sweep_stale()
+    rdv = rendezvous_dir()
     init = f"file://{rdv}/rendezvous"
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     procs = []
     t0 = time.perf_counter()
+    interrupted = False
+    restore = _sigterm_as_interrupt()
     try:
         for k in range(peers):
             proc = ctx.Process(
@@ -233,16 +239,44 @@ def launch(
             ):
                 break
             time.sleep(0.05)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (handled the same way)
+        interrupted = True
     finally:
+        restore()
         for p in procs:  # anything still running is stalled or orphaned: kill it
             if p.exitcode is None:
                 p.kill()
         for p in procs:
             p.join(timeout=10)
-        for f in Path(rdv).glob("*"):
-            f.unlink(missing_ok=True)
-        os.rmdir(rdv)
-    return collect(out, peers, [p.exitcode for p in procs], time.perf_counter() - t0)
+        shutil.rmtree(rdv, ignore_errors=True)
+    res = collect(out, peers, [p.exitcode for p in procs], time.perf_counter() - t0)
+    if interrupted:
+        raise LaunchInterrupted(res)
+    return res
+
+
+class LaunchInterrupted(KeyboardInterrupt):
+    """``dice launch`` was stopped (SIGINT or SIGTERM): every peer was stopped, the
+    rendezvous folder removed and ``summary.json`` written; ``result`` is what was collected."""
+
+    def __init__(self, result: LaunchResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Handle SIGTERM like Ctrl-C while peers run (main thread only); returns the restorer."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def collect(

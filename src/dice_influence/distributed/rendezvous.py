@@ -3,7 +3,8 @@
 torch.distributed has no authentication or encryption: anyone who can reach the rendezvous
 store or a gloo port can join the group, read what is sent or inject packets. Use it on trusted
 networks only. Peers therefore stay on loopback unless ``allow_network`` is set, and the
-``env://`` store listens on ``MASTER_ADDR`` only, never on every interface.
+``env://`` and ``tcp://`` stores listen on the one address given (``MASTER_ADDR``, or the
+``tcp://`` host), never on every interface.
 """
 
 from __future__ import annotations
@@ -52,27 +53,37 @@ def guard_network(s: DistributedSettings, init_method: str) -> None:
 _LISTENERS: list[socket.socket] = []  # the store server's socket lives as long as the process
 
 
+def _store_address(init_method: str) -> tuple[str, str | None, str]:
+    """``(address, port text, what to name in errors)`` of an ``env://`` or ``tcp://`` init."""
+    if init_method.startswith("tcp://"):
+        rest = init_method[len("tcp://"):].split("?", 1)[0].rstrip("/")
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", port, f"init_method {init_method!r}"
+    return (os.environ.get("MASTER_ADDR") or "127.0.0.1", os.environ.get("MASTER_PORT"),
+            "MASTER_ADDR/MASTER_PORT")
+
+
 def rendezvous_store(init_method: str, rank: int, world: int,
                      timeout: datetime.timedelta) -> Any:
-    """For ``env://``: the rendezvous TCPStore on ``MASTER_ADDR:MASTER_PORT``, its server (rank
-    0) listening on that address only (torch's own ``env://`` store listens on every
-    interface). Under torchrun's agent store every rank is a client, as in torch. None for
-    other init methods (``file://`` needs no listener; ``tcp://`` is torch's)."""
+    """For ``env://`` and ``tcp://host:port``: the rendezvous TCPStore, its server (rank 0)
+    listening on that one address only (torch's own ``env://`` and ``tcp://`` stores listen on
+    every interface, so a loopback address would still be reachable from the network). Under
+    torchrun's agent store every rank is a client, as in torch. None for ``file://`` (no
+    listener)."""
     from torch.distributed import TCPStore
 
-    if not init_method.startswith("env://"):
+    if not init_method.startswith(("env://", "tcp://")):
         return None
-    addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    raw_port = os.environ.get("MASTER_PORT")
+    addr, raw_port, what = _store_address(init_method)
     try:
         port = int(raw_port or "")
         if not 0 < port < 2**16:
             raise ValueError
     except ValueError:
-        raise ConfigError(
-            f"MASTER_PORT={raw_port!r} is not a port number (1..65535); set MASTER_PORT, or "
-            "start peers with torchrun or `dice launch`"
-        ) from None
+        fix = ("write it as tcp://127.0.0.1:29500" if init_method.startswith("tcp://") else
+               "set MASTER_PORT, or start peers with torchrun or `dice launch`")
+        raise ConfigError(f"{what}: port {raw_port!r} is not a port number (1..65535); "
+                          f"{fix}") from None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or rank != 0:
         return TCPStore(addr, port, world, is_master=False, timeout=timeout)
     try:
@@ -84,7 +95,7 @@ def rendezvous_store(init_method: str, rank: int, world: int,
         sock.listen(max(world, 16))
     except OSError as exc:
         raise ConfigError(
-            f"cannot listen on MASTER_ADDR={addr!r} MASTER_PORT={port} ({exc.strerror or exc}); "
+            f"cannot listen on {addr!r} port {port} ({what}; {exc.strerror or exc}); "
             "pick a free port and an address of this machine"
         ) from None
     _LISTENERS.append(sock)

@@ -14,7 +14,10 @@ from ..config import ConfigError, RunConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+MAX_TIMEOUT_S = 86400.0  # one day: a phase that waits longer has failed
 
 
 class DetectionSettings(_Strict):
@@ -77,7 +80,8 @@ class SweepSettings(_Strict):
 class DistributedSettings(_Strict):
     """``experiment.distributed`` of a run config."""
 
-    timeout_s: float = Field(60.0, gt=0, description="max wait for any neighbour, per round phase")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S,
+                             description="max wait for any neighbour, per round phase (s)")
     readout: Literal["pre", "post"] = Field(
         "pre", description="G_k at θ_k^t (pre) or θ_k^{t+1} (post); used when the config has "
         "no `observers: - kind: proximal` entry"

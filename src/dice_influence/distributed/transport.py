@@ -12,6 +12,15 @@ per edge). Receives are posted only for a peer's configured in-neighbours (``src
 explicit); the header (magic, round, sender, kind) is checked on arrival. A peer whose own step
 turned non-finite stops with a PeerFailure naming itself ("diverged") before sending anything.
 
+What the announcement cannot catch: gloo matches a message to the receive posted for it by
+sender and tag only, and a message *longer* than that receive (an announcement longer than its
+fixed 6 slots, or a payload longer than the count it announced) aborts the receiving process
+inside gloo (``op.preamble.length <= op.nbytes``), before Python sees it. Honest peers never send
+one (the announcement is always 6 int64 and the payload always the announced length, both
+built here); a peer that does is broken or hostile, and torch.distributed has no
+authentication to stop a hostile one (see :mod:`~dice_influence.distributed.rendezvous`). The
+other peers then stop within ``timeout_s`` naming the aborted peer, as for any dead peer.
+
 torch.distributed has no per-operation timeout for point-to-point work, so every wait runs
 against a deadline; a neighbour that died (connection reset) or stalled (deadline passed) raises
 :class:`PeerFailure` naming the peer and the round.

@@ -116,8 +116,9 @@ def add_command(experiment_app: Any, name: str, help_text: str,
     """Register ``dice experiment NAME CONFIG --out DIR [--set ..] [--seeds ..] [-q]``."""
     import typer
 
-    from ..cli_support import SET_HELP, console, esc, fail, friendly
+    from ..cli_support import SET_HELP, console, esc, fail, friendly, overwrite_option
     from ..config import load_config
+    from ..folders import claim_folder, experiment_identity
 
     def cmd(
         config: Path = typer.Argument(..., help="YAML config with an experiment: mapping."),
@@ -125,10 +126,12 @@ def add_command(experiment_app: Any, name: str, help_text: str,
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
         seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         cfg = load_config(config, set_ or [])
         parse(cfg)
         seed_list = parse_seeds(seeds, fail)
+        claim_folder(out, name, experiment_identity(name, cfg, seed_list), overwrite=overwrite)
         m = run(cfg, out, seeds=seed_list, progress=not quiet,
                 log=None if quiet else console.print)
         console.print(table(m), markup=False)

@@ -422,7 +422,16 @@ def timing_caption(metrics: dict[str, Any]) -> str:
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     import typer
 
-    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, esc, friendly, load_run_config
+    from ..cli_support import (
+        DATA_DIR_HELP,
+        SET_HELP,
+        console,
+        esc,
+        friendly,
+        load_run_config,
+        overwrite_option,
+    )
+    from ..folders import claim_folder, experiment_identity
 
     @experiment_app.command("alignment")
     @friendly
@@ -431,9 +440,12 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         out: Path = typer.Option(Path("runs/alignment"), "--out", "-o"),
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
         data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """DICE-E vs DICE-GT for r = 1..R hops: correlations, errors, costs, plots, report."""
         cfg = load_run_config(config, set_, data_dir)
+        claim_folder(out, "alignment", experiment_identity("alignment", cfg),
+                     overwrite=overwrite)
         metrics = run_alignment(cfg, out, log=console.print)
         print_results(metrics, console)
         console.print(f"total {metrics['seconds']['total']:.1f} s; wrote [bold]"

@@ -453,7 +453,16 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     import typer
     from rich.markup import escape
 
-    from ..cli_support import DATA_DIR_HELP, SET_HELP, console, fail, friendly, load_run_config
+    from ..cli_support import (
+        DATA_DIR_HELP,
+        SET_HELP,
+        console,
+        fail,
+        friendly,
+        load_run_config,
+        overwrite_option,
+    )
+    from ..folders import claim_folder, experiment_identity
     from ..report import write_report
 
     @experiment_app.command("anomaly")
@@ -465,6 +474,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
         seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Malicious-neighbour detection and self-healing with proximal influence."""
         cfg = load_run_config(config, set_, data_dir)
@@ -473,6 +483,8 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
         except ValueError:
             fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+        claim_folder(out, "anomaly", experiment_identity("anomaly", cfg, seed_list),
+                     overwrite=overwrite)
         m = run_experiment(
             cfg, out, seeds=seed_list, progress=not quiet, log=None if quiet else console.print
         )

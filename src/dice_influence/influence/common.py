@@ -36,6 +36,23 @@ class Event:
         return "sample" if len(self.samples) == 1 else "samples"
 
 
+def _as_event(item: Any) -> Event:
+    """An :class:`Event` from ``(node, round[, samples])`` or ``{"node", "round"[,
+    "samples"]}``; anything else is one ValueError naming the item and the fix."""
+    try:
+        if isinstance(item, dict):
+            return Event(**item)
+        if isinstance(item, (tuple, list)) and 2 <= len(item) <= 3:
+            return Event(*item)
+    except TypeError:
+        pass
+    shown = repr(item)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"event {shown} ({type(item).__name__}) is not an Event; pass "
+                     "Event(node, round) or Event(node, round, samples=(i, ...)), or a "
+                     "(node, round[, samples]) tuple")
+
+
 def validate_events(traj: Any, events: Sequence[Event], horizon: int) -> list[Event]:
     """Check node ids, rounds (the replay needs ``horizon`` recorded rounds after each event)
     and sample positions; raise one clear ValueError naming the bad event."""
@@ -47,7 +64,7 @@ def validate_events(traj: Any, events: Sequence[Event], horizon: int) -> list[Ev
     B = p.cfg.train.batch_size
     for e in events:
         if not isinstance(e, Event):
-            e = Event(*e)
+            e = _as_event(e)
         for what, v in (("node", e.node), ("round", e.round),
                         *(("sample", s) for s in e.samples or ())):
             if isinstance(v, bool) or not isinstance(v, int | np.integer):

@@ -31,7 +31,7 @@ def validate_mixing(W: Any, *, tol: float = 1e-6, connectivity: str = "error") -
         raise TopologyError(f"tol must be a finite number >= 0, got {tol!r}")
     try:
         w = np.array(W, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise TopologyError(
             f"W could not be converted to a float array ({exc}); pass an (n, n) array where "
             f"{_CONVENTION}"
