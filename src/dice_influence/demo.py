@@ -72,8 +72,10 @@ def run_demo(out: Path, rounds: int, console: Any) -> dict[str, Any]:
         stage("anomaly", "anomaly", lambda: demo_anomaly(out / "anomaly", console))
 
     total = time.perf_counter() - t_start
+    from ._threads import decision
+
     write_json(out / "metrics.json", {"kind": "demo", "seconds": total, "stages": stages,
-                                      "next": NEXT})
+                                      "next": NEXT, "threads": decision()})
     report = write_report(out, "demo", children=False)
     total = time.perf_counter() - t_start
     console.rule("[bold]done")

@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dice-influence.manifest/1"
 IDENTITY_FORMAT = 1
-OPERATIONAL_TRAIN_KEYS = ("eval_every", "checkpoint_every")
+OPERATIONAL_TRAIN_KEYS = ("eval_every", "checkpoint_every", "threads")
 
 
 class RunDirError(ConfigError):

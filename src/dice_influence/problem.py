@@ -255,12 +255,15 @@ def build_problem(cfg: RunConfig) -> Problem:
         node_test = _cast(group_data(cfg, tnd, ds.num_classes), dtype, device)
     batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
     val_x, val_y = build_validation(cfg, ds, dtype, device)
+    from ._threads import use_threads_for
     from .plugins import build_aggregator
 
-    return Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
-                   node_data=nd, batches=batches, schedule=build_schedule(cfg),
-                   opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
-                   dtype=dtype, device=device, aggregator=build_aggregator(cfg))
+    problem = Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
+                      node_data=nd, batches=batches, schedule=build_schedule(cfg),
+                      opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
+                      dtype=dtype, device=device, aggregator=build_aggregator(cfg))
+    use_threads_for(problem)  # torch threads for this problem's size (dice_influence._threads)
+    return problem
 
 
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:

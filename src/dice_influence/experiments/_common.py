@@ -172,7 +172,18 @@ def register_report(kind: str, title: str, text: str,
 
 
 def finish_run(out: Path, kind: str) -> None:
-    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``)."""
+    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``); the torch
+    threads used (``_threads.decision``) are added to ``metrics.json`` as ``threads``."""
+    import json
+
+    from .._threads import decision
+    from .._util import write_json
     from ..report import write_report
+
+    path = out / "metrics.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and "threads" not in doc:
+            write_json(path, {**doc, "threads": decision()})
 
     write_report(out, kind)

@@ -91,6 +91,7 @@ def alignment_metrics(est: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                   log: Any = print) -> dict[str, Any]:
     """Train, sample events, compute DICE-GT and every DICE-E variant, write the outputs."""
+    from .._threads import decision as thread_decision
     from ..influence import estimate, ground_truth, sample_events
     from ..rundir import write_run_dir
     from ..simulator import train
@@ -138,6 +139,7 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                     **{_key(*k): es.seconds for k, es in ests.items()},
                     "total": time.perf_counter() - t_start},
         "final_mean_acc": traj.final_metrics.get("mean_acc"),
+        "threads": thread_decision(),
     }
     write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "events.csv", _events_csv(events, gt, ests, st.hops))

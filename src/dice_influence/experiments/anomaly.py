@@ -382,6 +382,9 @@ def run_experiment(
         }
         for r in per_seed
     ]
+    from .._threads import decision
+
+    metrics["threads"] = decision()
     write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     write_tables(per_seed, out)
