@@ -72,6 +72,7 @@ def run_demo(out: Path, rounds: int, console: Any) -> dict[str, Any]:
         stage("anomaly", "anomaly", lambda: demo_anomaly(out / "anomaly", console))
 
     total = time.perf_counter() - t_start
+    console.print("writing the demo's report (every stage's plots and numbers)")
     from ._threads import decision
 
     write_json(out / "metrics.json", {"kind": "demo", "seconds": total, "stages": stages,
@@ -103,6 +104,8 @@ def _train(out: Path, rounds: int, console: Any) -> None:
         "model": {"name": "mlp", "hidden": [64, 32]},
         "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 25},
     })
+    console.print(f"loading digits, building 16 nodes; training {rounds} rounds (MLP 64-32, "
+                  "batch 16, lr 0.1)")
     traj = train(cfg, progress=True)
     write_run_dir(traj, out)
     write_report(out, "train")
@@ -130,6 +133,9 @@ def cascade_stage(out: Path, console: Any | None = None, *, cfg: Any = None,
     from .simulator import train
 
     cfg = cfg or load_config(CASCADE)
+    if console is not None:
+        console.print(f"training {cfg.train.rounds} rounds in float64, then replaying node "
+                      f"{event[0]}'s batch removal at round {event[1]} for {hops} hops")
     traj = train(cfg, progress=False)
     node, rnd = event
     res = ground_truth(traj, [Event(node, rnd)], hops=hops)

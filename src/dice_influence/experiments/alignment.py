@@ -99,6 +99,8 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     st = settings_from(cfg)
     out = Path(out)
     t_start = time.perf_counter()
+    log(f"training: {cfg.train.rounds} rounds of {cfg.topology.n} nodes ({cfg.data.dataset}, "
+        f"{cfg.model.name}, {cfg.topology.name} graph)")
     traj = train(cfg, progress=progress)
     t_train = time.perf_counter() - t_start
     write_run_dir(traj, out / "train", plots=True)
@@ -106,15 +108,23 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     events = sample_events(traj, st.events, unit=st.unit, hops=st.hops, seed=st.seed,
                            rounds=(min(lo, traj.rounds_done - st.hops), traj.rounds_done))
     log(f"{len(events)} events ({st.unit} removal), hops 1..{st.hops}")
-    gt = ground_truth(traj, events, hops=st.hops, q=st.q, per_node_test=st.per_node_test)
+    # without curvature J = I: the propagation point does not matter
+    variants = [(ro, cv, pr) for ro in st.readouts for cv in st.curvature
+                for pr in (st.propagation if cv else ["factual"])]
+    log(f"DICE-GT: exact counterfactual replay of {len(events)} events x {st.hops} hops "
+        f"(about {len(events) * st.hops} rounds of {cfg.topology.n} nodes)")
+    gt = ground_truth(traj, events, hops=st.hops, q=st.q, per_node_test=st.per_node_test,
+                      progress=progress)
     ests = {}
-    for ro in st.readouts:
-        for cv in st.curvature:
-            # without curvature J = I: the propagation point does not matter
-            for pr in (st.propagation if cv else ["factual"]):
-                ests[(ro, cv, pr)] = estimate(
-                    traj, events, hops=st.hops, curvature=cv, readout=ro, propagation=pr,
-                    paths=st.paths, q=st.q, per_node_test=st.per_node_test)
+    for i, (ro, cv, pr) in enumerate(variants):
+        left = len(variants) - i
+        eta = (f", about {gt.seconds * left:.0f} s left" if not ests else
+               f", about {sum(e.seconds for e in ests.values()) / len(ests) * left:.0f} s left")
+        log(f"DICE-E {i + 1}/{len(variants)}: readout {ro}, curvature {'on' if cv else 'off'}"
+            f", propagation {pr}{eta}")
+        ests[(ro, cv, pr)] = estimate(
+            traj, events, hops=st.hops, curvature=cv, readout=ro, propagation=pr,
+            paths=st.paths, q=st.q, per_node_test=st.per_node_test, progress=progress)
     results = []
     for r in range(1, st.hops + 1):
         g = gt.values(r).numpy()
@@ -142,6 +152,7 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
         "threads": thread_decision(),
     }
     write_json(out / "metrics.json", metrics)
+    log("writing tables, plots and the report")
     atomic_write_text(out / "events.csv", _events_csv(events, gt, ests, st.hops))
     write_json(out / "influence_gt.json", gt.to_dict())
     _scatter(out / "scatter.png", gt, ests, st.hops, results, cfg)
