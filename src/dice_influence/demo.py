@@ -91,6 +91,8 @@ def run_demo(out: Path, rounds: int, console: Any) -> dict[str, Any]:
 
 
 def _train(out: Path, rounds: int, console: Any) -> None:
+    console.print(f"loading torch and the digits, building 16 nodes; then training {rounds} "
+                  "rounds (MLP 64-32, batch 16, lr 0.1)")
     from .cli_support import print_nodes
     from .config import load_config
     from .report import write_report
@@ -104,8 +106,6 @@ def _train(out: Path, rounds: int, console: Any) -> None:
         "model": {"name": "mlp", "hidden": [64, 32]},
         "train": {"rounds": rounds, "batch_size": 16, "lr": 0.1, "eval_every": 25},
     })
-    console.print(f"loading digits, building 16 nodes; training {rounds} rounds (MLP 64-32, "
-                  "batch 16, lr 0.1)")
     traj = train(cfg, progress=True)
     write_run_dir(traj, out)
     write_report(out, "train")

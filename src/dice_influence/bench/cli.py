@@ -22,13 +22,15 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         rounds: int = typer.Option(20, help="Timed rounds per measurement."),
         loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
         data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
+        keep_others: bool = typer.Option(False, "--keep-others", help="Keep the records of "
+                                         "other node counts already in the JSON file."),
     ) -> None:
         """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
         from .train import bench_train as run
 
         ns = [int(v) for v in nodes.split(",") if v.strip()]
         res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-                  log=console.print)
+                  keep_others=keep_others, log=console.print)
         table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
         for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
                     "speed-up vs loop", "peak RSS MB"):

@@ -129,6 +129,10 @@ def add_command(experiment_app: Any, name: str, help_text: str,
         cfg = load_config(config, set_ or [])
         parse(cfg)
         seed_list = parse_seeds(seeds, fail)
+        if not quiet:
+            console.print(f"experiment {name}: {cfg.topology.n} nodes on {cfg.data.dataset}, "
+                          f"{cfg.train.rounds} training rounds per run, seeds "
+                          f"{seed_list or [cfg.seed]}; loading the data", markup=False)
         m = run(cfg, out, seeds=seed_list, progress=not quiet,
                 log=None if quiet else console.print)
         console.print(table(m), markup=False)
