@@ -155,8 +155,11 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     log("writing tables, plots and the report")
     atomic_write_text(out / "events.csv", _events_csv(events, gt, ests, st.hops))
     write_json(out / "influence_gt.json", gt.to_dict())
+    log("  drawing scatter.png (DICE-E vs DICE-GT per event)")
     _scatter(out / "scatter.png", gt, ests, st.hops, results, cfg)
+    log("  drawing hops.png (influence per hop)")
     _hop_plot(out / "hops.png", gt, ests)
+    log("  writing README.md and report.html")
     atomic_write_text(out / "README.md", _readme(metrics))
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     write_json(out / "metrics.json", metrics)
