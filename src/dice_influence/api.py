@@ -119,6 +119,9 @@ def from_torch(
                       node_test=node_test_nd, dtype=dtype, device=device,
                       aggregator=build_aggregator(cfg))
     check_problem(problem)
+    from ._threads import use_threads_for
+
+    use_threads_for(problem)  # the one thread rule, as for a config-built problem
     return problem
 
 

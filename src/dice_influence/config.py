@@ -159,6 +159,9 @@ class TrainConfig(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,3})?|mps)$",
                         description="cpu, cuda, cuda:N or mps")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = the "
+                                "automatic rule (one thread unless the work is large and cores "
+                                "are idle); --threads and OMP_NUM_THREADS also set it")
 
 
 class RunConfig(_Strict):

@@ -72,8 +72,11 @@ def run_demo(out: Path, rounds: int, console: Any) -> dict[str, Any]:
         stage("anomaly", "anomaly", lambda: demo_anomaly(out / "anomaly", console))
 
     total = time.perf_counter() - t_start
+    console.print("writing the demo's report (every stage's plots and numbers)")
+    from ._threads import decision
+
     write_json(out / "metrics.json", {"kind": "demo", "seconds": total, "stages": stages,
-                                      "next": NEXT})
+                                      "next": NEXT, "threads": decision()})
     report = write_report(out, "demo", children=False)
     total = time.perf_counter() - t_start
     console.rule("[bold]done")
@@ -88,6 +91,8 @@ def run_demo(out: Path, rounds: int, console: Any) -> dict[str, Any]:
 
 
 def _train(out: Path, rounds: int, console: Any) -> None:
+    console.print(f"loading torch and the digits, building 16 nodes; then training {rounds} "
+                  "rounds (MLP 64-32, batch 16, lr 0.1)")
     from .cli_support import print_nodes
     from .config import load_config
     from .report import write_report
@@ -128,6 +133,9 @@ def cascade_stage(out: Path, console: Any | None = None, *, cfg: Any = None,
     from .simulator import train
 
     cfg = cfg or load_config(CASCADE)
+    if console is not None:
+        console.print(f"training {cfg.train.rounds} rounds in float64, then replaying node "
+                      f"{event[0]}'s batch removal at round {event[1]} for {hops} hops")
     traj = train(cfg, progress=False)
     node, rnd = event
     res = ground_truth(traj, [Event(node, rnd)], hops=hops)

@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig, drop_own_defaults
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dice-influence.manifest/1"
 IDENTITY_FORMAT = 1
-OPERATIONAL_TRAIN_KEYS = ("eval_every", "checkpoint_every")
+OPERATIONAL_TRAIN_KEYS = ("eval_every", "checkpoint_every", "threads")
 
 
 class RunDirError(ConfigError):

@@ -282,6 +282,7 @@ def build_problem(cfg: RunConfig) -> Problem:
         node_test = _cast(group_data(cfg, tnd, ds.num_classes), dtype, device)
     batches = D.BatchSchedule(nd.sizes, cfg.train.batch_size, seed=cfg.seed)
     val_x, val_y = build_validation(cfg, ds, dtype, device)
+    from ._threads import use_threads_for
     from .plugins import build_aggregator
 
     problem = Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
@@ -292,6 +293,7 @@ def build_problem(cfg: RunConfig) -> Problem:
         from .checks import check_problem  # one clear error for the usual own-model mistakes
 
         check_problem(problem)
+    use_threads_for(problem)  # torch threads for this problem's size (dice_influence._threads)
     return problem
 
 

@@ -47,6 +47,8 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
                   plots: bool = True) -> Path:
     """Write the run directory for ``traj`` into ``out`` and return its path; the manifest
     goes last, so an interrupted write leaves a folder that is never loaded."""
+    from ._threads import decision as thread_decision
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_manifest(out)
@@ -65,6 +67,7 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
                     for h in traj.history],
         **_plugin_summaries(traj),
         "diverged": traj.diverged,
+        "threads": thread_decision(),  # torch intra-op threads used and why (_threads.py)
         **(extra or {}),
     }
     write_json(out / "metrics.json", metrics)

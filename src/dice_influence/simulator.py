@@ -32,8 +32,13 @@ __all__ = [
 ]
 
 
-def train(cfg: RunConfig | Problem, *, progress: bool = False, rounds: int | None = None):
-    """Run decentralized SGD for ``cfg.train.rounds`` rounds and record a Trajectory."""
+def train(cfg: RunConfig | Problem, *, progress: bool | None = None, rounds: int | None = None):
+    """Run decentralized SGD for ``cfg.train.rounds`` rounds and record a Trajectory.
+    ``progress``: a bar over the rounds; default (None): only when stderr is a terminal."""
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
     problem = cfg if isinstance(cfg, Problem) else build_problem(cfg)
     traj = Trajectory.start(problem)
     traj.run(rounds if rounds is not None else problem.cfg.train.rounds, progress=progress)

@@ -1,4 +1,4 @@
-"""``dice bench train|influence|proximal|distributed``: each writes its numbers to a JSON file."""
+"""``dice bench train|influence|proximal|threads|progress|distributed``: each writes its numbers to a JSON file."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
         data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
         overwrite: bool = overwrite_option(),
+        keep_others: bool = typer.Option(False, "--keep-others", help="Keep the records of "
+                                         "other node counts already in the JSON file."),
     ) -> None:
         """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
         claim_file(json_path, "train", overwrite=overwrite)
@@ -31,7 +33,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
 
         ns = [int(v) for v in nodes.split(",") if v.strip()]
         res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-                  log=console.print)
+                  keep_others=keep_others, log=console.print)
         table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
         for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
                     "speed-up vs loop", "peak RSS MB"):
@@ -103,6 +105,59 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
                 f"(× {row['ratio']:.2f} of plain training)"
             )
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
+
+    @bench_app.command("threads")
+    @friendly
+    def bench_threads_cmd(
+        json_path: Path = typer.Option(Path("bench-threads.json"), "--json"),
+        workloads: str = typer.Option("demo,alignment,contribution,train256",
+                                      help="Comma-separated workloads."),
+        quick: bool = typer.Option(False, "--quick", help="Tiny settings (a smoke test)."),
+        timeout: float = typer.Option(400.0, help="Seconds before a cell is given up."),
+    ) -> None:
+        """Automatic thread rule vs 1 and 2 threads, quiet and under load (wall-clock s)."""
+        from .threads import LOADS, THREADS, bench_threads
+
+        only = [w.strip() for w in workloads.split(",") if w.strip()]
+        res = bench_threads(out=json_path, quick=quick, only=only, timeout=timeout,
+                            log=console.print)
+        t = Table(title="dice bench threads (wall-clock s per command)")
+        t.add_column("workload")
+        for load in LOADS:
+            for th in THREADS:
+                t.add_column(f"{load} {th}", justify="right")
+        for w in dict.fromkeys(r["workload"] for r in res["results"]):
+            cells = {(r["load"], r["threads"]): r["seconds"] for r in res["results"]
+                     if r["workload"] == w}
+            t.add_row(w, *("-" if cells.get((ld, th)) is None else f"{cells[(ld, th)]:.1f}"
+                           for ld in LOADS for th in THREADS))
+        console.print(t)
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
+
+    @bench_app.command("progress")
+    @friendly
+    def bench_progress_cmd(
+        json_path: Path = typer.Option(Path("progress-gaps.json"), "--json"),
+        workloads: str = typer.Option("", help="Comma-separated workloads (default: all: demo, "
+                                      "every experiment, snippet)."),
+        timeout: float = typer.Option(1800.0, help="Seconds before a command is stopped."),
+        events: bool = typer.Option(False, "--events", help="Keep every time-stamped line."),
+    ) -> None:
+        """Longest silence of the demo, every experiment and the README snippet under a
+        pseudo-terminal (target <= 5 s on a quiet machine)."""
+        from .progress import bench_progress
+
+        only = [w.strip() for w in workloads.split(",") if w.strip()] or None
+        res = bench_progress(out=json_path, only=only, timeout=timeout, keep_events=events,
+                             log=console.print)
+        t = Table(title="dice bench progress (longest silence under a terminal)")
+        for c in ("workload", "settings", "seconds", "longest silence s", "after"):
+            t.add_column(c)
+        for r in res["results"]:
+            t.add_row(r["workload"], r["settings"], f"{r['seconds']:.1f}",
+                      f"{r['longest_gap_s']:.1f}", esc(r["gap_after_line"][:50]))
+        console.print(t)
         console.print(f"wrote [bold]{esc(json_path)}[/]")
 
     @bench_app.command("distributed")

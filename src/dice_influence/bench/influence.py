@@ -47,7 +47,7 @@ def bench_influence(*, max_hops: int = 8, batched: int = 32, window: int = 5,
     # all-sample attribution of a window vs training the same rounds vs replaying each sample;
     # the run keeps every round's parameters (checkpoint_every=1), so the sweep recomputes none.
     # Timed first, so that the first call is a true cold start (after training, as a user would)
-    traj = train(_config(rounds, data_dir, checkpoint_every=1))
+    traj = train(_config(rounds, data_dir, checkpoint_every=1), progress=False)
     p = traj.problem
     t0, t1 = 10, 10 + window
     log("bench influence: attribution (Fashion-MNIST MLP)")
@@ -66,13 +66,13 @@ def bench_influence(*, max_hops: int = 8, batched: int = 32, window: int = 5,
     log("bench influence: attribution (digits)")
     digits = []
     for mom in (0.0, 0.9):
-        dt = train(_digits_config(rounds, mom))
+        dt = train(_digits_config(rounds, mom), progress=False)
         rec = _attribution_cost(dt, t0, t1)
         # not the process's first call (torch.func is already set up): name it for what it is
         rec["first_call_seconds"] = rec.pop("cold_seconds")
         rec.pop("cold_ratio_to_training")
         digits.append({"momentum": mom, **rec})
-    traj = train(_config(rounds, data_dir))
+    traj = train(_config(rounds, data_dir), progress=False)
     p = traj.problem
     t_ev = 10
     single = [Event(3, t_ev)]

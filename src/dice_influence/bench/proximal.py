@@ -4,8 +4,11 @@ Seconds per round of the guarded training loop (:func:`dice_influence.apps.defen
 with tracking off (plain training), tracking every round and every 5th round (``pre`` read-out,
 and ``post`` every round), on the anomaly-blog setting (50 nodes, Fashion-MNIST, MLP 784-64-10,
 batch 32) by default. Ratios are against plain training in the same loop; the core simulator's
-``run_rounds`` is timed too for reference. Evaluation is switched off while timing. Numbers are
-written to JSON, never asserted.
+``run_rounds`` is timed too for reference. Evaluation is switched off while timing. Modes with
+``test_batch`` read each receiver's first ``m`` test samples only (a quarter and a half of its
+split); their ``error_vs_full_test_set`` compares the cumulative proximal influence with the
+full split's (same training: tracking never changes it). Numbers are written to JSON, never
+asserted.
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ def _time(fn: Any, repeats: int) -> float:
     return best
 
 
+def score_error(P: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far cumulative proximal influence ``P`` (n, n) is from ``ref`` on the edges (the
+    non-zero entries of ``ref``): relative error (Frobenius), Spearman and sign agreement."""
+    from scipy.stats import spearmanr
+
+    mask = ref != 0
+    a, b = P[mask].double(), ref[mask].double()
+    return {"edges": int(mask.sum()),
+            "relative_error": float((a - b).norm() / b.norm()),
+            "spearman": float(spearmanr(a.numpy(), b.numpy())[0]),
+            "sign_agreement": float((a.sign() == b.sign()).double().mean())}
+
+
 def bench_proximal(
     config: str | Path | None = None,
     *,
@@ -57,16 +73,32 @@ def bench_proximal(
         "track every 5th round, post": GuardOptions(track_every=5, readout="post", eval_every=0),
         "track every round + defence": GuardOptions(track_every=1, defense="dice", eval_every=0),
     }
+    m = cfg.data.test_samples_per_node
+    for tb in sorted({max(1, m // 4), max(1, m // 2)}):
+        if tb < m:
+            modes[f"track every round, pre, test_batch {tb}"] = GuardOptions(
+                track_every=1, readout="pre", eval_every=0, test_batch=tb)
+            modes[f"track every 5th round, pre, test_batch {tb}"] = GuardOptions(
+                track_every=5, readout="pre", eval_every=0, test_batch=tb)
     results = []
     core = _time(lambda: run_rounds(problem, theta, None, 0, rounds), repeats) / rounds
     base = None
+    full: dict[int, Any] = {}
     for name, opts in modes.items():
         s = _time(lambda o=opts: guarded_train(problem, None, o, rounds=rounds), repeats) / rounds
         base = base or s
-        results.append({"mode": name, "s_per_round": s, "ratio": s / base})
+        rec: dict[str, Any] = {"mode": name, "s_per_round": s, "ratio": s / base}
+        if opts.track_every and opts.defense is None and opts.readout == "pre":
+            P = guarded_train(problem, None, opts, rounds=rounds).tracker.cum
+            if opts.test_batch is None:
+                full[opts.track_every] = P
+            else:
+                rec["error_vs_full_test_set"] = score_error(P, full[opts.track_every])
+        results.append(rec)
     results.append({"mode": "core simulator run_rounds", "s_per_round": core, "ratio": core / base})
     doc = {
         "benchmark": "proximal",
+        "loadavg": list(os.getloadavg()),
         "config": str(path),
         "setting": f"n={cfg.topology.n}, {cfg.data.dataset}, model {cfg.model.name} "
         f"{cfg.model.hidden}, batch {cfg.train.batch_size}, per-node test split "

@@ -35,9 +35,10 @@ def _timeit(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
 
 
 def batch_for(n: int) -> int:
-    """Batch 64 (the paper's), or 32 where 60k images leave fewer than 64 per node (n ≥ 1024:
-    58 per node)."""
-    return 64 if 60000 // n >= 64 else 32
+    """Batch 64 (the paper's), or 32 where 60k images leave fewer than 64 per node (n = 1024:
+    58 per node), or 8 where they leave fewer than 32 (n = 4096: 14 per node)."""
+    per = 60000 // n
+    return 64 if per >= 64 else 32 if per >= 32 else 8
 
 
 def _bench_config(n: int, data_dir: str | None) -> Any:
@@ -78,6 +79,9 @@ def train_one(n: int, rounds: int, run_loop: bool, data_dir: str | None = None,
 
     vectorized()  # warm-up; the peak memory of training alone, before the floor's buffers
     peak = _peak_rss_mb()
+    from .._threads import decision
+
+    threads = decision()
     module = problem.fm.module
     params = {name: p.detach().unsqueeze(0).expand(n, *p.shape).clone()
               for name, p in module.named_parameters()}
@@ -107,6 +111,7 @@ def train_one(n: int, rounds: int, run_loop: bool, data_dir: str | None = None,
             "loop_s_per_round": loop, "peak_rss_mb": peak, "ratio_to_floor": vec / floor,
             "d": problem.d, "samples_per_node": int(problem.node_data.sizes[0]),
             "batch_size": problem.cfg.train.batch_size, "repeats": repeats,
+            "rounds_timed": rounds, "threads": threads, "loadavg": list(os.getloadavg()),
             "vectorized_all": vec_t, "floor_all": floor_t,
             "gossip_kernel": "numba" if problem.mixer(0)._kernel is not None else "torch"
             if problem.mixer(0).sparse else "dense"}
@@ -149,9 +154,15 @@ def _loop_baseline(problem: Any, rounds: int) -> float:
 
 def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
                 out: str | Path | None = None, data_dir: str | Path | None = None,
+                keep_others: bool = False,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run :func:`train_one` for each ``n`` in a subprocess; write and return the JSON."""
+    """Run :func:`train_one` for each ``n`` in a subprocess; write and return the JSON.
+    ``keep_others``: keep the records of other ``n`` already in ``out`` (each record carries
+    its own load average and thread count)."""
     results = []
+    if keep_others and out is not None and Path(out).exists():
+        old = json.loads(Path(out).read_text()).get("results", [])
+        results = [r for r in old if r["n"] not in ns]
     for n in ns:
         log(f"bench train: n={n} ...")
         cmd = [sys.executable, "-m", "dice_influence.bench.train", "train-one", str(n), str(rounds),
@@ -160,10 +171,12 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark for n={n} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results.sort(key=lambda r: r["n"])
     doc = {
         "benchmark": "train",
         "setting": "MLP 784-128-64-10, Fashion-MNIST 28x28, batch 64 (32 where fewer than 64 "
-                   "images per node: n >= 1024), exponential graph, plain SGD lr 0.1, float32",
+                   "images per node: n = 1024; 8 where fewer than 32: n = 4096, 14 images per "
+                   "node), exponential graph, plain SGD lr 0.1, float32",
         "allocator": "glibc: large buffers from the heap, freed memory kept (_alloc.py)",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),

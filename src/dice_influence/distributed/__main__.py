@@ -43,6 +43,9 @@ def run_cli(config: str, out: str, overrides: list[str]) -> int:
     rank = os.environ.get("RANK", "?")
     try:
         cfg = load_config(config, overrides)
+        from .._threads import use_threads
+
+        use_threads(None, threads=cfg.train.threads)  # a peer: one thread unless told
         st = run_peer(cfg, out)
     except ConfigError as exc:
         print(f"peer {rank}: error: {exc}", file=sys.stderr, flush=True)

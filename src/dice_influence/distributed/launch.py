@@ -147,9 +147,9 @@ def _peer_main(rank: int, n: int, init: str, config: str, out: str, log: str) ->
         GLOO_SOCKET_IFNAME="lo",
         MASTER_ADDR="127.0.0.1",
     )
-    import torch
+    from .._threads import use_threads
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # N peers share cores
+    use_threads(None)  # one thread per peer (N peers share the cores) unless OMP_NUM_THREADS
     from .__main__ import run_cli
 
     code = run_cli(config, out, [])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, data_label
 
 SIGN = "influence = loss with the data - loss without it; positive = harmful"
 
@@ -131,6 +131,10 @@ def add_command(experiment_app: Any, name: str, help_text: str,
         cfg = load_config(config, set_ or [])
         parse(cfg)
         seed_list = parse_seeds(seeds, fail)
+        if not quiet:
+            console.print(f"experiment {name}: {cfg.topology.n} nodes on {data_label(cfg)}, "
+                          f"{cfg.train.rounds} training rounds per run, seeds "
+                          f"{seed_list or [cfg.seed]}; loading the data", markup=False)
         claim_folder(out, name, experiment_identity(name, cfg, seed_list), overwrite=overwrite)
         m = run(cfg, out, seeds=seed_list, progress=not quiet,
                 log=None if quiet else console.print)
@@ -175,7 +179,18 @@ def register_report(kind: str, title: str, text: str,
 
 
 def finish_run(out: Path, kind: str) -> None:
-    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``)."""
+    """Write the run's ``report.html`` (its ``metrics.json`` records ``kind``); the torch
+    threads used (``_threads.decision``) are added to ``metrics.json`` as ``threads``."""
+    import json
+
+    from .._threads import decision
+    from .._util import write_json
     from ..report import write_report
+
+    path = out / "metrics.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and "threads" not in doc:
+            write_json(path, {**doc, "threads": decision()})
 
     write_report(out, kind)

@@ -91,6 +91,7 @@ def alignment_metrics(est: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                   log: Any = print) -> dict[str, Any]:
     """Train, sample events, compute DICE-GT and every DICE-E variant, write the outputs."""
+    from .._threads import decision as thread_decision
     from ..influence import estimate, ground_truth, sample_events
     from ..rundir import write_run_dir
     from ..simulator import train
@@ -98,6 +99,8 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     st = settings_from(cfg)
     out = Path(out)
     t_start = time.perf_counter()
+    log(f"training: {cfg.train.rounds} rounds of {cfg.topology.n} nodes ({data_label(cfg)}, "
+        f"{model_label(cfg)}, {cfg.topology.name} graph)")
     traj = train(cfg, progress=progress)
     t_train = time.perf_counter() - t_start
     write_run_dir(traj, out / "train", plots=True)
@@ -110,15 +113,23 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     ground_truth(traj, events[:1], hops=1, q=st.q, per_node_test=st.per_node_test)
     estimate(traj, events[:1], hops=1, readout=st.readouts[0], q=st.q,
              per_node_test=st.per_node_test)
-    gt = ground_truth(traj, events, hops=st.hops, q=st.q, per_node_test=st.per_node_test)
+    # without curvature J = I: the propagation point does not matter
+    variants = [(ro, cv, pr) for ro in st.readouts for cv in st.curvature
+                for pr in (st.propagation if cv else ["factual"])]
+    log(f"DICE-GT: exact counterfactual replay of {len(events)} events x {st.hops} hops "
+        f"(about {len(events) * st.hops} rounds of {cfg.topology.n} nodes)")
+    gt = ground_truth(traj, events, hops=st.hops, q=st.q, per_node_test=st.per_node_test,
+                      progress=progress)
     ests = {}
-    for ro in st.readouts:
-        for cv in st.curvature:
-            # without curvature J = I: the propagation point does not matter
-            for pr in (st.propagation if cv else ["factual"]):
-                ests[(ro, cv, pr)] = estimate(
-                    traj, events, hops=st.hops, curvature=cv, readout=ro, propagation=pr,
-                    paths=st.paths, q=st.q, per_node_test=st.per_node_test)
+    for i, (ro, cv, pr) in enumerate(variants):
+        left = len(variants) - i
+        eta = (f", about {gt.seconds * left:.0f} s left" if not ests else
+               f", about {sum(e.seconds for e in ests.values()) / len(ests) * left:.0f} s left")
+        log(f"DICE-E {i + 1}/{len(variants)}: readout {ro}, curvature {'on' if cv else 'off'}"
+            f", propagation {pr}{eta}")
+        ests[(ro, cv, pr)] = estimate(
+            traj, events, hops=st.hops, curvature=cv, readout=ro, propagation=pr,
+            paths=st.paths, q=st.q, per_node_test=st.per_node_test, progress=progress)
     results = []
     for r in range(1, st.hops + 1):
         g = gt.values(r).numpy()
@@ -150,12 +161,17 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                     "total": time.perf_counter() - t_start},
         "final_mean_acc": traj.final_metrics.get("mean_acc"),
         "final_mean_loss": traj.final_metrics.get("mean_loss"),
+        "threads": thread_decision(),
     }
     write_json(out / "metrics.json", metrics)
+    log("writing tables, plots and the report")
     atomic_write_text(out / "events.csv", _events_csv(events, gt, ests, st.hops))
     write_json(out / "influence_gt.json", gt.to_dict())
+    log("  drawing scatter.png (DICE-E vs DICE-GT per event)")
     _scatter(out / "scatter.png", gt, ests, st.hops, results, cfg)
+    log("  drawing hops.png (influence per hop)")
     _hop_plot(out / "hops.png", gt, ests)
+    log("  writing README.md and report.html")
     atomic_write_text(out / "README.md", _readme(metrics))
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     write_json(out / "metrics.json", metrics)

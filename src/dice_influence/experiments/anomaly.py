@@ -253,6 +253,9 @@ def run_seed(
         arm = "attack"
         if plan.has_update_attacks and "attack_defended" in out["_runs"]:
             arm = "attack_defended"
+        if log:
+            log(f"  seed {cfg.seed}: scoring detection on arm {arm} (the rule at every round, "
+                "AUROC, precision, recall)")
         out.update(_detection(out["_runs"][arm], ex, malicious))
         out["detection"]["scored_arm"] = arm
     out["W0"] = W0
@@ -382,7 +385,12 @@ def run_experiment(
         }
         for r in per_seed
     ]
+    from .._threads import decision
+
+    metrics["threads"] = decision()
     write_json(out / "metrics.json", metrics)
+    if log:
+        log("writing tables, plots and the report")
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     write_tables(per_seed, out)
     if ex.plots:

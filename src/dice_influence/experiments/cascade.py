@@ -147,8 +147,10 @@ def graph_matrix(g: GraphSpec, n: int, seed: int) -> np.ndarray:
         raise ConfigError(f"experiment graph {g.key!r}: {exc}") from None
 
 
-def run_graph(cfg: RunConfig, ex: CascadeConfig, g: GraphSpec) -> dict[str, Any]:
-    """Train on ``g`` and replay every node's batch removal at the event rounds (DICE-GT)."""
+def run_graph(cfg: RunConfig, ex: CascadeConfig, g: GraphSpec, *,
+              progress: bool = False) -> dict[str, Any]:
+    """Train on ``g`` and replay every node's batch removal at the event rounds (DICE-GT);
+    ``progress``: bars over the training rounds and the replays."""
     from ..influence import Event, ground_truth
     from ..simulator import train
 
@@ -158,10 +160,11 @@ def run_graph(cfg: RunConfig, ex: CascadeConfig, g: GraphSpec) -> dict[str, Any]
     raw["topology"] = {"name": "matrix", "n": cfg.topology.n, "matrix": W.tolist()}
     gcfg = load_config(raw)
     t0 = time.perf_counter()
-    traj = train(gcfg, rounds=ex.warmup + ex.event_rounds - 1 + ex.hops)
+    traj = train(gcfg, rounds=ex.warmup + ex.event_rounds - 1 + ex.hops, progress=progress)
     events = [Event(j, ex.warmup + o) for o in range(ex.event_rounds)
               for j in range(cfg.topology.n)]
-    gt = ground_truth(traj, events, hops=ex.hops, batch_events=ex.batch_events)
+    gt = ground_truth(traj, events, hops=ex.hops, batch_events=ex.batch_events,
+                      progress=progress)
     return {"W": W, "events": events, "gt": gt, "seconds": time.perf_counter() - t0}
 
 
@@ -230,8 +233,12 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
     picture = None
     for s in seeds:
         scfg = cfg.model_copy(update={"seed": int(s)})
-        for key, g in specs.items():
-            run = run_graph(scfg, ex, g)
+        for i, (key, g) in enumerate(specs.items()):
+            if log:
+                log(f"seed {s} graph {key} ({i + 1}/{len(specs)}): training "
+                    f"{ex.warmup + ex.event_rounds - 1 + ex.hops} rounds, then DICE-GT of "
+                    f"{ex.event_rounds * cfg.topology.n} batch removals x {ex.hops} hops")
+            run = run_graph(scfg, ex, g, progress=progress)
             if log:
                 log(f"  seed {s} graph {key}: {len(run['events'])} events x {ex.hops} hops "
                     f"({run['seconds']:.1f} s)")

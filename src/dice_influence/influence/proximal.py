@@ -120,12 +120,20 @@ class ProximalTracker:
         self.record_actual(ids, ids, S, Wa)
         return inc
 
+    def _full(self, receivers: np.ndarray, senders: np.ndarray) -> bool:
+        """Whether the block is the whole (n, n) matrix in node order (the simulator)."""
+        return len(receivers) == self.n == len(senders) and bool(
+            (receivers == np.arange(self.n)).all() and (senders == receivers).all())
+
     def _increments(self, receivers: np.ndarray, senders: np.ndarray, S: torch.Tensor,
                     W: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        Wb = torch.as_tensor(np.asarray(W, dtype=np.float64)[np.ix_(receivers, senders)])
+        W = np.asarray(W, dtype=np.float64)
+        full = self._full(receivers, senders)
+        Wb = torch.as_tensor(W if full else W[np.ix_(receivers, senders)])
         S = S.to(torch.float64).cpu()
         edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
-        inc = torch.where(edges, self.q[receivers][:, None] * Wb * S, torch.zeros_like(S))
+        q = self.q if full else self.q[receivers]
+        inc = torch.where(edges, q[:, None] * Wb * S, torch.zeros_like(S))
         return inc, edges
 
     def record_nominal(self, t: int, receivers: np.ndarray, senders: np.ndarray,
@@ -134,11 +142,15 @@ class ProximalTracker:
         (``receivers`` × ``senders``; ``S`` = :func:`dot_matrix` of their read-out gradients and
         updates). Returns the (n, n) increments of this round."""
         inc_b, edges = self._increments(receivers, senders, S, W_nominal)
-        inc = torch.zeros(self.n, self.n, dtype=torch.float64)
-        inc[np.ix_(receivers, senders)] = inc_b
-        seen = torch.zeros(self.n, self.n, dtype=torch.bool)
-        seen[np.ix_(receivers, senders)] = edges
-        self.seen |= seen
+        if self._full(receivers, senders):
+            inc = inc_b
+            self.seen |= edges
+        else:
+            inc = torch.zeros(self.n, self.n, dtype=torch.float64)
+            inc[np.ix_(receivers, senders)] = inc_b
+            seen = torch.zeros(self.n, self.n, dtype=torch.bool)
+            seen[np.ix_(receivers, senders)] = edges
+            self.seen |= seen
         self.score += inc
         self._ring[len(self.rounds) % self.window] = inc
         self.rounds.append(int(t))
@@ -151,8 +163,11 @@ class ProximalTracker:
         """Add the same round's increments with the weights actually used (0 where pruned) to
         ``cum`` (the proximal influence proper). Call after :meth:`record_nominal`."""
         inc_b, _ = self._increments(receivers, senders, S, W_actual)
-        inc = torch.zeros(self.n, self.n, dtype=torch.float64)
-        inc[np.ix_(receivers, senders)] = inc_b
+        if self._full(receivers, senders):
+            inc = inc_b
+        else:
+            inc = torch.zeros(self.n, self.n, dtype=torch.float64)
+            inc[np.ix_(receivers, senders)] = inc_b
         self.cum += inc
         if self.keep_history:
             self.history_actual.append(inc.to(torch.float32))

@@ -1,0 +1,65 @@
+"""Every long stage of the demo's and experiments' work announces itself before it runs (what
+is computed; the timing of the silences is measured by `dice bench progress`, never here)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from dice_influence.config import load_config
+
+
+def _first(lines: list[str], needle: str) -> int:
+    hits = [i for i, s in enumerate(lines) if needle in s]
+    assert hits, f"no line announces {needle!r}; got {lines}"
+    return hits[0]
+
+
+def test_alignment_announces_training_replay_and_every_estimate(tmp_path):
+    from dice_influence.experiments.alignment import run_alignment
+
+    cfg = load_config("configs/alignment-digits.yaml", [
+        "train.rounds=6", "train.dtype=float32", "experiment.alignment.events=2",
+        "experiment.alignment.hops=1", "experiment.alignment.first_round=2"])
+    lines: list[str] = []
+    run_alignment(cfg, tmp_path / "a", progress=False, log=lines.append)
+    order = [_first(lines, "training: 6 rounds of 16 nodes"), _first(lines, "DICE-GT: exact"),
+             _first(lines, "DICE-E 1/9: readout linear"), _first(lines, "DICE-E 9/9"),
+             _first(lines, "writing tables")]
+    assert order == sorted(order)
+    assert "s left" in lines[_first(lines, "DICE-E 2/9")]  # an estimate from the ones done
+
+
+def test_cascade_announces_every_graph(tmp_path):
+    from dice_influence.experiments.cascade import run_experiment
+
+    cfg = load_config("configs/cascade-digits.yaml", [
+        "experiment.warmup=2", "experiment.event_rounds=1", "experiment.hops=2",
+        "train.rounds=4"])
+    lines: list[str] = []
+    run_experiment(cfg, tmp_path / "c", log=lines.append)
+    starts = [s for s in lines if s.startswith("seed 0 graph ")]
+    assert len(starts) == 6 and "DICE-GT of 16 batch removals x 2 hops" in starts[0]
+    assert starts[-1].startswith("seed 0 graph ") and "(6/6)" in starts[-1]
+
+
+def test_anomaly_announces_detection_and_outputs(tmp_path):
+    from dice_influence.experiments.anomaly import demo_config, run_experiment
+
+    c = demo_config()
+    c["train"]["rounds"] = 6
+    lines: list[str] = []
+    run_experiment(load_config(c), tmp_path / "an", log=lines.append)
+    assert _first(lines, "scoring detection") < _first(lines, "writing tables")
+
+
+def test_demo_stages_announce_themselves(tmp_path, monkeypatch):
+    import dice_influence.demo as demo
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120)
+    demo._train(tmp_path / "t", 4, console)
+    demo.cascade_stage(tmp_path / "c", console, hops=1)
+    text = buf.getvalue()
+    assert "training 4 rounds" in text and "loading torch" in text and "replaying node 0's batch removal" in text
