@@ -35,8 +35,8 @@ import torch
 
 from .._util import atomic_path, atomic_write_text, progress_bar
 from ..gossip import loss_grads
-from .adjoint import _mix_T, _pullback
-from .common import check_replayable, node_weights
+from .adjoint import _mix_T, _pullback, check_attributable
+from .common import node_weights
 
 WHOLE_RUN_TARGETS = ("mean", "node", "test_sample")
 SIGN = "score = target loss with the sample - without it; positive = harmful"
@@ -160,7 +160,7 @@ def attribute_run(
     a time (default: the run's ``checkpoint_every``); memory is ``O(T/segment + segment)``
     parameter vectors. ``rounds``: the run's first ``T`` rounds (default: all).
     A sample drawn in several rounds gets the sum over its draws."""
-    check_replayable(traj, transforms=False)
+    check_attributable(traj)
     p = traj.problem
     T = traj.rounds_done if rounds is None else int(rounds)
     if not 1 <= T <= traj.rounds_done:
@@ -272,7 +272,7 @@ def replay_without(traj: Any, remove: torch.Tensor, reduce: Any = None, *,
     where ``θ^T`` is ``(1 + chunk size, n, d)`` (``reduce=None`` keeps it)."""
     from .ground_truth import batched_local_step
 
-    check_replayable(traj, transforms=False)
+    check_attributable(traj)
     p = traj.problem
     T = traj.rounds_done if rounds is None else int(rounds)
     n, m = p.n, p.node_data.max_size
