@@ -9,8 +9,13 @@ import torch
 
 import dice_influence.influence.adjoint as A
 from dice_influence.config import load_config
-from dice_influence.influence import (Event, SampleScores, attribute_run, estimate,
-                                      whole_run_ground_truth)
+from dice_influence.influence import (
+    Event,
+    SampleScores,
+    attribute_run,
+    estimate,
+    whole_run_ground_truth,
+)
 from dice_influence.simulator import build_problem, train
 
 ROUNDS = 12

@@ -1,4 +1,4 @@
-"""``dice bench train|influence|proximal|distributed``: each writes its numbers to a JSON file."""
+"""``dice bench train|influence|wholerun|proximal|distributed``: each writes its numbers to a JSON file."""
 
 from __future__ import annotations
 
@@ -77,6 +77,31 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"digits, momentum {d['momentum']}: {d['samples']} samples, "
                 f"{d['seconds']:.3f} s warm = {d['ratio_to_training']:.2f}x training "
                 f"(first call on that run {d['first_call_seconds']:.2f} s)")
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
+
+    @bench_app.command("wholerun")
+    @friendly
+    def bench_wholerun_cmd(
+        json_path: Path = typer.Option(Path("bench-wholerun.json"), "--json"),
+        repeats: int = typer.Option(2, help="Interleaved repetitions (the minimum is kept)."),
+        nodes: int = typer.Option(64, help="Nodes of the Fashion-MNIST run."),
+        rounds: int = typer.Option(200, help="Rounds of the Fashion-MNIST run."),
+        window: bool = typer.Option(True, help="Also time attribute() over a 5-round window."),
+    ) -> None:
+        """Whole-run sample attribution vs the training it covers (and its memory)."""
+        from .wholerun import bench_wholerun
+
+        res = bench_wholerun(out=json_path, repeats=repeats, fmnist_nodes=nodes,
+                             fmnist_rounds=rounds, window=window, log=console.print)
+        for r in res["results"]:
+            m = r["memory"]
+            console.print(f"{r['setting']}: sweep {r['sweep_seconds']:.2f} s = "
+                          f"{r['ratio_to_training']:.2f}x training ({r['training_seconds']:.2f}"
+                          f" s); holds {m['peak_parameter_sets']} of {m['full_memory_parameter_sets']}"
+                          f" parameter sets ({m['peak_bytes'] / 2**20:.0f} MiB)", markup=False)
+        for w in res["window"]:
+            console.print(f"window, {w['setting']}, {w['variant']}: "
+                          f"{w['ratio_to_training']:.2f}x training", markup=False)
         console.print(f"wrote [bold]{esc(json_path)}[/]")
 
     @bench_app.command("proximal")
