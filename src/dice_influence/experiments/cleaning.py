@@ -468,7 +468,7 @@ def _plot_samples(r: dict[str, Any], path: Path, k: int, title: str) -> None:
 
     d, p = r["_scores"], r["_problem"]
     nd, ds = p.node_data, p.dataset
-    fig, axes = plt.subplots(2, k, figsize=(1.5 * k, 3.9), squeeze=False)
+    fig, axes = plt.subplots(2, k, figsize=(1.5 * k, 4.8), squeeze=False)
     for row, direction in enumerate(("harmful", "helpful")):
         for col, i in enumerate(d.order(direction)[:k]):
             ax = axes[row][col]
@@ -487,7 +487,7 @@ def _plot_samples(r: dict[str, Any], path: Path, k: int, title: str) -> None:
                          color="crimson" if d.corrupted[i] else "black")
         axes[row][0].set_ylabel("most harmful" if row == 0 else "most helpful", fontsize=8)
     fig.suptitle(f"{title}: whole-run DICE score (red = corrupted sample)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
