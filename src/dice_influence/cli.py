@@ -36,6 +36,7 @@ EXTENSIONS = (
     "dice_influence.experiments.aggregation",
     "dice_influence.experiments.cascade",
     "dice_influence.experiments.contribution",
+    "dice_influence.experiments.cleaning",
     "dice_influence.distributed.cli",
     "dice_influence.bench.cli",
 )

@@ -1,4 +1,5 @@
-"""``dice bench train|influence|proximal|threads|progress|distributed``: each writes its numbers to a JSON file."""
+"""``dice bench train|influence|wholerun|proximal|threads|progress|distributed``: each writes its
+numbers to a JSON file."""
 
 from __future__ import annotations
 
@@ -86,6 +87,33 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"(first call on that run {d['first_call_seconds']:.2f} s)")
         console.print(f"wrote [bold]{esc(json_path)}[/]")
 
+    @bench_app.command("wholerun")
+    @friendly
+    def bench_wholerun_cmd(
+        json_path: Path = typer.Option(Path("bench-wholerun.json"), "--json"),
+        repeats: int = typer.Option(2, help="Interleaved repetitions (the minimum is kept)."),
+        nodes: int = typer.Option(64, help="Nodes of the Fashion-MNIST run."),
+        rounds: int = typer.Option(200, help="Rounds of the Fashion-MNIST run."),
+        window: bool = typer.Option(True, help="Also time attribute() over a 5-round window."),
+        overwrite: bool = overwrite_option(),
+    ) -> None:
+        """Whole-run sample attribution vs the training it covers (and its memory)."""
+        claim_file(json_path, "wholerun", overwrite=overwrite)
+        from .wholerun import bench_wholerun
+
+        res = bench_wholerun(out=json_path, repeats=repeats, fmnist_nodes=nodes,
+                             fmnist_rounds=rounds, window=window, log=console.print)
+        for r in res["results"]:
+            m = r["memory"]
+            console.print(f"{r['setting']}: sweep {r['sweep_seconds']:.2f} s = "
+                          f"{r['ratio_to_training']:.2f}x training ({r['training_seconds']:.2f}"
+                          f" s); holds {m['peak_parameter_sets']} of {m['full_memory_parameter_sets']}"
+                          f" parameter sets ({m['peak_bytes'] / 2**20:.0f} MiB)", markup=False)
+        for w in res["window"]:
+            console.print(f"window, {w['setting']}, {w['variant']}: "
+                          f"{w['ratio_to_training']:.2f}x training", markup=False)
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
+
     @bench_app.command("proximal")
     @friendly
     def bench_proximal_cmd(
@@ -115,8 +143,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                                       help="Comma-separated workloads."),
         quick: bool = typer.Option(False, "--quick", help="Tiny settings (a smoke test)."),
         timeout: float = typer.Option(400.0, help="Seconds before a cell is given up."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Automatic thread rule vs 1 and 2 threads, quiet and under load (wall-clock s)."""
+        claim_file(json_path, "threads", overwrite=overwrite)
         from .threads import LOADS, THREADS, bench_threads
 
         only = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -143,9 +173,11 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                                       "every experiment, snippet)."),
         timeout: float = typer.Option(1800.0, help="Seconds before a command is stopped."),
         events: bool = typer.Option(False, "--events", help="Keep every time-stamped line."),
+        overwrite: bool = overwrite_option(),
     ) -> None:
         """Longest silence of the demo, every experiment and the README snippet under a
         pseudo-terminal (target <= 5 s on a quiet machine)."""
+        claim_file(json_path, "progress", overwrite=overwrite)
         from .progress import bench_progress
 
         only = [w.strip() for w in workloads.split(",") if w.strip()] or None

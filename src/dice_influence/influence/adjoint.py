@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .._util import progress_bar
 from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
-from .common import check_replayable, factual_path, node_weights
+from .common import factual_path, node_weights
 from .estimate import check_readout
 
 TARGETS = ("horizon", "hops")
@@ -143,7 +143,7 @@ def attribute(
                          f"{READOUTS} ('paper' = 'linear'); the midpoint read-out is not "
                          "linear: use estimate(..., readout='midpoint') for chosen events"
                          ) from None
-    check_replayable(traj, transforms=False)
+    check_attributable(traj)
     t0, t1 = window
     last = t1 if target == "horizon" else t1 - 1 + hops
     if target == "hops" and hops < 1:
@@ -200,10 +200,49 @@ def _dataset_index(p: Any, t0: int, t1: int) -> torch.Tensor:
                         for r in range(t0, t1)]).to(torch.int64).cpu()
 
 
+def check_attributable(traj: Any) -> None:
+    """:func:`~dice_influence.influence.common.check_replayable` (``transforms=False``) with a
+    cheaper finiteness test: one float64 row sum per checkpoint instead of an elementwise
+    ``isfinite`` (NaN and ±inf propagate through the sum; float32 values cannot overflow a
+    float64 sum), so that a short window does not pay for checking the whole run."""
+    from ..trajectory import DivergenceError
+
+    snaps = [*sorted(traj.checkpoints.items()), (traj.rounds_done, (traj.theta, traj.state))]
+    for t, (theta, _state) in snaps:
+        ok = torch.isfinite(theta.sum(1, dtype=torch.float64))
+        if not bool(ok.all()):
+            raise DivergenceError(t, torch.nonzero(~ok).flatten().tolist(),
+                                  "non-finite parameters", None)
+    for h in traj.history:
+        bad = [k for k, v in enumerate(h.get("loss") or []) if v is None or not math.isfinite(v)]
+        if bad:
+            raise DivergenceError(h["round"], bad, "non-finite test loss", None)
+    _replayable_no_finite(traj)
+
+
+def _replayable_no_finite(traj: Any) -> None:
+    p = traj.problem
+    if getattr(p, "aggregator", None) is not None:
+        raise ValueError(f"this run aggregates with {p.aggregator.name}; influence replays need "
+                         "the W^t matmul: train without `aggregator:` to measure influence")
+    if getattr(p, "transforms", ()):
+        raise ValueError("attribution through update-level attacks (transforms) is not "
+                         "supported; use estimate() or ground_truth() on this run")
+
+
+_WT: dict[int, tuple[Any, torch.Tensor]] = {}
+
+
 def _mix_T(p: Any, r: int, a: torch.Tensor) -> torch.Tensor:
     """Transposed gossip: cotangent of ``θ^{r+½}`` from that of ``θ^{r+1}`` (leading dims ok)."""
-    WT = p.mixer(r).W.T
-    return torch.matmul(WT, a)
+    m = p.mixer(r)
+    hit = _WT.get(id(m))
+    if hit is None or hit[0] is not m:
+        if len(_WT) > 256:
+            _WT.clear()
+        hit = _WT[id(m)] = (m, m.W.T.contiguous())
+    WT = hit[1]
+    return torch.mm(WT, a) if a.ndim == 2 else torch.matmul(WT, a)
 
 
 def _hop_cotangents(p: Any, thetas: dict, states: dict, r: int, hops: int, qv: torch.Tensor,
@@ -319,6 +358,8 @@ def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.
     Returns ((n, d) or None, (n, B))."""
     module = p.fm.module
     n = theta.shape[0]
+    if FAST_MLP and _mlp_layers(module) is not None:
+        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp)
 
     def per_sample(prm, xb, yb):
         return p.fm.loss_fn(functional_call(module, prm, (xb,)), yb)
@@ -342,3 +383,112 @@ def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.
 
     hv, dls = vmap(fused)(prm, tan, x, y)
     return torch.cat([hv[s.name].reshape(n, -1) for s in p.fm.slots], dim=1), dls
+
+
+FAST_MLP = True
+"""Use the hand-written batched pass for the built-in MLP (same numbers as the generic
+``torch.func`` pass up to rounding; tests compare the two)."""
+
+
+def _mlp_layers(module: Any) -> tuple[list[tuple[str, str]], Any] | None:
+    """``([(weight slot, bias slot)], activation module)`` of the built-in MLP, else None."""
+    from torch import nn
+
+    from ..models import MLP
+
+    if type(module) is not MLP:
+        return None
+    layers, act = [], None
+    for i, m in enumerate(module.net):
+        if isinstance(m, nn.Linear):
+            if m.bias is None:
+                return None
+            layers.append((f"net.{i}.weight", f"net.{i}.bias"))
+        elif isinstance(m, nn.ReLU | nn.Tanh | nn.GELU | nn.Softplus):
+            if act is not None and type(act) is not type(m):
+                return None
+            act = m
+        elif not isinstance(m, nn.Flatten):
+            return None
+    if isinstance(act, nn.GELU) and act.approximate != "none":
+        return None
+    if isinstance(act, nn.Softplus) and act.beta != 1:
+        return None
+    return layers, act
+
+
+def _act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):
+    """First and second derivative of the activation at ``z`` (``h = act(z)``); the second is
+    None where it is zero (ReLU, as autograd has it: the derivative at 0 is 0)."""
+    from torch import nn
+
+    if isinstance(act, nn.ReLU):
+        return (z > 0).to(z.dtype), None
+    if isinstance(act, nn.Tanh):
+        s1 = 1 - h * h
+        return s1, -2 * h * s1
+    if isinstance(act, nn.Softplus):
+        sig = torch.sigmoid(z)
+        lin = z * act.beta > act.threshold
+        return (torch.where(lin, torch.ones_like(z), sig),
+                torch.where(lin, torch.zeros_like(z), sig * (1 - sig)))
+    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # exact GELU
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    return cdf + z * phi, phi * (2 - z * z)
+
+
+def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
+                             y: torch.Tensor, want_hvp: bool):
+    """:func:`_hvp_and_sample_dots` for the MLP, written out with batched matmuls over nodes:
+    one forward pass with its tangent (Pearlmutter's R-forward), the per-sample directional
+    derivatives from the logits' tangent, then the backward pass of the mean batch loss with its
+    tangent for ``H c`` (the input layer needs no input gradient)."""
+    layers, act = _mlp_layers(p.fm.module)
+    prm, tan = _param_views(p.fm, theta), _param_views(p.fm, c.contiguous())
+    N, B = y.shape
+    h = x.reshape(N, B, -1)
+    dh = None
+    L = len(layers)
+    hs, dhs, zs, dzs, acts = [], [], [], [], []
+    for i, (wn, bn) in enumerate(layers):
+        W, V = prm[wn].transpose(1, 2), tan[wn].transpose(1, 2)
+        z = torch.baddbmm(prm[bn].unsqueeze(1), h, W)
+        dz = torch.baddbmm(tan[bn].unsqueeze(1), h, V)
+        if dh is not None:
+            dz = dz.baddbmm(dh, W)
+        hs.append(h)
+        dhs.append(dh)
+        zs.append(z)
+        dzs.append(dz)
+        if i < L - 1:
+            h = act(z)
+            s1, s2 = _act_derivs(act, z, h)
+            acts.append((s1, s2))
+            dh = s1 * dz
+    P = torch.softmax(z, dim=-1)
+    R = P.clone()
+    R.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(P[..., :1]))
+    dls = (R * dz).sum(-1)
+    if not want_hvp:
+        return None, dls
+    G = R / B
+    Pdz = P * dz
+    dG = (Pdz - P * Pdz.sum(-1, keepdim=True)) / B
+    out: dict[str, torch.Tensor] = {}
+    for i in range(L - 1, -1, -1):
+        wn, bn = layers[i]
+        dgW = torch.bmm(dG.transpose(1, 2), hs[i])
+        if dhs[i] is not None:
+            dgW = dgW.baddbmm(G.transpose(1, 2), dhs[i])
+        out[wn] = dgW
+        out[bn] = dG.sum(1)
+        if i > 0:
+            W, V = prm[wn], tan[wn]
+            Gh = torch.bmm(G, W)
+            dGh = torch.bmm(dG, W).baddbmm(G, V)
+            s1, s2 = acts[i - 1]
+            G = Gh * s1
+            dG = dGh * s1
+            if s2 is not None:
+                dG = dG + Gh * s2 * dzs[i - 1]
+    return torch.cat([out[s.name].reshape(N, -1) for s in p.fm.slots], dim=1), dls
