@@ -17,6 +17,7 @@ from dice_influence.apps.contribution import ContributionObserver
 from dice_influence.attacks import AttackPlan, AttackSpec, attack_transforms
 from dice_influence.config import ConfigError, load_config
 from dice_influence.distributed import build_local, launch
+from dice_influence.influence import attribute_run
 from dice_influence.influence.adjoint import attribute
 from dice_influence.influence.pullback import step_pullback
 from dice_influence.loop import Loop
@@ -99,6 +100,17 @@ def test_peers_sweep_gives_the_simulators_contribution(tmp_path, n, time_varying
         assert int(r["dataset_index"]) == int(att.index[int(r["round"]), int(r["node"]),
                                                          int(r["batch_position"])])
     assert rel(S, att.scores.numpy()) < REL
+    # summed over the rounds that drew them: the simulator's whole-run sample attribution
+    # (issue 20: each peer scores its own samples from the sweep's messages)
+    run = attribute_run(traj)
+    peer_sum: dict[tuple[int, int], float] = {}
+    for r in read_scores(tmp_path / "p2p", n):
+        key = (int(r["node"]), int(r["dataset_index"]))
+        peer_sum[key] = peer_sum.get(key, 0.0) + float(r["score_shared"])
+    want_run = np.array([run.score[i] for i in range(len(run)) if run.rounds_used[i] > 0])
+    got_run = np.array([peer_sum[(int(run.node[i]), int(run.dataset_index[i]))]
+                        for i in range(len(run)) if run.rounds_used[i] > 0])
+    assert len(got_run) == len(peer_sum) and rel(got_run, want_run) < REL
     # the second target: each node's own test split, the simulator's adjoint_test=own
     own_cfg = cfg.model_copy(update={"observers": [{"kind": "contribution",
                                                     "adjoint_test": "own"}]})
