@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .._util import progress_bar
 from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
-from .common import factual_path, node_weights
+from .common import check_replayable, factual_path, node_weights
 from .estimate import check_readout
 
 TARGETS = ("horizon", "hops")
@@ -201,33 +201,9 @@ def _dataset_index(p: Any, t0: int, t1: int) -> torch.Tensor:
 
 
 def check_attributable(traj: Any) -> None:
-    """:func:`~dice_influence.influence.common.check_replayable` (``transforms=False``) with a
-    cheaper finiteness test: one float64 row sum per checkpoint instead of an elementwise
-    ``isfinite`` (NaN and ±inf propagate through the sum; float32 values cannot overflow a
-    float64 sum), so that a short window does not pay for checking the whole run."""
-    from ..trajectory import DivergenceError
-
-    snaps = [*sorted(traj.checkpoints.items()), (traj.rounds_done, (traj.theta, traj.state))]
-    for t, (theta, _state) in snaps:
-        ok = torch.isfinite(theta.sum(1, dtype=torch.float64))
-        if not bool(ok.all()):
-            raise DivergenceError(t, torch.nonzero(~ok).flatten().tolist(),
-                                  "non-finite parameters", None)
-    for h in traj.history:
-        bad = [k for k, v in enumerate(h.get("loss") or []) if v is None or not math.isfinite(v)]
-        if bad:
-            raise DivergenceError(h["round"], bad, "non-finite test loss", None)
-    _replayable_no_finite(traj)
-
-
-def _replayable_no_finite(traj: Any) -> None:
-    p = traj.problem
-    if getattr(p, "aggregator", None) is not None:
-        raise ValueError(f"this run aggregates with {p.aggregator.name}; influence replays need "
-                         "the W^t matmul: train without `aggregator:` to measure influence")
-    if getattr(p, "transforms", ()):
-        raise ValueError("attribution through update-level attacks (transforms) is not "
-                         "supported; use estimate() or ground_truth() on this run")
+    """What the adjoint can attribute: a finite, replayable run without update-level attacks
+    (:func:`~dice_influence.influence.common.check_replayable` with ``transforms=False``)."""
+    check_replayable(traj, transforms=False)
 
 
 _WT: dict[int, tuple[Any, torch.Tensor]] = {}
