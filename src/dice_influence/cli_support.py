@@ -103,6 +103,17 @@ def print_nodes(traj: Any, title: str | None = None) -> None:
     from rich.table import Table
 
     final = traj.final_metrics
+    if "acc" not in final:  # a loss without accuracy (mse, custom): losses only
+        table = Table(title=title or f"round {traj.rounds_done}: per-node test loss")
+        table.add_column("node", justify="right")
+        table.add_column("test loss", justify="right")
+        for k, lo in enumerate(final["loss"]):
+            table.add_row(str(k), f"{lo:.4g}")
+        console.print(table)
+        console.print(f"mean node test loss [bold]{final['mean_loss']:.4g}[/], averaged model "
+                      f"{final['avg_model_loss']:.4g}, consensus distance "
+                      f"{final['consensus_distance']:.3g}")
+        return
     table = Table(title=title or f"round {traj.rounds_done}: per-node test accuracy")
     table.add_column("node", justify="right")
     table.add_column("test acc", justify="right")

@@ -55,7 +55,16 @@ class GroupsConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "synthetic"] = "digits"
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "synthetic", "npz", "nodes",
+                     "api"] = Field(
+        "digits", description="a built-in data set; npz: one file (x_train, y_train, x_test, "
+        "y_test) split by data.partition; nodes: a folder with node_<k>.npz (x, y) per node "
+        "plus test.npz (x, y); api: tensors passed to dice_influence.from_torch (not loadable "
+        "from a file)")
+    path: str | None = Field(None, description="the .npz file (dataset npz) or the folder "
+                             "(dataset nodes); read with allow_pickle=False")
+    source: str | None = Field(None, description="what a from_torch run was given (written by "
+                               "the run; dataset api only)")
     data_dir: str | None = None
     partition: str = "iid"
     samples_per_node: int | None = Field(None, ge=1)
@@ -92,7 +101,33 @@ class TopologyConfig(_Strict):
     )
 
 
+class LossConfig(_Strict):
+    """The per-sample loss ``loss_fn(outputs, targets) -> (B,)`` (docs/own-model.md)."""
+
+    kind: Literal["cross_entropy", "mse", "token_cross_entropy", "custom"] = Field(
+        "cross_entropy", description="cross_entropy: class ids; mse: float targets (mean over "
+        "target dims); token_cross_entropy: logits (B, L, V), token ids (B, L), mean over a "
+        "sequence's tokens; custom: a callable passed to from_torch (not loadable from a file)")
+    ignore_index: int | None = Field(None, description="token_cross_entropy: target id that "
+                                     "counts for nothing (padding)")
+    description: str | None = Field(None, description="custom: the callable's name (written "
+                                    "by the run)")
+
+
+MODEL_BUILTIN_KEYS = ("name", "hidden", "channels", "width", "activation")
+
+
 class ModelConfig(_Strict):
+    kind: Literal["builtin", "python", "api"] = Field(
+        "builtin", description="builtin: model.name from the zoo; python: model.factory "
+        "'pkg.module:make_model' called with model.kwargs; api: an nn.Module passed to "
+        "dice_influence.from_torch (not loadable from a file)")
+    factory: str | None = Field(None, description="python: 'pkg.module:function' (imported from "
+                                "the working directory or an installed package)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="python: keyword "
+                                   "arguments of the factory")
+    description: str | None = Field(None, description="api/python: class and parameter count "
+                                    "(written by the run)")
     name: Literal["logreg", "mlp", "cnn", "resnet"] = "mlp"
     hidden: list[PositiveInt] = [128, 64]
     channels: list[PositiveInt] = [16, 32]
@@ -125,6 +160,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     topology: TopologyConfig = TopologyConfig()
     model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     observers: list[dict[str, Any]] = Field(
         default_factory=list, description="plug-ins that read each round (dice config lists them)"
@@ -148,6 +184,7 @@ class RunConfig(_Strict):
                     f"(valid ids are 0..{n - 1})"
                 )
         _check_data_layout(self, n)
+        _check_own(self)
         g = self.data.groups
         if g is not None and g.count > n:
             raise ValueError(f"data.groups.count={g.count} exceeds topology.n={n}; use at most "
@@ -205,6 +242,94 @@ def _check_data_layout(cfg: RunConfig, n: int) -> None:
         if s in dc.duplicate_of:
             raise ValueError(f"data.duplicate_of: source {s} is itself a copy; point {c} at "
                              "an original node")
+
+
+def _check_own(cfg: RunConfig) -> None:
+    """Own model/data/loss keys: each kind with the keys it needs, and no others."""
+    m, dc, lc = cfg.model, cfg.data, cfg.loss
+    if m.kind == "python" and not m.factory:
+        raise ValueError("model.kind=python needs model.factory: 'pkg.module:make_model'")
+    if m.kind != "python" and (m.factory or m.kwargs):
+        raise ValueError(f"model.factory/model.kwargs are for model.kind=python, not "
+                         f"{m.kind!r}; set model.kind: python")
+    if m.factory is not None:
+        mod, _, fn = m.factory.partition(":")
+        if not (mod and fn and all(p.isidentifier() for p in mod.split("."))
+                and fn.isidentifier()):
+            raise ValueError(f"model.factory={m.factory!r} must look like "
+                             "'pkg.module:make_model' (a module path, a colon, a function)")
+    if dc.dataset in ("npz", "nodes") and not dc.path:
+        raise ValueError(f"data.dataset={dc.dataset} needs data.path (the "
+                         f"{'.npz file' if dc.dataset == 'npz' else 'folder of node_<k>.npz'})")
+    if dc.dataset not in ("npz", "nodes") and dc.path:
+        raise ValueError(f"data.path is for data.dataset npz or nodes, not {dc.dataset!r}")
+    if (dc.dataset == "api") != (m.kind == "api") and "api" in (dc.dataset, m.kind):
+        raise ValueError("data.dataset=api and model.kind=api come together, from "
+                         "dice_influence.from_torch; a config file cannot load them")
+    if dc.dataset == "nodes":
+        used = [k for k, v in (("partition", dc.partition != "iid"),
+                               ("samples_per_node", dc.samples_per_node is not None),
+                               ("size_multipliers", dc.size_multipliers is not None),
+                               ("duplicate_of", bool(dc.duplicate_of)),
+                               ("test_samples_per_node", dc.test_samples_per_node is not None))
+                if v]
+        if used:
+            raise ValueError(f"data.dataset=nodes: each node's file is its data, so "
+                             f"data.{used[0]} does not apply; remove it")
+    if lc.kind == "custom" and m.kind != "api":
+        raise ValueError("loss.kind=custom is a Python callable given to "
+                         "dice_influence.from_torch; in a config use cross_entropy, mse or "
+                         "token_cross_entropy")
+    if lc.ignore_index is not None and lc.kind != "token_cross_entropy":
+        raise ValueError("loss.ignore_index is for loss.kind=token_cross_entropy")
+    if m.kind == "builtin" and lc.kind == "token_cross_entropy":
+        raise ValueError("loss.kind=token_cross_entropy needs a sequence model: set "
+                         "model.kind: python with model.factory (docs/own-model.md)")
+
+
+OWN_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("model", "kind"): "builtin", ("model", "factory"): None, ("model", "kwargs"): {},
+    ("data", "path"): None, ("loss",): {"kind": "cross_entropy", "ignore_index": None},
+}
+
+
+def drop_own_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a dumped config) without the own-model/data/loss keys that hold their defaults,
+    so that a run's identity is the same as before those keys existed, and without the
+    descriptions a run writes (derived from what it read, whose hashes count instead)."""
+    raw.get("model", {}).pop("description", None)
+    raw.get("data", {}).pop("source", None)
+    if isinstance(raw.get("loss"), dict):
+        raw["loss"].pop("description", None)
+    for path, default in OWN_DEFAULTS.items():
+        node = raw
+        for p in path[:-1]:
+            node = node.get(p, {})
+        if node.get(path[-1], default) == default:
+            node.pop(path[-1], None)
+    return raw
+
+
+def data_label(cfg: RunConfig) -> str:
+    """Short name of a run's data: the built-in data set, the file or folder of one's own
+    (``npz``/``nodes``) or ``tensors`` (from_torch)."""
+    dc = cfg.data
+    if dc.dataset in ("npz", "nodes"):
+        return Path(dc.path or "").name or dc.dataset
+    return "tensors (from_torch)" if dc.dataset == "api" else dc.dataset
+
+
+def model_label(cfg: RunConfig) -> str:
+    """Short name of a run's model: the zoo's name and sizes, the factory, or what was passed
+    to from_torch."""
+    m = cfg.model
+    if m.kind == "python":
+        return f"{m.factory}"
+    if m.kind == "api":
+        return m.description or "a model passed to from_torch"
+    if m.name in ("mlp",):
+        return f"mlp {m.hidden}"
+    return m.name
 
 
 def check_device(cfg: RunConfig) -> None:
@@ -325,5 +450,11 @@ def load_config(
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """YAML text that :func:`load_config` reads back to an equal config."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """YAML text that :func:`load_config` reads back to an equal config. A model of one's own
+    (``model.kind`` python/api) is written without the zoo's keys (``name``, ``hidden``, ...),
+    which it does not use."""
+    raw = cfg.model_dump(mode="json")
+    if cfg.model.kind != "builtin":
+        for key in MODEL_BUILTIN_KEYS:
+            raw["model"].pop(key, None)
+    return yaml.safe_dump(raw, sort_keys=False)

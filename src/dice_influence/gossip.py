@@ -40,16 +40,18 @@ def param_views(fm: FunctionalModel, theta: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _batch_loss_fn(fm: FunctionalModel):
-    module = fm.module
-
     def loss(p, xb, yb, wb):
-        logits = functional_call(module, p, (xb,))
-        losses = torch.nn.functional.cross_entropy(logits, yb, reduction="none")
+        losses = fm.sample_losses(p, xb, yb)
         if wb is None:
             return losses.mean()
         return (losses * wb).sum() / losses.shape[0]
 
     return loss
+
+
+def repeat_rows(t: torch.Tensor, times: int) -> torch.Tensor:
+    """``t`` repeated ``times`` times along its first axis (any number of trailing axes)."""
+    return t.repeat(times, *([1] * (t.ndim - 1)))
 
 
 def node_grad_list(
@@ -75,7 +77,7 @@ def node_grads(
 ) -> torch.Tensor:
     """Batch-loss gradients of every node, ``(n, d)``, vectorized over nodes (no Python loop).
 
-    ``x``: ``(n, B, *input_shape)``; ``y``: ``(n, B)``; ``w``: optional per-sample weights
+    ``x``: ``(n, B, *input_shape)``; ``y``: ``(n, B, *target_shape)``; ``w``: optional per-sample weights
     ``(n, B)``; node ``k``'s loss is ``Σ_i w_ki ℓ_ki / B`` (SPEC §3 keeps the denominator).
     """
     n = theta.shape[0]
@@ -84,31 +86,46 @@ def node_grads(
 
 def node_losses(
     fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-node mean loss and accuracy on a shared set (``x``: ``(N, ...)``) or on per-node sets
-    (``x``: ``(n, N, ...)``, flagged by ``y.ndim == 2``). Returns two ``(n,)`` tensors."""
+    (``x``: ``(n, N, ...)``, flagged by targets with one more axis, :meth:`FunctionalModel.per_node`).
+    Returns two ``(n,)`` tensors; the accuracy is None for a loss without one (``mse``, a custom
+    loss; see :func:`dice_influence.models.make_loss`)."""
     module = fm.module
-    per_node = y.ndim == 2
+    per_node = fm.per_node(y)
+    acc_fn = fm.accuracy_fn
 
     def f(p, xb, yb):
-        logits = functional_call(module, p, (xb,))
-        loss = torch.nn.functional.cross_entropy(logits, yb)
-        acc = (logits.argmax(-1) == yb).to(logits.dtype).mean()
-        return loss, acc
+        out = functional_call(module, p, (xb,))
+        loss = fm.loss_fn(out, yb).mean()
+        if acc_fn is None:
+            return loss, loss
+        return loss, acc_fn(out, yb)
 
     in_dims = (0, 0 if per_node else None, 0 if per_node else None)
-    return vmap(f, in_dims=in_dims)(_param_views(fm, theta), x, y)
+    loss, acc = vmap(f, in_dims=in_dims)(_param_views(fm, theta), x, y)
+    return loss, acc if acc_fn is not None else None
+
+
+def require_accuracy(acc: torch.Tensor | None, what: str) -> torch.Tensor:
+    """``acc`` from :func:`node_losses`, or one clear error when the loss has no accuracy."""
+    if acc is None:
+        from .config import ConfigError
+
+        raise ConfigError(f"{what} measures test accuracy, which the run's loss (mse or a "
+                          "custom loss) does not define; use loss.kind=cross_entropy or "
+                          "token_cross_entropy, or an experiment that reads losses only")
+    return acc
 
 
 def loss_grads(
     fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-node test loss ``(n,)`` and its gradient ``(n, d)`` on a shared or per-node test set."""
-    module = fm.module
-    per_node = y.ndim == 2
+    per_node = fm.per_node(y)
 
     def loss(p, xb, yb):
-        return torch.nn.functional.cross_entropy(functional_call(module, p, (xb,)), yb)
+        return fm.sample_losses(p, xb, yb).mean()
 
     from torch.func import grad_and_value
 

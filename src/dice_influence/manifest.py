@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ._util import fsync_dir, write_json
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, drop_own_defaults
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dice-influence.manifest/1"
@@ -40,7 +40,7 @@ def identity_fields(
     cfg: RunConfig, data_files: Any = (), extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The parts of ``cfg`` (and of the data read) that change the run's numbers."""
-    raw = cfg.model_dump(mode="json")
+    raw = drop_own_defaults(cfg.model_dump(mode="json"))
     raw.pop("experiment", None)
     raw["data"].pop("data_dir", None)
     tr = raw["train"]

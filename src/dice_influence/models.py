@@ -12,8 +12,10 @@ training is a pure function of the stacked parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,6 +161,80 @@ def build_model(
     raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
+# ------------------------------------------------------------------------------------ losses
+
+LOSSES = ("cross_entropy", "mse", "token_cross_entropy")
+"""Built-in per-sample losses: ``cross_entropy`` (logits ``(B, C)``, class ids ``(B,)``),
+``mse`` (outputs and float targets of one shape, the per-sample mean over the target's
+dimensions) and ``token_cross_entropy`` (logits ``(B, L, V)``, token ids ``(B, L)``, the mean
+over a sequence's tokens, skipping ``ignore_index``)."""
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.shape != y.shape and out.numel() == y.numel():
+        y = y.reshape(out.shape)  # (B,) targets against (B, 1) outputs
+    return ((out - y.to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
+
+
+def _token_ce(ignore_index: int | None) -> LossFn:
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B = out.shape[0]
+        if ignore_index is None:
+            ce = nn.functional.cross_entropy(out.flatten(0, -2), y.reshape(-1), reduction="none")
+            return ce.reshape(B, -1).mean(1)
+        keep = y != ignore_index
+        safe = torch.where(keep, y, torch.zeros_like(y))
+        ce = nn.functional.cross_entropy(out.flatten(0, -2), safe.reshape(-1), reduction="none")
+        keep = keep.reshape(B, -1).to(ce.dtype)
+        return (ce.reshape(B, -1) * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+    return loss
+
+
+def _class_acc(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+def _token_acc(ignore_index: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def acc(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hit = (out.argmax(-1) == y).to(out.dtype)
+        if ignore_index is None:
+            return hit.mean()
+        keep = (y != ignore_index).to(out.dtype)
+        return (hit * keep).sum() / keep.sum().clamp(min=1)
+
+    return acc
+
+
+def make_loss(kind: str | LossFn = "cross_entropy", *, ignore_index: int | None = None
+              ) -> tuple[LossFn, Callable | None, str]:
+    """``(loss_fn, accuracy_fn, name)`` for a built-in loss name (one of :data:`LOSSES`) or a
+    user callable ``loss_fn(outputs, targets) -> (B,)`` (then no accuracy, name ``"custom"``).
+
+    Accuracy is defined for ``cross_entropy`` (argmax = class id) and ``token_cross_entropy``
+    (the fraction of non-ignored tokens predicted right); ``mse`` and user losses have none:
+    evaluation then reports losses only (no accuracy keys, never NaN placeholders)."""
+    if callable(kind):
+        return kind, None, "custom"
+    if kind == "cross_entropy":
+        return _cross_entropy, _class_acc, kind
+    if kind == "mse":
+        return _mse, None, kind
+    if kind == "token_cross_entropy":
+        return _token_ce(ignore_index), _token_acc(ignore_index), kind
+    raise ModelError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)} or pass a "
+                     "callable loss_fn(outputs, targets) -> per-sample losses (B,)")
+
+
+# ------------------------------------------------------------------------- functional model
+
+
 @dataclass(frozen=True)
 class ParamSlot:
     name: str
@@ -167,27 +243,48 @@ class ParamSlot:
     numel: int
 
 
-class FunctionalModel:
-    """A model seen as a function of one flat parameter vector.
+_BUFFER_FIX = ("models with buffers (e.g. BatchNorm running statistics) are not supported by the "
+               "functional core; use GroupNorm (as the built-in 'resnet' does)")
 
-    ``loss(flat, x, y, w)`` is the batch loss ``sum_i w_i * CE(f(x_i), y_i) / B`` (``B`` = batch
+
+class FunctionalModel:
+    """A model seen as a function of one flat parameter vector, with its per-sample loss.
+
+    ``loss(flat, x, y, w)`` is the batch loss ``sum_i w_i * l(f(x_i), y_i) / B`` (``B`` = batch
     size, so ``w = 1`` is the ordinary mean and zeroing ``w_i`` removes sample ``i`` while keeping
-    the denominator, SPEC §3).
+    the denominator, docs/method.md §3). ``loss_fn(outputs, targets) -> (B,)`` is the per-sample
+    loss (default cross-entropy on class ids; see :func:`make_loss`); ``target_ndim`` is the
+    number of dimensions of one sample's target (0 for class ids, 1 for a token sequence), so
+    that a stacked per-node set ``(n, N, *target)`` is told from a shared one ``(N, *target)``.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, loss: str | LossFn = "cross_entropy", *,
+                 ignore_index: int | None = None, target_ndim: int | None = None):
         if list(module.buffers()):
-            raise ModelError(
-                "models with buffers (e.g. BatchNorm running statistics) are not supported by the "
-                "functional core; use GroupNorm (as the built-in 'resnet' does)"
-            )
+            raise ModelError(_BUFFER_FIX)
         self.module = module
+        self.loss_fn, self.accuracy_fn, self.loss_name = make_loss(loss, ignore_index=ignore_index)
+        self.target_ndim = (1 if self.loss_name == "token_cross_entropy" else 0) \
+            if target_ndim is None else int(target_ndim)
         slots, offset = [], 0
         for name, p in module.named_parameters():
             slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
             offset += p.numel()
         self.slots: tuple[ParamSlot, ...] = tuple(slots)
         self.dim = offset
+
+    @property
+    def has_accuracy(self) -> bool:
+        return self.accuracy_fn is not None
+
+    def per_node(self, y: torch.Tensor) -> bool:
+        """Whether targets ``y`` are stacked per node, ``(n, N, *target)``."""
+        return y.ndim == self.target_ndim + 2
+
+    def sample_losses(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``(B,)`` of the module with named ``params`` on ``(x, y)``."""
+        return self.loss_fn(functional_call(self.module, params, (x,)), y)
 
     def flat_init(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The module's current parameters as a flat vector of length ``dim``."""
@@ -216,7 +313,7 @@ class FunctionalModel:
         return functional_call(self.module, self.unflatten(flat), (x,))
 
     def per_sample_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.forward(flat, x), y, reduction="none")
+        return self.loss_fn(self.forward(flat, x), y)
 
     def loss(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None
@@ -226,3 +323,76 @@ class FunctionalModel:
         if w is None:
             return losses.mean()
         return (losses * w).sum() / losses.shape[0]
+
+
+# -------------------------------------------------------------------------- model factories
+
+
+def resolve_factory(spec: str) -> tuple[Callable[..., Any], Path | None]:
+    """The function named by ``model.factory`` (``"pkg.module:make_model"``), imported from the
+    working directory or an installed package (nothing else is imported), and the file of its
+    module (None for a module without one)."""
+    import importlib
+    import os
+    import sys
+
+    mod_name, _, fn_name = spec.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and mod_name.startswith(exc.name):
+            raise ModelError(f"model.factory={spec!r}: no module {exc.name!r} in the working "
+                             f"directory ({cwd}) or the installed packages; run from the folder "
+                             "that holds it, or install it") from None
+        raise ModelError(f"model.factory={spec!r}: importing {mod_name} failed: {exc}") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise ModelError(f"model.factory={spec!r}: importing {mod_name} raised "
+                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"model.factory={spec!r}: module {mod_name} has no function "
+                         f"{fn_name!r}; define def {fn_name}(**kwargs) -> nn.Module there")
+    where = getattr(module, "__file__", None)
+    return fn, Path(where) if where else None
+
+
+def load_factory_model(spec: str, kwargs: dict[str, Any], seed: int = 0) -> nn.Module:
+    """Call ``model.factory`` with ``model.kwargs`` (torch's generator seeded with ``seed``
+    during the call, so parameters it draws itself are the same every time); one clear error
+    if it fails or returns something other than an ``nn.Module``."""
+    fn, _ = resolve_factory(spec)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = fn(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"model.factory={spec!r} with model.kwargs={kwargs!r} raised "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model.factory={spec!r} returned {type(module).__name__}, not an "
+                         "nn.Module; return the model instance")
+    return module
+
+
+def factory_files(spec: str | None) -> tuple[dict[str, Any], ...]:
+    """``{"path", "size", "sha256"}`` of the module file of ``model.factory`` (recorded with
+    the data files, so the run identity changes when the model's code does)."""
+    if not spec:
+        return ()
+    from .data.files import file_records
+
+    _, path = resolve_factory(spec)
+    return file_records([path]) if path is not None and path.is_file() else ()
+
+
+def describe_model(module: nn.Module) -> str:
+    """``"ClassName, 12,345 parameters"``."""
+    n = sum(p.numel() for p in module.parameters())
+    return f"{type(module).__name__}, {n:,} parameters"

@@ -7,7 +7,9 @@ Any round of a run can be recomputed exactly from its :class:`Problem` (SPEC §2
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 
 from . import data as D
 from . import topology as T
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .gossip import Mixer, Optimizer, functional_step, loss_grads, lr_at, node_losses
 from .loop import RoundView
 from .models import FunctionalModel, build_model
@@ -115,21 +117,21 @@ class Problem:
 
     def evaluate(self, theta: torch.Tensor) -> dict[str, object]:
         """Per-node test loss/accuracy on the shared test set, consensus distance
-        (mean squared distance to the average model) and the averaged model's accuracy."""
+        (mean squared distance to the average model) and the averaged model's accuracy. A loss
+        without accuracy (``mse``, a custom loss) gives the loss keys only (``acc``,
+        ``mean_acc`` and ``avg_model_acc`` are absent, never NaN)."""
         with torch.no_grad():
             loss, acc = node_losses(self.fm, theta, self.val_x, self.val_y)
             mean = theta.mean(0, keepdim=True)
             cons = float(((theta - mean) ** 2).sum(1).mean())
             aloss, aacc = node_losses(self.fm, mean, self.val_x, self.val_y)
-        return {
-            "loss": loss.tolist(),
-            "acc": acc.tolist(),
-            "mean_acc": float(acc.mean()),
-            "mean_loss": float(loss.mean()),
-            "consensus_distance": cons,
-            "avg_model_acc": float(aacc[0]),
-            "avg_model_loss": float(aloss[0]),
-        }
+        out: dict[str, object] = {"loss": loss.tolist(), "mean_loss": float(loss.mean()),
+                                  "consensus_distance": cons,
+                                  "avg_model_loss": float(aloss[0])}
+        if acc is not None and aacc is not None:
+            out.update(acc=acc.tolist(), mean_acc=float(acc.mean()),
+                       avg_model_acc=float(aacc[0]))
+        return out
 
     def test_loss_grads(self, theta: torch.Tensor, per_node: bool = False):
         """Per-node test loss ``(n,)`` and gradient ``(n, d)`` on ``z'``."""
@@ -222,10 +224,26 @@ def group_data(cfg: RunConfig, nd: D.NodeData, num_classes: int) -> D.NodeData:
 
 def build_functional_model(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
                            device: torch.device) -> FunctionalModel:
-    mc = cfg.model
-    module = build_model(mc.name, ds.input_shape, ds.num_classes, hidden=tuple(mc.hidden),
-                         channels=tuple(mc.channels), width=mc.width, activation=mc.activation)
-    return FunctionalModel(module.to(device=device, dtype=dtype))
+    """The run's model with its loss: the zoo's ``model.name`` (output size: the classes, or
+    the target's size for ``mse``) or ``model.factory`` (``model.kind: python``)."""
+    mc, lc = cfg.model, cfg.loss
+    if mc.kind == "api":
+        raise ConfigError(API_REFUSAL)
+    if mc.kind == "python":
+        from .models import load_factory_model
+
+        module = load_factory_model(mc.factory or "", mc.kwargs, cfg.seed)
+    else:
+        outputs = ds.num_classes if lc.kind == "cross_entropy" else math.prod(ds.target_shape)
+        if outputs is None:
+            raise ConfigError(f"loss.kind=cross_entropy needs class-id targets, but the data's "
+                              f"targets are {ds.y_train.dtype} of shape {ds.target_shape}; "
+                              "set loss.kind: mse for float targets")
+        module = build_model(mc.name, ds.input_shape, outputs, hidden=tuple(mc.hidden),
+                             channels=tuple(mc.channels), width=mc.width,
+                             activation=mc.activation)
+    return FunctionalModel(module.to(device=device, dtype=dtype), lc.kind,
+                           ignore_index=lc.ignore_index, target_ndim=len(ds.target_shape))
 
 
 def build_optimizer(cfg: RunConfig) -> Optimizer:
@@ -237,7 +255,15 @@ def build_validation(cfg: RunConfig, ds: D.Dataset, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared test set ``z'`` (the first ``data.validation_samples`` test samples)."""
     nval = _n_validation(cfg, ds)
-    return ds.x_test[:nval].to(device=device, dtype=dtype), ds.y_test[:nval].to(device)
+    return cast_data(ds.x_test[:nval], dtype, device), cast_data(ds.y_test[:nval], dtype, device)
+
+
+def cast_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; floating tensors in the run's ``dtype``, integer ones (class or
+    token ids) kept as int64."""
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device, dtype=torch.int64)
 
 
 def build_problem(cfg: RunConfig) -> Problem:
@@ -245,8 +271,9 @@ def build_problem(cfg: RunConfig) -> Problem:
     dc = cfg.data
     dtype = run_dtype(cfg)
     device = torch.device(cfg.train.device)
-    ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    nd = D.make_node_data(ds, build_partition(cfg, ds), split="train",
+    ds, parts = load_run_data(cfg)
+    nd = D.make_node_data(ds, parts if parts is not None else build_partition(cfg, ds),
+                          split="train",
                           corruptions=build_corruptions(cfg))
     nd = _cast(group_data(cfg, nd, ds.num_classes), dtype, device)
     node_test = None
@@ -263,5 +290,57 @@ def build_problem(cfg: RunConfig) -> Problem:
                    dtype=dtype, device=device, aggregator=build_aggregator(cfg))
 
 
+def load_run_data(cfg: RunConfig, only: int | None = None
+                  ) -> tuple[D.Dataset, list[np.ndarray] | None]:
+    """The run's data set and, for ``data.dataset: nodes``, each node's samples in it (None:
+    split by ``data.partition``). ``only=k``: a peer's view (node ``k``'s file only). The
+    files of ``model.factory``'s module are recorded with the data files (run identity)."""
+    from .data.own import load_nodes, load_npz
+    from .models import factory_files
+
+    dc = cfg.data
+    parts = None
+    if dc.dataset == "api":
+        raise ConfigError(API_REFUSAL)
+    if dc.dataset == "npz":
+        ds = load_npz(dc.path or "")
+    elif dc.dataset == "nodes":
+        ds, parts = load_nodes(dc.path or "", cfg.topology.n, only=only)
+    else:
+        ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
+    extra = factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()
+    if extra:
+        ds = dataclasses.replace(ds, files=(*ds.files, *extra))
+    return ds, parts
+
+
+def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
+    """The files (path, size, sha256) that every peer of ``cfg`` reads alike: the data set's
+    (for ``data.dataset: nodes`` only the shared ``test.npz``: a peer never reads the other
+    nodes' files) and ``model.factory``'s module."""
+    from .data.files import file_records
+    from .data.own import test_file
+    from .models import factory_files
+
+    dc = cfg.data
+    if dc.dataset == "api":
+        raise ConfigError(API_REFUSAL)
+    if dc.dataset == "npz":
+        files = file_records([Path(dc.path or "").expanduser()])
+    elif dc.dataset == "nodes":
+        files = file_records([test_file(dc.path or "")])
+    else:
+        files = D.dataset_files(dc.dataset, data_dir=dc.data_dir)
+    return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()))
+
+
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:
-    return dataclasses.replace(nd, x=nd.x.to(device=device, dtype=dtype), y=nd.y.to(device))
+    return dataclasses.replace(nd, x=cast_data(nd.x, dtype, device),
+                               y=cast_data(nd.y, dtype, device))
+
+
+API_REFUSAL = ("this run was built in Python with dice_influence.from_torch (model.kind/"
+               "data.dataset: api), so its model and data cannot be rebuilt from the config; "
+               "rebuild the Problem with from_torch and pass it (Trajectory.load(folder, "
+               "problem=...)), or describe the model and data in a config (model.kind: python, "
+               "data.dataset: npz or nodes; docs/own-model.md)")

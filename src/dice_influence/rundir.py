@@ -28,7 +28,7 @@ from ._util import (
     temp_name,
     write_json,
 )
-from .config import ConfigError, dump_config
+from .config import ConfigError, data_label, dump_config
 from .manifest import MANIFEST, RunDirError, RunIdentity, remove_manifest, write_manifest
 from .problem import Problem
 from .trajectory import Trajectory
@@ -57,6 +57,7 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
         "rounds": traj.rounds_done,
         "n_nodes": p.n,
         "n_params": p.d,
+        "run": describe_run(p),
         "final": {k: v for k, v in final.items() if k not in ("loss", "acc")},
         "per_node": {"test_loss": final.get("loss"), "test_acc": final.get("acc")},
         "history": [{k: v for k, v in h.items() if k not in ("loss", "acc")}
@@ -66,11 +67,15 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
         **(extra or {}),
     }
     write_json(out / "metrics.json", metrics)
-    rows = [{"node": k, "train_samples": int(p.node_data.sizes[k]),
-             "test_loss": final["loss"][k], "test_acc": final["acc"][k]} for k in range(p.n)]
+    has_acc = "acc" in final
+    rows = [{"node": k, "train_samples": int(p.node_data.sizes[k]), "test_loss": final["loss"][k],
+             **({"test_acc": final["acc"][k]} if has_acc else {})} for k in range(p.n)]
     atomic_write_text(out / "nodes.csv", csv_text(rows))
     hist = [{"round": h["round"], "mean_acc": h["mean_acc"], "mean_loss": h["mean_loss"],
              "min_acc": min(h["acc"]), "avg_model_acc": h["avg_model_acc"],
+             "consensus_distance": h["consensus_distance"]} if "acc" in h else
+            {"round": h["round"], "mean_loss": h["mean_loss"], "max_loss": max(h["loss"]),
+             "avg_model_loss": h["avg_model_loss"],
              "consensus_distance": h["consensus_distance"]} for h in traj.history]
     atomic_write_text(out / "history.csv", csv_text(hist))
     save_tensors(out / "final.safetensors", {"theta": traj.theta.contiguous().cpu()},
@@ -86,6 +91,43 @@ def write_run_dir(traj: Trajectory, out: str | Path, *, extra: dict[str, Any] | 
     write_manifest(out, written, traj.identity, rounds_done=traj.rounds_done,
                    data_files=list(p.dataset.files))
     return out
+
+
+def describe_run(problem: Problem) -> dict[str, Any]:
+    """What actually ran (for ``metrics.json`` and the README): the model's class and
+    parameter count and where it came from, the loss, the data's source and shapes."""
+    cfg, fm, nd = problem.cfg, problem.fm, problem.node_data
+    mc, dc = cfg.model, cfg.data
+    model: dict[str, Any] = {"kind": mc.kind, "class": type(fm.module).__name__,
+                             "n_params": fm.dim}
+    if mc.kind == "builtin":
+        model["name"] = mc.name
+    elif mc.kind == "python":
+        model.update(factory=mc.factory, kwargs=mc.kwargs)
+        src = [f for f in problem.dataset.files if f not in _data_only(problem)]
+        if src:
+            model.update(module_file=src[0]["path"], module_sha256=src[0]["sha256"])
+    else:
+        model["built_with"] = "dice_influence.from_torch"
+    data: dict[str, Any] = {"dataset": dc.dataset,
+                            "source": dc.source if dc.dataset == "api" else (dc.path or
+                                                                             dc.dataset),
+                            "x": [*nd.input_shape], "x_dtype": str(nd.x.dtype).removeprefix(
+                                "torch."),
+                            "y": [*nd.target_shape], "y_dtype": str(nd.y.dtype).removeprefix(
+                                "torch."),
+                            "train_samples": int(nd.sizes.sum()),
+                            "test_samples": int(problem.val_x.shape[0])}
+    return {"model": model, "loss": fm.loss_name if fm.loss_name != "custom" else
+            f"custom ({cfg.loss.description})", "data": data}
+
+
+def _data_only(problem: Problem) -> list[dict[str, Any]]:
+    from .models import factory_files
+
+    mc = problem.cfg.model
+    mod = factory_files(mc.factory) if mc.kind == "python" else ()
+    return [f for f in problem.dataset.files if f not in mod]
 
 
 def _plugin_summaries(traj: Trajectory) -> dict[str, Any]:
@@ -110,18 +152,20 @@ def plot_history(traj: Trajectory, path: Path) -> None:
     fig = Figure(figsize=(6, 3.5), dpi=110)
     ax = fig.add_subplot()
     rounds = [h["round"] for h in traj.history]
-    accs = [h["acc"] for h in traj.history]
+    what = "acc" if all("acc" in h for h in traj.history) else "loss"  # mse: losses only
+    accs = [h[what] for h in traj.history]
     for k in range(traj.problem.n):
         ax.plot(rounds, [a[k] for a in accs], color="0.75", lw=0.7)
-    ax.plot(rounds, [h["mean_acc"] for h in traj.history], color="C0", lw=2, label="mean node")
-    ax.plot(rounds, [h["avg_model_acc"] for h in traj.history], color="C1", lw=1.5, ls="--",
+    ax.plot(rounds, [h[f"mean_{what}"] for h in traj.history], color="C0", lw=2,
+            label="mean node")
+    ax.plot(rounds, [h[f"avg_model_{what}"] for h in traj.history], color="C1", lw=1.5, ls="--",
             label="averaged model")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{traj.problem.cfg.data.dataset}: {traj.problem.n} nodes, "
+    ax.set_ylabel("test accuracy" if what == "acc" else "test loss")
+    ax.set_title(f"{data_label(traj.problem.cfg)}: {traj.problem.n} nodes, "
                  f"{traj.problem.cfg.topology.name}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right" if what == "acc" else "upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -130,17 +174,36 @@ def plot_history(traj: Trajectory, path: Path) -> None:
 def _readme(traj: Trajectory, metrics: dict[str, Any]) -> str:
     cfg = traj.problem.cfg
     f = metrics["final"]
+    run = metrics.get("run") or describe_run(traj.problem)
+    m, dd = run["model"], run["data"]
+    split = (f" ({cfg.data.partition})" if cfg.data.dataset not in ("nodes", "api") else
+             " (one file per node)" if cfg.data.dataset == "nodes" else "")
+    source = f" from `{dd['source']}`" if cfg.data.dataset in ("npz", "nodes") else \
+        " (tensors passed to `dice_influence.from_torch`)" if cfg.data.dataset == "api" else ""
+    where = {"builtin": f"`{m.get('name')}`",
+             "python": f"`{m.get('factory')}`"
+                       + (f" (module `{m['module_file']}`, sha256 {m['module_sha256'][:12]})"
+                          if m.get("module_file") else ""),
+             "api": "passed to `dice_influence.from_torch`"}[m["kind"]]
+    score = (f"- final mean node test accuracy: {f['mean_acc']:.4f}; averaged model: "
+             f"{f.get('avg_model_acc', float('nan')):.4f}; " if "mean_acc" in f else
+             f"- final mean node test loss: {f.get('mean_loss', float('nan')):.4g}; averaged "
+             f"model: {f.get('avg_model_loss', float('nan')):.4g}; ")
+    rerun = ("`config.yaml` (re-run with `dice train config.yaml`)" if cfg.model.kind != "api"
+             else "`config.yaml` (describes the run; a from_torch run is rebuilt in Python: "
+             "`Trajectory.load(folder, problem=from_torch(...))`)")
     return (
         f"# dice-influence run\n\n"
-        f"- data: `{cfg.data.dataset}` ({cfg.data.partition}), {traj.problem.n} nodes, "
+        f"- data: `{dd['dataset']}`{split}{source}, {traj.problem.n} nodes, "
+        f"{dd['train_samples']} training samples, x {tuple(dd['x'])} {dd['x_dtype']}, "
+        f"y {tuple(dd['y'])} {dd['y_dtype']}, {dd['test_samples']} test samples; "
         f"topology `{cfg.topology.name}`"
         f"{' (time-varying: ' + cfg.topology.time_varying + ')' if cfg.topology.time_varying else ''}\n"
-        f"- model: `{cfg.model.name}` ({traj.problem.d} parameters), {traj.rounds_done} rounds, "
-        f"batch {cfg.train.batch_size}, lr {cfg.train.lr}\n"
-        f"- final mean node test accuracy: {f.get('mean_acc', float('nan')):.4f}; "
-        f"averaged model: {f.get('avg_model_acc', float('nan')):.4f}; "
+        f"- model: {m['class']} {where}, {m['n_params']} parameters; loss `{run['loss']}`; "
+        f"{traj.rounds_done} rounds, batch {cfg.train.batch_size}, lr {cfg.train.lr}\n"
+        f"{score}"
         f"consensus distance: {f.get('consensus_distance', float('nan')):.3g}\n\n"
-        "Files: `config.yaml` (re-run with `dice train config.yaml`), `metrics.json`, "
+        f"Files: {rerun}, `metrics.json`, "
         "`nodes.csv`, `history.csv`, `final.safetensors`, `trajectory.json` + "
         "`checkpoints.safetensors` (exact replay), `accuracy.png`, `manifest.json` (hashes, run "
         "identity, data files read; written last).\n\n"

@@ -30,7 +30,7 @@ import torch
 
 from .._util import progress_bar
 from ..attacks import AttackPlan, attack_transforms
-from ..gossip import node_losses
+from ..gossip import node_losses, require_accuracy
 from ..loop import Loop, Policy, RoundView
 from . import anomaly as A
 from .aggregators import ClippedGossip, TrimmedMean
@@ -265,7 +265,7 @@ def _eval(problem: Any, theta: torch.Tensor, honest: np.ndarray, t: int) -> dict
     with torch.no_grad():
         idx = torch.as_tensor(np.flatnonzero(honest), device=theta.device)
         loss, acc = node_losses(problem.fm, theta[idx], problem.val_x, problem.val_y)
-    acc = torch.nan_to_num(acc, nan=0.0)
+    acc = torch.nan_to_num(require_accuracy(acc, 'the defense report'), nan=0.0)
     return {
         "round": t,
         "honest_acc_mean": float(acc.mean()),

@@ -84,7 +84,7 @@ def train_one(n: int, rounds: int, run_loop: bool, data_dir: str | None = None,
     x, y = problem.batch(0)
 
     def loss(p, xb, yb):
-        return torch.nn.functional.cross_entropy(functional_call(module, p, (xb,)), yb)
+        return problem.fm.loss_fn(functional_call(module, p, (xb,)), yb).mean()
 
     floor_fn = vmap(grad(loss))
 
@@ -126,7 +126,7 @@ def _loop_baseline(problem: Any, rounds: int) -> float:
         for k, m in enumerate(models):
             xb, yb = nd.x[k, idx[k]], nd.y[k, idx[k]]
             m.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(m(xb), yb).backward()
+            problem.fm.loss_fn(m(xb), yb).mean().backward()
             with torch.no_grad():
                 for prm in m.parameters():
                     prm.add_(prm.grad, alpha=-lr)

@@ -48,6 +48,7 @@ _IDX_STEMS = {
 }
 
 
+_INPUT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
 # --------------------------------------------------------------------------------------------
 # Dataset container
@@ -60,7 +61,10 @@ class Dataset:
 
     ``x_*`` are float32, shape ``(N, C, H, W)`` for images or ``(N, D)`` for tabular data, already
     normalised when loaded with ``normalize=True``; ``y_*`` are int64 class ids in
-    ``[0, num_classes)``. ``input_shape`` is the shape of one sample. Tensors may be shared with
+    ``[0, num_classes)``. ``input_shape`` is the shape of one sample. Data of one's own
+    (``npz``/``nodes`` files, :func:`dice_influence.from_torch`) may also hold float64 or
+    integer inputs (token ids) and targets of any shape (float vectors, token sequences);
+    ``num_classes`` is None when the targets are not class ids. Tensors may be shared with
     the in-process cache of :func:`load_dataset`: do not modify them in place.
     """
 
@@ -69,7 +73,7 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
     files: tuple[dict[str, Any], ...] = ()
     """The files the data was read from: ``{"path", "size", "sha256"}`` each (empty for
@@ -79,11 +83,16 @@ class Dataset:
         self.input_shape = tuple(int(s) for s in self.input_shape)
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.dtype != torch.float32:
-                raise DataError(f"{self.name}: x_{split} has dtype {x.dtype}; use float32")
-            if y.dtype != torch.int64:
-                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype}; use int64")
-            if y.ndim != 1 or x.shape[0] != y.shape[0]:
+            if x.dtype not in _INPUT_DTYPES:
+                raise DataError(f"{self.name}: x_{split} has dtype {x.dtype}; use float32 "
+                                "(float64, or int64 token ids, for data of one's own)")
+            if y.dtype not in (torch.int64, torch.float32, torch.float64):
+                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype}; use int64 class "
+                                "or token ids, or float targets")
+            if self.num_classes is not None and y.dtype != torch.int64:
+                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype} but class ids "
+                                "must be int64")
+            if y.ndim < 1 or x.shape[0] != y.shape[0]:
                 raise DataError(
                     f"{self.name}: x_{split} has {x.shape[0]} rows but y_{split} has shape "
                     f"{tuple(y.shape)}; they must match one label per sample"
@@ -93,6 +102,11 @@ class Dataset:
                     f"{self.name}: x_{split} samples have shape {tuple(x.shape[1:])} but "
                     f"input_shape is {self.input_shape}"
                 )
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's target (``()`` for class ids)."""
+        return tuple(self.y_train.shape[1:])
 
     @property
     def input_dim(self) -> int:

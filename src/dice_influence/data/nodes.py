@@ -53,8 +53,11 @@ class Corruption:
         if self.seed < 0:
             raise DataError(f"corruption seed={self.seed} must be >= 0")
 
-    def validate(self, n_nodes: int, num_classes: int) -> None:
+    def validate(self, n_nodes: int, num_classes: int | None) -> None:
         """Check node ids and the label mapping against a concrete setup."""
+        if num_classes is None and self.kind != "gaussian_noise":
+            raise DataError(f"{self.kind} corrupts class ids, but this data's targets are not "
+                            "class ids; use gaussian_noise, or corrupt your data before loading")
         for k in self.nodes:
             if not 0 <= k < n_nodes:
                 raise DataError(
@@ -79,7 +82,8 @@ class Corruption:
 class NodeData:
     """Per-node stacked, padded local data for a vectorised simulator.
 
-    ``x``: (n, m_max, *input_shape) float32; ``y``: (n, m_max) int64; ``sizes``: (n,) int64
+    ``x``: (n, m_max, *input_shape) float32; ``y``: (n, m_max, *target_shape) (int64 class
+    ids for the built-in data; any shape and dtype for data of one's own); ``sizes``: (n,) int64
     real sample counts (positions >= sizes[k] are padding: x = 0, y = 0); ``index``: (n, m_max)
     int64 dataset index of each sample (-1 for padding); ``corrupted``: (n, m_max) bool, True
     where a :class:`Corruption` altered the sample.
@@ -103,6 +107,10 @@ class NodeData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[2:])
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        return tuple(self.y.shape[2:])
 
     @property
     def mask(self) -> torch.Tensor:
@@ -387,11 +395,13 @@ class BatchSchedule:
 
 
 def gather_batch(nd: NodeData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather (x (n, B, *input_shape), y (n, B)) for positions ``idx`` (n, B) in one indexing op."""
+    """Gather (x (n, B, *input_shape), y (n, B, *target_shape)) for positions ``idx`` (n, B) in
+    one indexing op."""
     if idx.ndim != 2 or idx.shape[0] != nd.n_nodes:
         raise DataError(f"batch indices have shape {tuple(idx.shape)}; need ({nd.n_nodes}, B)")
     idx = idx.to(device=nd.x.device, dtype=torch.int64)
     n, m = nd.n_nodes, nd.max_size
     flat = (torch.arange(n, device=nd.x.device).unsqueeze(1) * m + idx).reshape(-1)
     x = nd.x.reshape(n * m, -1).index_select(0, flat).reshape(n, idx.shape[1], *nd.input_shape)
-    return x, nd.y.reshape(-1).index_select(0, flat).reshape(n, idx.shape[1])
+    y = nd.y.reshape(n * m, -1).index_select(0, flat).reshape(n, idx.shape[1], *nd.target_shape)
+    return x, y

@@ -295,8 +295,14 @@ def partition(
     Returns one sorted int64 index array per node.
     """
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    y = y.reshape(-1).astype(np.int64)
     kind, alpha, cpn = _parse_scheme(scheme, alpha, classes_per_node)
+    if y.ndim > 1 or not np.issubdtype(y.dtype, np.integer):
+        if kind != "iid":
+            raise DataError(f"partition {scheme!r} splits by class, but the targets have shape "
+                            f"{tuple(y.shape[1:])} and dtype {y.dtype}, not class ids; use iid, "
+                            "explicit index lists, or give each node its own data")
+        y = np.zeros(len(y), dtype=np.int64)  # iid: only the sample count matters
+    y = y.reshape(-1).astype(np.int64)
     n_total = len(y)
     if int(n_nodes) != n_nodes or n_nodes < 1:
         raise DataError(f"n_nodes={n_nodes} must be a positive integer")

@@ -301,7 +301,8 @@ def collect(
         "sign": "P[k][j]: influence of sender j on receiver k; positive = harmful",
         "status": ["missing" if m is None else m["status"] for m in metrics],
         "rounds_done": [None if m is None else m["rounds_done"] for m in metrics],
-        "mean_final_acc": float(np.mean([m["final"]["acc"] for m in ok])) if ok else None,
+        "mean_final_acc": float(np.mean([m["final"]["acc"] for m in ok]))
+        if ok and all("acc" in (m["final"] or {}) for m in ok) else None,
         "bytes_sent_per_peer_per_round": float(np.mean([m["bytes_sent_per_round"] for m in ok]))
         if ok
         else None,

@@ -72,10 +72,14 @@ class LocalProblem:
         """Loss/accuracy of ``theta`` (1, d) on the shared test set (and the own split)."""
         with torch.no_grad():
             loss, acc = node_losses(self.fm, theta, self.val_x, self.val_y)
-            out = {"loss": float(loss[0]), "acc": float(acc[0])}
+            out = {"loss": float(loss[0])}
+            if acc is not None:  # a loss without accuracy (mse) reports losses only
+                out["acc"] = float(acc[0])
             if self.own_test:
                 ol, oa = node_losses(self.fm, theta, self.test_x[None], self.test_y[None])
-                out.update(own_loss=float(ol[0]), own_acc=float(oa[0]))
+                out["own_loss"] = float(ol[0])
+                if oa is not None:
+                    out["own_acc"] = float(oa[0])
         return out
 
 
@@ -86,8 +90,8 @@ def _only(parts: list[np.ndarray], k: int) -> list[np.ndarray]:
 
 def _row(nd: D.NodeData, k: int, dtype: torch.dtype, device: torch.device):
     size = int(nd.sizes[k])
-    x = nd.x[k, :size].clone().to(device=device, dtype=dtype)
-    return x, nd.y[k, :size].clone().to(device)
+    return (S.cast_data(nd.x[k, :size].clone(), dtype, device),
+            S.cast_data(nd.y[k, :size].clone(), dtype, device))
 
 
 def build_local(
@@ -100,8 +104,8 @@ def build_local(
         raise ConfigError(f"peer rank {k} out of range for topology.n={n}")
     dtype = S.run_dtype(cfg)
     dev = torch.device(device if device is not None else cfg.train.device)
-    ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    parts = S.build_partition(cfg, ds)
+    ds, given = S.load_run_data(cfg, only=k)  # data.dataset=nodes: node k's file only
+    parts = given if given is not None else S.build_partition(cfg, ds)
     nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=S.build_corruptions(cfg))
     x, y = _row(S.group_data(cfg, nd, ds.num_classes), k, dtype, dev)
     del nd
@@ -116,7 +120,10 @@ def build_local(
         test_x, test_y = _row(S.group_data(cfg, tnd, ds.num_classes), k, dtype, dev)
     else:
         test_x, test_y = val_x, val_y
-    batches = D.BatchSchedule([len(p) for p in parts], cfg.train.batch_size, seed=cfg.seed)
+    sizes = [len(p) for p in parts]
+    if given is not None:  # other nodes' files are not read; node k's batches need only its size
+        sizes = [sizes[k] if j == k else max(sizes[k], cfg.train.batch_size) for j in range(n)]
+    batches = D.BatchSchedule(sizes, cfg.train.batch_size, seed=cfg.seed)
     return LocalProblem(
         cfg=cfg,
         k=k,

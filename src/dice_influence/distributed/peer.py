@@ -41,11 +41,11 @@ import torch.distributed as dist
 
 from .._util import atomic_path, atomic_write_text, json_safe, write_json
 from ..config import ConfigError, RunConfig, dump_config
-from ..data import dataset_files
 from ..gossip import loss_grads, node_grads, param_views
 from ..loop import Gossip, RoundView, local_step_
 from ..manifest import RunDirError, RunIdentity
 from ..plugins import build, pack_states, unpack_states
+from ..problem import peer_source_files
 from .local import LocalProblem, build_local
 from .rendezvous import guard_network, rendezvous_store
 from .settings import DistributedSettings, distributed_settings, peer_plugin_config
@@ -60,7 +60,7 @@ def peer_identity(cfg: RunConfig, s: DistributedSettings | None = None) -> RunId
     set, node weights, detection). Timeouts, checkpointing, backend, rendezvous and fault
     drills are left out."""
     s = s or distributed_settings(cfg)
-    files = dataset_files(cfg.data.dataset, data_dir=cfg.data.data_dir)
+    files = peer_source_files(cfg)
     extra = {"distributed": {"readout": s.readout, "test_set": s.test_set, "q": s.q,
                              "detection": s.detection.model_dump(mode="json")}}
     return RunIdentity.of(cfg, files, extra)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..attacks import AttackPlan, AttackSpec, attack_transforms, with_data_attacks
 from ..config import ConfigError, RunConfig, dump_config, load_config, parse_overrides
-from ..gossip import node_losses
+from ..gossip import node_losses, require_accuracy
 from ._common import (
     SIGN,
     add_command,
@@ -186,7 +186,7 @@ def _honest_accuracy(hidx: torch.Tensor) -> Any:
     def evaluate(p: Any, theta: torch.Tensor) -> dict[str, Any]:
         with torch.no_grad():
             _, acc = node_losses(p.fm, theta[hidx], p.val_x, p.val_y)
-        acc = torch.nan_to_num(acc, nan=0.0).double()
+        acc = torch.nan_to_num(require_accuracy(acc, 'experiment aggregation'), nan=0.0).double()
         return {"honest_acc_mean": float(acc.mean()), "honest_acc_worst": float(acc.min())}
     return evaluate
 

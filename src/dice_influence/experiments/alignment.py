@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._util import atomic_savefig, atomic_write_text, write_json
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, data_label, model_label
 from ..report import write_report
 
 DEMO_ALIGNMENT: dict[str, Any] = {
@@ -127,8 +127,9 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     metrics = {
         "kind": "alignment",
         "sign": "influence = loss with the data - loss without it; positive = harmful",
-        "setting": {"dataset": cfg.data.dataset, "n": cfg.topology.n,
-                    "topology": cfg.topology.name, "model": cfg.model.name,
+        "setting": {"dataset": data_label(cfg), "n": cfg.topology.n,
+                    "topology": cfg.topology.name, "model": model_label(cfg),
+                    "loss": cfg.loss.kind,
                     "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
                     "rounds": cfg.train.rounds, "dtype": cfg.train.dtype,
                     "events": len(events), "unit": st.unit, "paths": st.paths},
@@ -138,6 +139,7 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                     **{_key(*k): es.seconds for k, es in ests.items()},
                     "total": time.perf_counter() - t_start},
         "final_mean_acc": traj.final_metrics.get("mean_acc"),
+        "final_mean_loss": traj.final_metrics.get("mean_loss"),
     }
     write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "events.csv", _events_csv(events, gt, ests, st.hops))
@@ -218,8 +220,8 @@ def _scatter(path: Path, gt, ests, hops: int, results, cfg: RunConfig) -> None:
             ax.xaxis.get_offset_text().set_fontsize(6)
             ax.yaxis.get_offset_text().set_fontsize(6)
             ax.xaxis.set_major_locator(MaxNLocator(5))
-    fig.suptitle(f"{cfg.data.dataset}, {cfg.topology.n} nodes {cfg.topology.name}, "
-                 f"{cfg.model.name}, batch {cfg.train.batch_size}, lr {cfg.train.lr}", fontsize=9)
+    fig.suptitle(f"{data_label(cfg)}, {cfg.topology.n} nodes {cfg.topology.name}, "
+                 f"{model_label(cfg)}, batch {cfg.train.batch_size}, lr {cfg.train.lr}", fontsize=9)
     fig.tight_layout()
     atomic_savefig(fig, path)
 

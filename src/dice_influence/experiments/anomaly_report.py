@@ -12,7 +12,7 @@ import numpy as np
 
 from .._util import atomic_savefig, atomic_write_text, csv_text
 from ..apps import anomaly as A
-from ..config import RunConfig
+from ..config import RunConfig, data_label
 from ..report import Run, Section, Stat, Table, fmt, report_sections
 
 
@@ -338,7 +338,7 @@ def readme(cfg: RunConfig, metrics: dict[str, Any]) -> str:
     rounds = checks(cfg)
     return (
         "# dice experiment anomaly\n\n"
-        f"- {cfg.topology.n} nodes, topology `{cfg.topology.name}`, data `{cfg.data.dataset}` "
+        f"- {cfg.topology.n} nodes, topology `{cfg.topology.name}`, data `{data_label(cfg)}` "
         f"({cfg.data.partition}), {cfg.train.rounds} rounds, seeds {metrics['seeds']}\n"
         f"- attackers per seed: {metrics['malicious']}\n\n"
         + markdown_tables(metrics, rounds)

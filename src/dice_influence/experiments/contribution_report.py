@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._util import atomic_savefig
+from ..config import data_label, model_label
 
 ROLE_LABEL = {"honest": "", "duplicate": "dup", "free_rider": "FR", "attacker": "ATK"}
 KEYS = ("spearman_loo", "spearman_loo_honest", "spearman_quality", "spearman_shapley",
@@ -174,8 +175,8 @@ def readme(cfg: Any, metrics: dict[str, Any]) -> str:
     seeds = metrics["seeds"]
     return (
         "# Node contribution, rewards and free riders\n\n"
-        f"- data `{cfg.data.dataset}`, {metrics['n_nodes']} nodes, topology "
-        f"`{cfg.topology.name}`, model `{cfg.model.name}` {cfg.model.hidden}, "
+        f"- data `{data_label(cfg)}`, {metrics['n_nodes']} nodes, topology "
+        f"`{cfg.topology.name}`, model `{model_label(cfg)}`, loss `{cfg.loss.kind}`, "
         f"{metrics['rounds']} rounds, seeds {seeds}\n"
         f"- sign: {metrics['sign_convention']}\n"
         f"- observer: {metrics['observer']['settings']}\n"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..gossip import node_losses
+from ..gossip import node_losses, repeat_rows
 from ..loop import Loop, Transform
 from ..problem import Problem
 
@@ -111,7 +111,7 @@ class StackedProblem(Problem):
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.base.batch(t)
         R = self.copies
-        return x.repeat(R, *([1] * (x.ndim - 1))), y.repeat(R, 1)
+        return x.repeat(R, *([1] * (x.ndim - 1))), repeat_rows(y, R)
 
     def init_theta(self) -> torch.Tensor:
         return self.base.init_theta().repeat(self.copies, 1)
@@ -156,7 +156,7 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
     n = problem.n
     per = max(1, max_nodes // n)
     loss = np.zeros(keep.shape)
-    acc = np.zeros(keep.shape)
+    acc = np.zeros(keep.shape) if problem.fm.has_accuracy else np.full(keep.shape, np.nan)
     t0, c0 = time.perf_counter(), time.process_time()
     chunks = range(0, len(keep), per)
     with progress_bar(progress, len(chunks) * rounds, label) as advance:
@@ -169,7 +169,8 @@ def run_coalitions(problem: Problem, keep: np.ndarray, rounds: int, *,
                 lo, ac = node_losses(problem.fm, theta, problem.val_x, problem.val_y)
             R = sp.copies
             loss[c:c + R] = lo.double().reshape(R, n).numpy()
-            acc[c:c + R] = ac.double().reshape(R, n).numpy()
+            if ac is not None:  # a loss without accuracy (mse) leaves NaN: no accuracy
+                acc[c:c + R] = ac.double().reshape(R, n).numpy()
     return {"loss": loss, "acc": acc, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
 

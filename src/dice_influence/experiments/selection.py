@@ -34,7 +34,7 @@ from .. import data as D
 from .._util import atomic_savefig, atomic_write_text, csv_text, write_json
 from ..apps.selection import group_ari, within_group_fraction
 from ..config import ConfigError, RunConfig, dump_config
-from ..gossip import node_losses
+from ..gossip import node_losses, require_accuracy
 from ._common import (
     SIGN,
     add_command,
@@ -174,7 +174,8 @@ def run_seed(cfg: RunConfig, ex: SelectionConfig, *, progress: bool = False,
         x, y = sets["xy"]
         with torch.no_grad():
             _, acc = node_losses(p.fm, theta, x.to(p.dtype), y)
-        acc = torch.nan_to_num(acc, nan=0.0).double().cpu().numpy()
+        acc = torch.nan_to_num(require_accuracy(acc, 'experiment selection'), nan=0.0)
+        acc = acc.double().cpu().numpy()
         return {"acc_mean": float(acc.mean()), "acc_worst_node": float(acc.min()),
                 "acc": acc.tolist()}
 

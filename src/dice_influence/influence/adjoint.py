@@ -31,7 +31,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._util import progress_bar
-from ..gossip import _param_views, loss_grads
+from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
 from .common import check_replayable, factual_path, node_weights
 from .estimate import check_readout
@@ -244,7 +244,7 @@ def _pullback(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
         x, y = p.batch(r)
         if fold > 1:
             x = x.repeat(fold, *([1] * (x.ndim - 1)))
-            y = y.repeat(fold, 1)
+            y = repeat_rows(y, fold)
         hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, want_theta)
     scores = None
     if want_scores:
@@ -302,8 +302,7 @@ def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.
     n = theta.shape[0]
 
     def per_sample(prm, xb, yb):
-        return torch.nn.functional.cross_entropy(functional_call(module, prm, (xb,)), yb,
-                                                 reduction="none")
+        return p.fm.loss_fn(functional_call(module, prm, (xb,)), yb)
 
     prm, tan = _param_views(p.fm, theta), _param_views(p.fm, c.contiguous())
     if not want_hvp:  # forward mode only: the directional derivative of every sample's loss

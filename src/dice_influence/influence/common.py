@@ -197,9 +197,15 @@ class InfluenceResult:
             "per_node": self.per_node.tolist(),
         }
 
-    def to_dataframe(self):  # pragma: no cover - optional pandas
-        """Long table: one row per (event, hops) with the r-hop value."""
-        import pandas as pd
+    def to_dataframe(self):
+        """Long table: one row per (event, hops) with the r-hop value (needs pandas, the
+        ``pandas`` extra: ``pip install 'dice-influence[pandas]'``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("InfluenceResult.to_dataframe needs pandas, which is optional: "
+                              "pip install 'dice-influence[pandas]' (or pip install pandas); "
+                              "to_dict() gives the same numbers without it") from None
 
         rows = []
         rh = self.r_hop

@@ -39,7 +39,7 @@ import torch
 from torch.func import jvp
 
 from .._util import progress_bar
-from ..gossip import Mixer, functional_step, loss_grads
+from ..gossip import Mixer, functional_step, loss_grads, repeat_rows
 from .common import (
     Event,
     InfluenceResult,
@@ -175,7 +175,7 @@ def _readout(p: Any, path: _Factual, s: int, delta: torch.Tensor, readout: str,
     pts = (path.thetas[s] - 0.5 * delta).reshape(E * n, d)
     if per_node_test:
         x = x.repeat(E, *([1] * (x.ndim - 1)))
-        y = y.repeat(E, 1)
+        y = repeat_rows(y, E)
     G = loss_grads(p.fm, pts, x, y)[1].reshape(E, n, d)
     return (delta * G).sum(-1).double()
 
@@ -189,7 +189,7 @@ def _step_jvp(p: Any, theta: torch.Tensor, state: torch.Tensor | None, t: int,
     E, n, d = dtheta.shape
     x, y = p.batch(t)
     xr = x.repeat(E, *([1] * (x.ndim - 1)))
-    yr = y.repeat(E, 1)
+    yr = repeat_rows(y, E)
     lr = p.lr(t)
     tan = dtheta.reshape(E * n, d)
     th = (theta - 0.5 * dtheta).reshape(E * n, d) if midpoint else theta.repeat(E, 1)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .._util import progress_bar
-from ..gossip import functional_step, node_losses
+from ..gossip import functional_step, node_losses, repeat_rows
 from .common import Event, InfluenceResult, node_weights, reach_masks, validate_events
 
 
@@ -44,7 +44,7 @@ def batched_local_step(problem: Any, theta: torch.Tensor, state: torch.Tensor | 
     R, n, d = theta.shape
     x, y = problem.batch(t)
     xr = x.repeat(R, *([1] * (x.ndim - 1)))
-    yr = y.repeat(R, 1)
+    yr = repeat_rows(y, R)
     st = None if state is None else state.reshape(R * n, d)
     half, new_state = functional_step(
         problem.fm, problem.opt, theta.reshape(R * n, d), st, xr, yr, problem.lr(t),
@@ -59,7 +59,7 @@ def test_losses(problem: Any, theta: torch.Tensor, per_node_test: bool) -> torch
     x, y = problem.test_set(per_node_test)
     if per_node_test:
         x = x.repeat(R, *([1] * (x.ndim - 1)))
-        y = y.repeat(R, 1)
+        y = repeat_rows(y, R)
     with torch.no_grad():
         loss, _ = node_losses(problem.fm, theta.reshape(R * n, d), x, y)
     return loss.reshape(R, n)

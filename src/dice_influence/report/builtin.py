@@ -28,7 +28,8 @@ def train_sections(run: Run) -> list[Section]:
              "mean squared distance of the nodes to their average"),
         Stat("nodes × parameters", f"{m.get('n_nodes')} × {m.get('n_params')}"),
     ]
-    rows = [[k, fmt(a, 3), fmt(lo, 3)] for k, (a, lo) in enumerate(zip(acc, loss, strict=False))]
+    rows = [[k, fmt(acc[k], 3) if k < len(acc) else "–", fmt(lo, 3)]
+            for k, lo in enumerate(loss)]
     return [Section(
         title="Training",
         text="Decentralized SGD: every round each node takes a local step on its own batch, "
