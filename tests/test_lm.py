@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from _naive import assert_gt_equals_naive_replay
+from dice_influence import from_torch
+from dice_influence.config import load_config
 from dice_influence.data.errors import DataError
 from dice_influence.data.text import (
     DEFAULT_SOURCES,
@@ -21,8 +24,11 @@ from dice_influence.data.text import (
     windows,
     write_nodes,
 )
+from dice_influence.influence import Event, estimate, ground_truth
 from dice_influence.lm import CausalLM, LayerNorm, count_parameters, make_model
 from dice_influence.models import FunctionalModel
+from dice_influence.simulator import train
+from dice_influence.trajectory import Trajectory
 
 # ----------------------------------------------------------------------------------- the model
 
@@ -222,3 +228,42 @@ def test_real_fortunes_corpus():
     assert all(" der " in t or " die " in t for t in text[4:8])  # German files
     assert all(" que " in t or " de " in t for t in text[8:12])  # Spanish files
     assert c.scrambled_mask(3).all()
+
+
+# --------------------------------------------------------------------- DICE on the LM, exact
+
+
+LM_KW = {"vocab": 256, "context": 12, "dim": 16, "layers": 2, "heads": 2}
+
+
+def _lm_config(folder: Path) -> dict:
+    return {"seed": 0, "data": {"dataset": "nodes", "path": str(folder)},
+            "model": {"kind": "python", "factory": "dice_influence.lm:make_model",
+                      "kwargs": LM_KW},
+            "loss": {"kind": "token_cross_entropy"}, "topology": {"name": "ring", "n": 4},
+            "train": {"rounds": 6, "batch_size": 4, "lr": 0.5, "dtype": "float64"}}
+
+
+def test_gt_on_the_lm_equals_naive_replay_and_e_follows(tmp_path: Path):
+    """The config path (nodes folder written by the reader, model.kind python, token loss):
+    DICE-GT equals a per-node replay by hand to 1e-10 (float64); one-sequence DICE-E
+    (midpoint) follows it; from_torch on the same tensors gives the same bits."""
+    names, texts = _texts(4)
+    c = build_corpus(names, texts=texts, context=12, train_sequences=16, test_sequences=2,
+                     scramble_node=1)
+    write_nodes(c, tmp_path / "d")
+    traj = train(load_config(_lm_config(tmp_path / "d")))
+    events = [Event(node=1, round=2), Event(node=0, round=2, samples=(1,)),
+              Event(node=3, round=2, samples=(0, 3))]
+    assert_gt_equals_naive_replay(traj, events, 2, 3)
+    one = [Event(node=k, round=2, samples=(i,)) for k in range(4) for i in range(4)]
+    gt = ground_truth(traj, one, hops=3)
+    est = estimate(traj, one, hops=3, readout="midpoint")
+    assert np.corrcoef(est.values(3).numpy(), gt.values(3).numpy())[0, 1] > 0.99
+
+    nodes = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in c.nodes]
+    p = from_torch(make_model(**LM_KW).double(), nodes,
+                   test=tuple(torch.from_numpy(a) for a in c.test), topology="ring",
+                   loss="token_cross_entropy", rounds=6, batch_size=4, lr=0.5,
+                   dtype="float64", seed=0)
+    assert torch.equal(Trajectory.start(p).run(6).theta, traj.theta)
