@@ -267,3 +267,24 @@ def test_gt_on_the_lm_equals_naive_replay_and_e_follows(tmp_path: Path):
                    loss="token_cross_entropy", rounds=6, batch_size=4, lr=0.5,
                    dtype="float64", seed=0)
     assert torch.equal(Trajectory.start(p).run(6).theta, traj.theta)
+
+
+def test_bench_train_times_a_config_of_ones_own(tmp_path: Path):
+    """``dice bench train --config``: the config's model, data and loss, n from the bench, no
+    observers (the floor is the same nodes' batch gradients)."""
+    import yaml
+
+    from dice_influence.bench.train import _bench_config, _config_setting
+
+    names, texts = _texts(4)
+    write_nodes(build_corpus(names, texts=texts, context=12, train_sequences=8,
+                             test_sequences=2), tmp_path / "d")
+    raw = _lm_config(tmp_path / "d")
+    raw["observers"] = [{"kind": "contribution"}]
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = _bench_config(4, None, str(path))
+    assert cfg.topology.n == 4 and cfg.observers == [] and cfg.train.rounds == 0
+    assert cfg.model.factory == "dice_influence.lm:make_model"
+    s = _config_setting(path)
+    assert "token_cross_entropy" in s and "dice_influence.lm:make_model" in s and "batch 4" in s

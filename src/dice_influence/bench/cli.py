@@ -22,14 +22,23 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         rounds: int = typer.Option(20, help="Timed rounds per measurement."),
         loop_max: int = typer.Option(64, help="Skip the per-node loop baseline above this n."),
         data_dir: Path = typer.Option(None, help="Folder with Fashion-MNIST idx files."),
+        config: Path = typer.Option(None, help="Time this run config (e.g. "
+                                    "configs/lm-fortunes.yaml) instead of the Fashion-MNIST "
+                                    "MLP; --nodes defaults to its topology.n."),
     ) -> None:
         """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
         from .train import bench_train as run
 
+        if config is not None:
+            from ..cli_support import load_run_config
+
+            n_cfg = load_run_config(config, None, None).topology.n
+            nodes = str(n_cfg) if nodes == "4,16,64,256" else nodes
         ns = [int(v) for v in nodes.split(",") if v.strip()]
         res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-                  log=console.print)
-        table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
+                  log=console.print, config=config)
+        table = Table(title=f"dice bench train ({res['setting']})" if config is not None else
+                      "dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
         for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
                     "speed-up vs loop", "peak RSS MB"):
             table.add_column(col, justify="right")
