@@ -3,13 +3,17 @@
 Run from the repository root (docs/language-model.md), after writing both data folders:
     python -m dice_influence.data.text runs/lm-fortunes-data --scramble-node 3
     python -m dice_influence.data.text runs/lm-fortunes-half-data --scramble-node 3 --scramble-fraction 0.5
-    python benchmarks/lm_attribution.py --json benchmarks/lm-attribution.json
+    python benchmarks/lm_attribution.py --json benchmarks/lm-attribution.json \
+        --folders runs/lm-fortunes-data
+    python benchmarks/lm_attribution.py --json benchmarks/lm-attribution-half.json \
+        --folders runs/lm-fortunes-half-data
 
 Trains configs/lm-fortunes.yaml (no observers) on each folder, scores every training sequence
-of every node over the whole run with one reverse sweep (``influence.adjoint.attribute``, target
+of every node drawn in the last ``--window`` rounds (default 20) with one reverse sweep (``influence.adjoint.attribute``, target
 = the nodes' mean test loss at the last round, factual read-out), sums each sequence's scores
-over the batches it was drawn in (first-order effect of removing it from the run; positive =
-harmful) and reports precision@20:
+over the batches it was drawn in (first-order effect of removing it from those rounds;
+positive = harmful; over the whole run, ``--window 0``, the linearised 100-round sweep at lr 0.5
+is dominated by early rounds and its sums grow to thousands, far from a first-order regime) and reports precision@20:
 
 * ``network``: of the 20 most harmful sequences of the whole network (16 x 128), the share that
   are scrambled (run with node 3's text fully scrambled: base rate 1/16; and half scrambled);
@@ -61,13 +65,14 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(roc_auc_score(truth, scores)) if 0 < truth.sum() < len(truth) else float("nan")
 
 
-def one(folder: str, seed: int) -> dict:
+def one(folder: str, seed: int, window: int) -> dict:
     cfg = load_config(CONFIG, [f"data.path={folder}", "observers=[]", f"seed={seed}"])
     t0 = time.perf_counter()
     traj = train(cfg)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    att = attribute(traj, (0, traj.rounds_done), progress=True)
+    t1 = traj.rounds_done
+    att = attribute(traj, (max(0, t1 - window) if window else 0, t1), progress=True)
     t_att = time.perf_counter() - t0
     meta = json.loads((Path(folder) / "corpus.json").read_text())
     scr = np.zeros_like(sequence_scores(traj, att), dtype=bool)
@@ -82,7 +87,8 @@ def one(folder: str, seed: int) -> dict:
     flat_s, flat_t, flat_u = S.reshape(-1), scr.reshape(-1), used.reshape(-1)
     node_s, node_t, node_u = S[NODE], scr[NODE], used[NODE]
     res = {
-        "data": folder, "seed": seed, "scrambled_node": NODE,
+        "data": folder, "seed": seed, "scrambled_node": NODE, "window": [att.rounds[0],
+                                                                          att.rounds[-1] + 1],
         "scrambled_sequences": int(scr.sum()), "sequences": int(scr.size),
         "sequences_drawn": int(used.sum()),
         "final_mean_test_loss": traj.final_metrics.get("mean_loss"),
@@ -111,14 +117,17 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/lm-attribution.json")
     ap.add_argument("--folders", default="runs/lm-fortunes-data,runs/lm-fortunes-half-data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=int, default=20,
+                    help="score the sequences of the last WINDOW rounds (0: the whole run)")
     a = ap.parse_args()
-    results = [one(f, a.seed) for f in a.folders.split(",") if f]
+    results = [one(f, a.seed, a.window) for f in a.folders.split(",") if f]
     write_json(a.json, {
         "benchmark": "lm-attribution",
         "sign": "influence = loss with the sequence - loss without it; positive = harmful",
-        "config": CONFIG, "window": "the whole run", "target": "horizon (mean test loss at "
-        "the last round)", "readout": "factual", "k": K,
-        "command": "python benchmarks/lm_attribution.py --json " + a.json,
+        "config": CONFIG, "window": f"the last {a.window} rounds" if a.window else "the whole run",
+        "target": "horizon (mean test loss at the last round)", "readout": "factual", "k": K,
+        "command": f"python benchmarks/lm_attribution.py --json {a.json} --folders {a.folders} "
+                   f"--window {a.window}",
         "load_average": list(os.getloadavg()), "results": results})
 
 
