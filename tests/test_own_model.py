@@ -238,6 +238,31 @@ def test_config_errors_for_own_keys(tmp_path):
                                              "factory": "no_such_pkg.mod:make"}}))
 
 
+def test_factory_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "def drop(d=5):\n"
+        "    return nn.Sequential(nn.Linear(d, 4), nn.Dropout(0.2), nn.Linear(4, 1), "
+        "nn.Flatten(0))\n"
+        "def fine(d=5):\n"
+        "    return drop(d).eval()\n")
+    xtr, ytr, xte, yte = regression_arrays()
+    np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    monkeypatch.chdir(tmp_path)
+    raw = reg_config({"dataset": "npz", "path": "d.npz"}).model_dump()
+    raw["model"] = {"kind": "python", "factory": "mymodels:drop"}
+    with pytest.raises(APIError, match=r"Dropout in train mode.*return model.eval\(\)"):
+        build_problem(load_config(raw))
+    raw["model"]["factory"] = "mymodels:fine"
+    p = build_problem(load_config(raw))
+    assert p.d == 5 * 4 + 4 + 4 + 1
+    assert "mymodels" not in sys.modules or Path(sys.modules["mymodels"].__file__).parent == \
+        tmp_path
+    raw["model"]["factory"] = "mymodels:nothing"
+    with pytest.raises(ModelError, match="has no function 'nothing'"):
+        build_problem(load_config(raw))
+
+
 # ------------------------------------------------------------------------------ run dirs
 
 
@@ -348,3 +373,15 @@ def test_evaluation_without_accuracy_is_nan_free():
     ev = p.evaluate(p.init_theta())
     assert set(ev) == {"loss", "mean_loss", "consensus_distance", "avg_model_loss"}
     assert node_losses(p.fm, p.init_theta(), p.val_x, p.val_y)[1] is None
+
+
+def test_datasets_per_node_equal_tensors():
+    from torch.utils.data import TensorDataset
+
+    nodes, test = _reg_nodes()
+    kw = {"test": test, "topology": {"name": "ring"}, "loss": "mse", "batch_size": 4,
+          "rounds": 3}
+    a = Trajectory.start(from_torch(Regressor(5, 8), nodes, **kw)).run(3)
+    b = Trajectory.start(from_torch(lambda: Regressor(5, 8),
+                                    [TensorDataset(x, y) for x, y in nodes], **kw)).run(3)
+    assert torch.equal(a.theta, b.theta)

@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "from_torch"]
 
 
-def __getattr__(name: str):  # lazy: `import dice_influence` stays light (the CLI starts fast)
+def __getattr__(name: str):  # PEP 562 lazy export: `import dice_influence` stays light (the CLI
+    # starts fast) and the package itself imports none of its modules
     if name == "from_torch":
-        from .api import from_torch
+        import importlib
 
-        return from_torch
+        return importlib.import_module(f"{__name__}.api").from_torch
     raise AttributeError(f"module 'dice_influence' has no attribute {name!r}")

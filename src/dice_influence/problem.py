@@ -284,10 +284,15 @@ def build_problem(cfg: RunConfig) -> Problem:
     val_x, val_y = build_validation(cfg, ds, dtype, device)
     from .plugins import build_aggregator
 
-    return Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
-                   node_data=nd, batches=batches, schedule=build_schedule(cfg),
-                   opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
-                   dtype=dtype, device=device, aggregator=build_aggregator(cfg))
+    problem = Problem(cfg=cfg, fm=build_functional_model(cfg, ds, dtype, device), dataset=ds,
+                      node_data=nd, batches=batches, schedule=build_schedule(cfg),
+                      opt=build_optimizer(cfg), val_x=val_x, val_y=val_y, node_test=node_test,
+                      dtype=dtype, device=device, aggregator=build_aggregator(cfg))
+    if cfg.model.kind != "builtin" or cfg.loss.kind != "cross_entropy":
+        from .checks import check_problem  # one clear error for the usual own-model mistakes
+
+        check_problem(problem)
+    return problem
 
 
 def load_run_data(cfg: RunConfig, only: int | None = None

@@ -13,6 +13,21 @@ from .core import Figure, Run, Section, Stat, Table, fmt, report_sections
 SINGLE = "single measurement"
 
 
+def _what_ran(m: dict) -> str:
+    """" What ran: model class, parameters, loss, data" (from metrics.json's ``run``)."""
+    run = m.get("run")
+    if not isinstance(run, dict):
+        return ""
+    mo, da = run.get("model") or {}, run.get("data") or {}
+    where = {"python": f" from {mo.get('factory')}", "api": " passed to from_torch",
+             "builtin": f" (built-in {mo.get('name')})"}.get(mo.get("kind"), "")
+    return (f" What ran: {mo.get('class')}{where}, {mo.get('n_params')} parameters; loss "
+            f"{run.get('loss')}; data {da.get('source')}: {da.get('train_samples')} training "
+            f"samples, x {tuple(da.get('x') or ())} {da.get('x_dtype')}, y "
+            f"{tuple(da.get('y') or ())} {da.get('y_dtype')}, {da.get('test_samples')} test "
+            "samples.")
+
+
 @report_sections("train")
 def train_sections(run: Run) -> list[Section]:
     m = run.metrics
@@ -33,7 +48,7 @@ def train_sections(run: Run) -> list[Section]:
     return [Section(
         title="Training",
         text="Decentralized SGD: every round each node takes a local step on its own batch, "
-             "then averages with its neighbours through the mixing matrix W.",
+             "then averages with its neighbours through the mixing matrix W." + _what_ran(m),
         stats=stats,
         tables=[Table(["node", "test acc", "test loss"], rows,
                       caption="per-node test accuracy and loss after the last round")]
