@@ -4,7 +4,8 @@
 #   ./quickstart.sh test   set up (with dev tools and Chromium for the report's browser test),
 #                          then run the whole test suite
 #   ./quickstart.sh setup  set up only
-# Installs: apt packages (python3-venv if needed, dataset-fashion-mnist; for `test`: chromium,
+# Installs: apt packages (python3-venv if needed, dataset-fashion-mnist, the fortunes text corpus
+# of the language model: fortunes fortunes-de fortunes-es fortunes-it; for `test`: chromium,
 # fonts-dejavu-core), a .venv, torch==2.13.0 (CPU build) first, then this project.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,6 +48,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt_install dataset-fashion-mnist || say "warning: could not install dataset-fashion-mnist; Fashion-MNIST runs will need --data-dir"
+fi
+if [ ! -f /usr/share/games/fortunes/it/leggi ]; then
+  apt_install fortunes fortunes-de fortunes-es fortunes-it || say "warning: could not install the fortunes corpus; the language-model configs (configs/lm-*.yaml) will need it"
 fi
 if [ "$what" = test ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
    && [ -z "${DICE_BROWSER:-}" ]; then

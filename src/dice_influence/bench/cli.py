@@ -27,15 +27,24 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         overwrite: bool = overwrite_option(),
         keep_others: bool = typer.Option(False, "--keep-others", help="Keep the records of "
                                          "other node counts already in the JSON file."),
+        config: Path = typer.Option(None, help="Time this run config (e.g. "
+                                    "configs/lm-fortunes.yaml) instead of the Fashion-MNIST "
+                                    "MLP; --nodes defaults to its topology.n."),
     ) -> None:
         """Seconds per round of the vectorized simulator vs its floor and a per-node loop."""
         claim_file(json_path, "train", overwrite=overwrite)
         from .train import bench_train as run
 
+        if config is not None:
+            from ..cli_support import load_run_config
+
+            n_cfg = load_run_config(config, None, None).topology.n
+            nodes = str(n_cfg) if nodes == "4,16,64,256" else nodes
         ns = [int(v) for v in nodes.split(",") if v.strip()]
         res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-                  keep_others=keep_others, log=console.print)
-        table = Table(title="dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
+                  keep_others=keep_others, log=console.print, config=config)
+        table = Table(title=f"dice bench train ({res['setting']})" if config is not None else
+                      "dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
         for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
                     "speed-up vs loop", "peak RSS MB"):
             table.add_column(col, justify="right")

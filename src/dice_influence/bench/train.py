@@ -41,8 +41,11 @@ def batch_for(n: int) -> int:
     return 64 if per >= 64 else 32 if per >= 32 else 8
 
 
-def _bench_config(n: int, data_dir: str | None) -> Any:
+def _bench_config(n: int, data_dir: str | None, config: str | None = None) -> Any:
     from ..config import load_config
+
+    if config:  # a run config of one's own (e.g. configs/lm-fortunes.yaml), as it is
+        return load_config(config, [f"topology.n={n}", "train.rounds=0", "observers=[]"])
 
     return load_config({
         "seed": 0,
@@ -59,14 +62,14 @@ def _peak_rss_mb() -> float:
 
 
 def train_one(n: int, rounds: int, run_loop: bool, data_dir: str | None = None,
-              repeats: int = 3) -> dict[str, Any]:
+              repeats: int = 3, config: str | None = None) -> dict[str, Any]:
     """Measure one network size in this process (called in a subprocess by bench_train)."""
     from torch.func import functional_call, grad, vmap
 
     from ..simulator import build_problem, run_rounds
 
     torch.manual_seed(0)
-    problem = build_problem(_bench_config(n, data_dir))
+    problem = build_problem(_bench_config(n, data_dir, config))
     theta = problem.init_theta()
     state = problem.opt.init_state(theta)
 
@@ -155,10 +158,12 @@ def _loop_baseline(problem: Any, rounds: int) -> float:
 def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
                 out: str | Path | None = None, data_dir: str | Path | None = None,
                 keep_others: bool = False,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print,
+                config: str | Path | None = None) -> dict[str, Any]:
     """Run :func:`train_one` for each ``n`` in a subprocess; write and return the JSON.
     ``keep_others``: keep the records of other ``n`` already in ``out`` (each record carries
-    its own load average and thread count)."""
+    its own load average and thread count). ``config``: time that run config (its model, data,
+    loss, batch; ``n`` from ``ns``) instead of the built-in Fashion-MNIST MLP setting."""
     results = []
     if keep_others and out is not None and Path(out).exists():
         old = json.loads(Path(out).read_text()).get("results", [])
@@ -166,17 +171,22 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
     for n in ns:
         log(f"bench train: n={n} ...")
         cmd = [sys.executable, "-m", "dice_influence.bench.train", "train-one", str(n), str(rounds),
-               "1" if n <= loop_max else "0", str(data_dir or "")]
+               "1" if n <= loop_max else "0", str(data_dir or ""), str(config or "")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark for n={n} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results.sort(key=lambda r: r["n"])
+    setting = ("MLP 784-128-64-10, Fashion-MNIST 28x28, batch 64 (32 where fewer than 64 "
+               "images per node: n = 1024; 8 where fewer than 32: n = 4096, 14 images per "
+               "node), exponential graph, plain SGD lr 0.1, float32")
+    if config is not None:
+        setting = _config_setting(config)
     doc = {
         "benchmark": "train",
-        "setting": "MLP 784-128-64-10, Fashion-MNIST 28x28, batch 64 (32 where fewer than 64 "
-                   "images per node: n = 1024; 8 where fewer than 32: n = 4096, 14 images per "
-                   "node), exponential graph, plain SGD lr 0.1, float32",
+        "setting": setting,
+        **({"config": str(config)} if config is not None else {}),
+        "load_average": list(os.getloadavg()),
         "allocator": "glibc: large buffers from the heap, freed memory kept (_alloc.py)",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
@@ -188,13 +198,26 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
     return doc
 
 
+def _config_setting(config: str | Path) -> str:
+    from ..config import data_label, load_config, model_label
+
+    cfg = load_config(config)
+    kw = ", ".join(f"{k} {v}" for k, v in cfg.model.kwargs.items())
+    return (f"{config}: model {model_label(cfg)}{f' ({kw})' if kw else ''}, data "
+            f"{data_label(cfg)}, loss {cfg.loss.kind}, {cfg.topology.name} graph, batch "
+            f"{cfg.train.batch_size}, SGD lr {cfg.train.lr} momentum {cfg.train.momentum}, "
+            f"{cfg.train.dtype}")
+
+
 if __name__ == "__main__":  # subprocess entry point
     if len(sys.argv) >= 5 and sys.argv[1] == "train-one":
         from .._alloc import keep_freed_memory
 
         keep_freed_memory()  # as the `dice` command does
         res = train_one(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1",
-                        sys.argv[5] or None if len(sys.argv) > 5 else None)
+                        sys.argv[5] or None if len(sys.argv) > 5 else None,
+                        config=sys.argv[6] or None if len(sys.argv) > 6 else None)
         print(json.dumps(res))
     else:
-        sys.exit("usage: python -m dice_influence.bench.train train-one N ROUNDS LOOP DATA_DIR")
+        sys.exit("usage: python -m dice_influence.bench.train train-one N ROUNDS LOOP DATA_DIR "
+                 "[CONFIG]")
