@@ -247,6 +247,35 @@ _BUFFER_FIX = ("models with buffers (e.g. BatchNorm running statistics) are not 
                "functional core; use GroupNorm (as the built-in 'resnet' does)")
 
 
+def _decompose_layer_norms(module: nn.Module) -> None:
+    """Evaluate every ``nn.LayerNorm`` of ``module`` by its formula (mean, variance, scale,
+    shift) instead of torch's fused kernel — the same function, so training is unchanged up
+    to rounding. Why: in torch 2.13, forward-mode AD over ``vmap(grad(...))`` through the fused
+    ``layer_norm`` with a learned weight returns wrong Hessian-vector products (the curvature
+    term of DICE-E and of the adjoint; measured 0.78 off on a value of 4.6), while the formula
+    is differentiated correctly. The module's instances are patched in place (their
+    ``forward``), so the user's model computes the same values outside the library too."""
+    for sub in module.modules():
+        if type(sub) is nn.LayerNorm and "forward" not in vars(sub):
+            sub.forward = _layer_norm_formula(sub)  # type: ignore[method-assign]
+
+
+def _layer_norm_formula(mod: nn.LayerNorm):
+    dims = tuple(range(-len(mod.normalized_shape), 0))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(dims, keepdim=True)
+        var = (x - mu).square().mean(dims, keepdim=True)
+        out = (x - mu) * torch.rsqrt(var + mod.eps)
+        if mod.weight is not None:  # read at call time: functional_call's swapped tensors
+            out = out * mod.weight
+        if mod.bias is not None:
+            out = out + mod.bias
+        return out
+
+    return forward
+
+
 class FunctionalModel:
     """A model seen as a function of one flat parameter vector, with its per-sample loss.
 
@@ -263,6 +292,7 @@ class FunctionalModel:
         if list(module.buffers()):
             raise ModelError(_BUFFER_FIX)
         self.module = module
+        _decompose_layer_norms(module)
         self.loss_fn, self.accuracy_fn, self.loss_name = make_loss(loss, ignore_index=ignore_index)
         self.target_ndim = (1 if self.loss_name == "token_cross_entropy" else 0) \
             if target_ndim is None else int(target_ndim)
