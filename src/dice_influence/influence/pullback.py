@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.func import vjp
 
+from ..gossip import repeat_rows
 from .adjoint import _hvp_and_sample_dots, _update_transpose
 
 CURVATURES = ("exact", "none")
@@ -94,8 +95,7 @@ def step_pullback(
         if need_h or want_scores:
             x, y = p.batch(t)
             if fold > 1:
-                x = x.repeat(fold, *([1] * (x.ndim - 1)))
-                y = y.repeat(fold, 1)
+                x, y = repeat_rows(x, fold), repeat_rows(y, fold)
             hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, need_h)
     a_th = None
     if want_theta:
