@@ -31,7 +31,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._util import progress_bar
-from ..gossip import _param_views, loss_grads
+from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
 from .common import check_replayable, factual_path, node_weights
 from .estimate import check_readout
@@ -257,15 +257,36 @@ def _hop_cotangents(p: Any, thetas: dict, states: dict, r: int, hops: int, qv: t
 def _pullback(p: Any, theta: torch.Tensor, state: torch.Tensor | None, r: int,
               lam_th: torch.Tensor, lam_st: torch.Tensor | None, *, want_scores: bool,
               want_theta: bool):
-    """Transpose of round ``r``'s local step applied to cotangents ``lam_th`` (…, n, d) and
-    ``lam_st`` (or None): :func:`~dice_influence.influence.pullback.step_pullback` (the one
-    pullback the sweeps and the peers share) over all nodes, curvature included.
+    """Transpose of round ``r``'s local step ``(θ, state) ↦ (θ^{r+½}, state^{r+1})`` applied to
+    cotangents ``lam_th`` (…, n, d) and ``lam_st`` (or None), leading batch dims allowed.
+
+    The update is linear in ``(θ, state, g)`` (SGD, momentum, weight decay), so its transpose is
+    exact and cheap; the batch gradient's Jacobian is the symmetric Hessian, so ``Hᵀ c = H c``
+    is one forward-over-reverse pass, which also gives every sample's ``∇ℓ_iᵀ c``.
 
     Returns (scores (…, n, B) or None, cotangent on ``θ^r`` or None, on ``state^r`` or None)."""
-    from .pullback import step_pullback  # pullback.py builds on this module's pieces
-
-    a_th, a_st, scores = step_pullback(p, theta, state, r, lam_th, lam_st,
-                                       want_theta=want_theta, want_scores=want_scores)
+    lead = lam_th.shape[:-2]
+    n, d = theta.shape
+    lr = p.lr(r)
+    fold = math.prod(lead)
+    th = theta if fold == 1 else theta.repeat(fold, 1)
+    st = None if state is None else (state if fold == 1 else state.repeat(fold, 1))
+    lt = lam_th.reshape(fold * n, d)
+    ls = None if lam_st is None else lam_st.reshape(fold * n, d)
+    with torch.no_grad():
+        c_th, c_st, c_g = _update_transpose(p.opt, th, st, lr, lt, ls)
+        x, y = p.batch(r)
+        if fold > 1:
+            x = x.repeat(fold, *([1] * (x.ndim - 1)))
+            y = repeat_rows(y, fold)
+        hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, want_theta)
+    scores = None
+    if want_scores:
+        scores = (dls / y.shape[1]).double().reshape(*lead, n, -1)
+    a_th = None
+    if want_theta:
+        a_th = (c_th + hc).reshape(*lead, n, d)
+    a_st = None if c_st is None else c_st.reshape(*lead, n, d)
     return scores, a_th, a_st
 
 
