@@ -116,7 +116,7 @@ def test_update_transpose_matches_vjp(opt):
     from dataclasses import dataclass
 
     from dice_influence.gossip import Optimizer
-    from dice_influence.influence.adjoint import _update_transpose
+    from dice_influence.influence.pullback import _update_transpose
 
     @dataclass(frozen=True)
     class Generic(Optimizer):  # any other type takes the generic vjp path

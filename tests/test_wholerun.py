@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import dice_influence.influence.adjoint as A
+import dice_influence.influence.pullback as PB
 from dice_influence.config import load_config
 from dice_influence.influence import (
     Event,
@@ -151,9 +151,9 @@ def test_fast_mlp_pass_matches_torch_func(act, monkeypatch):
     th = p.init_theta() + 0.3 * torch.randn(p.n, p.d, dtype=torch.float64, generator=gen)
     c = torch.randn(p.n, p.d, dtype=torch.float64, generator=gen)
     x, y = p.batch(0)
-    h1, d1 = A._hvp_and_sample_dots(p, th, c, x, y, True)
-    monkeypatch.setattr(A, "FAST_MLP", False)
-    h2, d2 = A._hvp_and_sample_dots(p, th, c, x, y, True)
+    h1, d1 = PB._hvp_and_sample_dots(p, th, c, x, y, True)
+    monkeypatch.setattr(PB, "FAST_MLP", False)
+    h2, d2 = PB._hvp_and_sample_dots(p, th, c, x, y, True)
     torch.testing.assert_close(h1, h2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(d1, d2, rtol=1e-10, atol=1e-12)
 

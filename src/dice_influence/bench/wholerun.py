@@ -107,6 +107,7 @@ def window_cost(log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """``attribute`` over a 5-round window vs training it, on the settings of ``dice bench
     influence``, with the optimisations switched off one at a time."""
     from ..influence import adjoint as A
+    from ..influence import pullback as PB
     from ..influence.common import check_replayable
     from ..simulator import train
     from . import influence as B
@@ -132,14 +133,14 @@ def window_cost(log: Callable[[str], None] = print) -> list[dict[str, Any]]:
         for label, traj in runs:
             for vname, fast, check in variants:
                 log(f"bench wholerun: window, {label}: {vname}")
-                A.FAST_MLP, A.check_attributable = fast, check
+                PB.FAST_MLP, A.check_attributable = fast, check
                 rec = B._attribution_cost(traj, 10, 15)
                 out.append({"setting": label, "variant": vname, "rounds": rec["rounds"],
                             "samples": rec["samples"], "seconds": rec["seconds"],
                             "training_seconds": rec["training_seconds"],
                             "ratio_to_training": rec["ratio_to_training"]})
     finally:
-        A.FAST_MLP, A.check_attributable = True, fast_check
+        PB.FAST_MLP, A.check_attributable = True, fast_check
     return out
 
 

@@ -15,7 +15,10 @@ The simulator's whole-run sweep (:class:`~dice_influence.apps.contribution.Contr
 all rows at once) and a real peer's sweep (:mod:`dice_influence.distributed.sweep`, its own row)
 call the same function; ``p`` is anything with ``fm``, ``opt``, ``lr(t)``, ``batch(t)`` and
 ``transforms`` (a :class:`~dice_influence.problem.Problem` or a peer's
-:class:`~dice_influence.distributed.local.LocalProblem`).
+:class:`~dice_influence.distributed.local.LocalProblem`). The adjoint sweep of a window
+(:mod:`~dice_influence.influence.adjoint`) builds on this module too: it sits below every sweep
+(the optimizer's written-out transpose, the forward-over-reverse pass and its hand-written form
+for the built-in MLP live here).
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.func import vjp
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..gossip import repeat_rows
-from .adjoint import _hvp_and_sample_dots, _update_transpose
+from ..gossip import _param_views, repeat_rows
 
 CURVATURES = ("exact", "none")
 
@@ -116,3 +118,183 @@ def check_transposable(opt: Any, curvature: str) -> None:
         raise ValueError(f"the reverse sweep supports the built-in optimizer (SGD, momentum, "
                          f"weight decay); {type(opt).__name__} is stateful and not linear in a "
                          "known way: use curvature: none or the built-in optimizer")
+
+
+def _update_transpose(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, lr: float,
+                      lam_th: torch.Tensor, lam_st: torch.Tensor | None):
+    """Cotangents on ``(θ, state, g)`` of the half step ``(θ + u, state')`` given cotangents on
+    its outputs. The update is linear, so for the built-in :class:`~dice_influence.gossip.
+    Optimizer` (SGD, heavy-ball or Nesterov momentum, weight decay) the transpose is written out;
+    any other optimizer goes through ``vjp`` (exact only if its update is linear in ``g``)."""
+    from ..gossip import Optimizer
+
+    if type(opt) is not Optimizer:
+        zero = torch.zeros_like(theta)
+        if state is None:
+            _, pull = vjp(lambda a, g: a + opt.update(a, None, g, lr)[0], theta, zero)
+            c_th, c_g = pull(lam_th)
+            return c_th, None, c_g
+        _, pull = vjp(lambda a, b, g: _half(opt, a, b, g, lr), theta, state, zero)
+        return pull((lam_th, lam_st if lam_st is not None else torch.zeros_like(lam_th)))
+    wd, mu = opt.weight_decay, opt.momentum
+    if not opt.stateful:  # θ' = θ − η (g + wd θ)
+        c_g = -lr * lam_th
+        c_st = None
+    else:  # b' = μ b + g + wd θ;  θ' = θ − η (g + wd θ + μ b') (Nesterov) or θ − η b'
+        c_step = -lr * lam_th
+        c_buf = c_step * mu if opt.nesterov else c_step.clone()
+        if lam_st is not None:
+            c_buf = c_buf + lam_st
+        c_g = c_buf + c_step if opt.nesterov else c_buf
+        c_st = mu * c_buf
+    c_th = lam_th + wd * c_g if wd else lam_th
+    return c_th, c_st, c_g
+
+
+def _half(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Tensor,
+          lr: float):
+    u, ns = opt.update(theta, state, g, lr)
+    return theta + u, ns
+
+
+def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
+                         y: torch.Tensor, want_hvp: bool):
+    """Per node ``k``: ``H_k c_k`` (the batch loss's Hessian at ``θ_k``; only if ``want_hvp``)
+    and ``∇ℓ_kiᵀ c_k`` for every sample ``i`` of its batch, vectorized over nodes.
+    Returns ((n, d) or None, (n, B))."""
+    module = p.fm.module
+    n = theta.shape[0]
+    if FAST_MLP and _mlp_layers(module) is not None:
+        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp)
+
+    def per_sample(prm, xb, yb):
+        return p.fm.loss_fn(functional_call(module, prm, (xb,)), yb)
+
+    prm, tan = _param_views(p.fm, theta), _param_views(p.fm, c.contiguous())
+    if not want_hvp:  # forward mode only: the directional derivative of every sample's loss
+        def dd(pp, tt, xb, yb):
+            return jvp(lambda q: per_sample(q, xb, yb), (pp,), (tt,))[1]
+
+        return None, vmap(dd)(prm, tan, x, y)
+
+    def node_fn(pp, xb, yb):
+        def loss(q):
+            ls = per_sample(q, xb, yb)
+            return ls.mean(), ls
+
+        return grad(loss, has_aux=True)(pp)
+
+    def fused(pp, tt, xb, yb):
+        return jvp(lambda q: node_fn(q, xb, yb), (pp,), (tt,))[1]
+
+    hv, dls = vmap(fused)(prm, tan, x, y)
+    return torch.cat([hv[s.name].reshape(n, -1) for s in p.fm.slots], dim=1), dls
+
+
+FAST_MLP = True
+"""Use the hand-written batched pass for the built-in MLP (same numbers as the generic
+``torch.func`` pass up to rounding; tests compare the two)."""
+
+
+def _mlp_layers(module: Any) -> tuple[list[tuple[str, str]], Any] | None:
+    """``([(weight slot, bias slot)], activation module)`` of the built-in MLP, else None."""
+    from torch import nn
+
+    from ..models import MLP
+
+    if type(module) is not MLP:
+        return None
+    layers, act = [], None
+    for i, m in enumerate(module.net):
+        if isinstance(m, nn.Linear):
+            if m.bias is None:
+                return None
+            layers.append((f"net.{i}.weight", f"net.{i}.bias"))
+        elif isinstance(m, nn.ReLU | nn.Tanh | nn.GELU | nn.Softplus):
+            if act is not None and type(act) is not type(m):
+                return None
+            act = m
+        elif not isinstance(m, nn.Flatten):
+            return None
+    if isinstance(act, nn.GELU) and act.approximate != "none":
+        return None
+    if isinstance(act, nn.Softplus) and act.beta != 1:
+        return None
+    return layers, act
+
+
+def _act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):
+    """First and second derivative of the activation at ``z`` (``h = act(z)``); the second is
+    None where it is zero (ReLU, as autograd has it: the derivative at 0 is 0)."""
+    from torch import nn
+
+    if isinstance(act, nn.ReLU):
+        return (z > 0).to(z.dtype), None
+    if isinstance(act, nn.Tanh):
+        s1 = 1 - h * h
+        return s1, -2 * h * s1
+    if isinstance(act, nn.Softplus):
+        sig = torch.sigmoid(z)
+        lin = z * act.beta > act.threshold
+        return (torch.where(lin, torch.ones_like(z), sig),
+                torch.where(lin, torch.zeros_like(z), sig * (1 - sig)))
+    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # exact GELU
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    return cdf + z * phi, phi * (2 - z * z)
+
+
+def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
+                             y: torch.Tensor, want_hvp: bool):
+    """:func:`_hvp_and_sample_dots` for the MLP, written out with batched matmuls over nodes:
+    one forward pass with its tangent (Pearlmutter's R-forward), the per-sample directional
+    derivatives from the logits' tangent, then the backward pass of the mean batch loss with its
+    tangent for ``H c`` (the input layer needs no input gradient)."""
+    layers, act = _mlp_layers(p.fm.module)
+    prm, tan = _param_views(p.fm, theta), _param_views(p.fm, c.contiguous())
+    N, B = y.shape
+    h = x.reshape(N, B, -1)
+    dh = None
+    L = len(layers)
+    hs, dhs, zs, dzs, acts = [], [], [], [], []
+    for i, (wn, bn) in enumerate(layers):
+        W, V = prm[wn].transpose(1, 2), tan[wn].transpose(1, 2)
+        z = torch.baddbmm(prm[bn].unsqueeze(1), h, W)
+        dz = torch.baddbmm(tan[bn].unsqueeze(1), h, V)
+        if dh is not None:
+            dz = dz.baddbmm(dh, W)
+        hs.append(h)
+        dhs.append(dh)
+        zs.append(z)
+        dzs.append(dz)
+        if i < L - 1:
+            h = act(z)
+            s1, s2 = _act_derivs(act, z, h)
+            acts.append((s1, s2))
+            dh = s1 * dz
+    P = torch.softmax(z, dim=-1)
+    R = P.clone()
+    R.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(P[..., :1]))
+    dls = (R * dz).sum(-1)
+    if not want_hvp:
+        return None, dls
+    G = R / B
+    Pdz = P * dz
+    dG = (Pdz - P * Pdz.sum(-1, keepdim=True)) / B
+    out: dict[str, torch.Tensor] = {}
+    for i in range(L - 1, -1, -1):
+        wn, bn = layers[i]
+        dgW = torch.bmm(dG.transpose(1, 2), hs[i])
+        if dhs[i] is not None:
+            dgW = dgW.baddbmm(G.transpose(1, 2), dhs[i])
+        out[wn] = dgW
+        out[bn] = dG.sum(1)
+        if i > 0:
+            W, V = prm[wn], tan[wn]
+            Gh = torch.bmm(G, W)
+            dGh = torch.bmm(dG, W).baddbmm(G, V)
+            s1, s2 = acts[i - 1]
+            G = Gh * s1
+            dG = dGh * s1
+            if s2 is not None:
+                dG = dG + Gh * s2 * dzs[i - 1]
+    return torch.cat([out[s.name].reshape(N, -1) for s in p.fm.slots], dim=1), dls
