@@ -152,7 +152,9 @@ def test_dead_peer_stops_neighbours_then_resume_gives_same_result(tmp_path):
     assert res.metrics[2] is None  # killed without a word
     named = [m["error"] for m in res.metrics if m is not None]
     assert all(e is not None for e in named)
-    assert any(e["peer"] == 2 and e["round"] == 3 for e in named), named
+    assert res.first_failure == 2, named  # whichever neighbour each survivor noticed first
+    assert any(e["round"] == 3 for e in named), named
+    assert json.loads((tmp_path / "summary.json").read_text())["first_failure"] == 2
     for m in res.metrics:
         if m is not None:  # what was measured so far is on disk
             assert m["rounds_done"] == 3 and 2 in m["checkpoints"]
@@ -171,6 +173,7 @@ def test_stalled_peer_times_out_with_its_name_and_round(tmp_path):
     assert 1 not in errs  # the stalled peer was killed by the launcher
     stalled = [e for e in errs.values() if e["peer"] == 1 and "stalled" in e["reason"]]
     assert stalled and all(e["round"] == 2 for e in stalled), errs
+    assert res.first_failure == 1, errs
 
 
 def test_detection_drops_harmful_neighbour_like_the_simulator(tmp_path):

@@ -113,3 +113,56 @@ def test_stale_rendezvous_folders_of_dead_launchers_are_swept(tmp_path):
         assert stale in gone and not stale.exists() and live.exists()
     finally:
         live.rmdir()
+
+
+# ------------------------------------------------------------------ who failed first (no peers)
+
+
+def _err(named: int, reason: str = "connection lost") -> dict:
+    return {"status": "failed", "error": {"peer": named, "round": 3, "reason": reason}}
+
+
+def test_first_failure_is_the_killed_peer_whoever_the_survivors_name():
+    from dice_influence.distributed.launch import first_failure
+
+    # peer 1 killed; survivor 2 noticed the already-stopped peer 0 first
+    metrics = [_err(1), None, _err(0), _err(1)]
+    assert first_failure(metrics, [1, -9, 1, 1], {0: 0.2, 1: 0.1, 2: 0.3, 3: 0.2}) == 1
+    # two crashed peers: the one seen exiting first, then the lower rank
+    metrics = [_err(1), None, None, _err(2)]
+    assert first_failure(metrics, [1, -9, -9, 1], {0: 1.0, 1: 0.5, 2: 0.1, 3: 1.0}) == 2
+    assert first_failure(metrics, [1, -9, -9, 1], {0: 1.0, 1: 0.5, 2: 0.5, 3: 1.0}) == 1
+    # a killed peer before a neighbour that crashed on the broken connection, seen together
+    metrics = [None, _err(0), _err(0), None]
+    assert first_failure(metrics, [1, 1, 1, -9], {0: 0.5, 1: 0.6, 2: 0.6, 3: 0.5}) == 3
+
+
+def test_first_failure_diverged_stalled_and_none():
+    from dice_influence.distributed.launch import first_failure
+
+    # a peer that diverged names itself; its neighbours name it or each other
+    metrics = [_err(2), _err(0), _err(2, "diverged"), _err(2)]
+    assert first_failure(metrics, [1, 1, 1, 1], {0: 0.3, 1: 0.4, 2: 0.1, 3: 0.3}) == 2
+    # a stalled peer killed by the launcher (absent from exited_at): named by the first to stop
+    metrics = [_err(1, "stalled"), None, _err(0), _err(1, "stalled")]
+    assert first_failure(metrics, [1, -9, 1, 1], {0: 2.0, 2: 2.1, 3: 2.0}) == 1
+    # all finished; all killed at the wall timeout (nobody can be singled out)
+    ok = {"status": "ok", "error": None}
+    assert first_failure([ok, ok], [0, 0], {0: 1.0, 1: 1.0}) is None
+    assert first_failure([None, None], [-9, -9], {}) is None
+
+
+def test_a_send_refused_on_a_broken_connection_is_the_peers_failure_not_a_crash():
+    """gloo refuses to post an isend/irecv on a connection that is already gone (a neighbour
+    died): the transport reports that neighbour and the round, as for a failed wait."""
+    from dice_influence.distributed.transport import PeerFailure, _posted
+
+    def broken(tensor, **kw):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by "
+                           "peer\nmore")
+
+    with pytest.raises(PeerFailure, match="peer 3 at round 7: connection lost before we could "
+                                          "send it our parameters") as info:
+        _posted(3, 7, "send it our parameters", broken, None, dst=3, tag=1)
+    assert (info.value.peer, info.value.round) == (3, 7) and "more" not in str(info.value)
+    assert _posted(1, 0, "x", lambda tensor, **kw: (tensor, kw), 5, dst=1) == (5, {"dst": 1})

@@ -104,6 +104,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer, bench_app: typer.Typ
         console.print(table)
         for e in res.errors:  # peers' messages quote gloo, e.g. "[/pytorch/...]": not markup
             console.print(f"[bold red]{escape(str(e))}[/]")
+        if res.first_failure is not None:
+            console.print(f"[bold red]first to fail: peer {res.first_failure}[/] (the others "
+                          "stopped because of it; each names the neighbour it noticed first)")
         report = write_report(out, "p2p")
         console.print(
             f"outputs: [bold]{escape(str(out))}[/] (report.html, summary.json, proximal.csv, "

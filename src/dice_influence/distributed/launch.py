@@ -38,7 +38,8 @@ from .settings import distributed_settings
 class LaunchResult:
     """What the peers left: per-peer metrics, stacked final ``theta`` (n, d) when every peer
     finished, the proximal-influence matrix ``P`` (n, n) (row k = receiver k; positive =
-    harmful), exit codes and the failure messages."""
+    harmful), exit codes and the failure messages. ``first_failure``: the peer whose failure
+    stopped the run (:func:`first_failure`; None when every peer finished)."""
 
     out: Path
     n: int
@@ -48,6 +49,7 @@ class LaunchResult:
     theta: Any = None
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    first_failure: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -213,6 +215,7 @@ def launch(
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     procs = []
+    exited_at: dict[int, float] = {}  # peer -> when the launcher saw it exit
     t0 = time.perf_counter()
     interrupted = False
     restore = _sigterm_as_interrupt()
@@ -229,9 +232,12 @@ def launch(
         first_fail: float | None = None
         while True:
             codes = [p.exitcode for p in procs]
+            now = time.perf_counter()
+            for k, c in enumerate(codes):
+                if c is not None and k not in exited_at:
+                    exited_at[k] = now
             if all(c is not None for c in codes):
                 break
-            now = time.perf_counter()
             if first_fail is None and any(c not in (None, 0) for c in codes):
                 first_fail = now
             if (first_fail is not None and now - first_fail > grace) or (
@@ -249,7 +255,8 @@ def launch(
         for p in procs:
             p.join(timeout=10)
         shutil.rmtree(rdv, ignore_errors=True)
-    res = collect(out, peers, [p.exitcode for p in procs], time.perf_counter() - t0)
+    res = collect(out, peers, [p.exitcode for p in procs], time.perf_counter() - t0,
+                  exited_at=exited_at)
     if interrupted:
         raise LaunchInterrupted(res)
     return res
@@ -279,8 +286,46 @@ def _sigterm_as_interrupt() -> Any:
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
+def first_failure(metrics: list[dict[str, Any] | None], returncodes: list[int | None],
+                  exited_at: dict[int, float] | None = None) -> int | None:
+    """The peer whose failure stopped the run, independent of which neighbour each survivor
+    happened to notice first (a survivor waits on its neighbours one after the other, so when
+    two connections are gone it names whichever it waited on first). In order:
+
+    1. a peer that exited on its own without writing metrics: killed by a signal (``kill -9``)
+       before one that crashed, then the first the launcher saw exit, then the lowest rank;
+    2. a peer whose own error names itself (it diverged);
+    3. the peer named by the first peer to stop with an error (a stalled peer: the launcher
+       kills it, its neighbours name it when their ``timeout_s`` passes).
+
+    ``exited_at``: when the launcher saw each peer exit on its own; a peer absent from it
+    (when given) was killed by the launcher. None when every peer finished or no peer can be
+    singled out (every peer killed at ``wall_timeout``)."""
+    late = float("inf")
+
+    def order(k: int) -> tuple[float, int]:
+        return (exited_at or {}).get(k, late), k
+
+    failed = [k for k, (m, rc) in enumerate(zip(metrics, returncodes, strict=True))
+              if rc != 0 or m is None or m.get("error") is not None]
+    if not failed:
+        return None
+    died = [k for k in failed if metrics[k] is None and (exited_at is None or k in exited_at)]
+    if died:
+        return min(died, key=lambda k: (not (returncodes[k] or 0) < 0, *order(k)))
+    errs = {k: metrics[k]["error"] for k in failed
+            if metrics[k] is not None and metrics[k].get("error") is not None}
+    own = [k for k, e in errs.items() if e["peer"] == k]
+    if own:
+        return min(own, key=order)
+    if errs:
+        return int(errs[min(errs, key=order)]["peer"])
+    return None
+
+
 def collect(
-    out: str | Path, n: int, returncodes: list[int | None] | None = None, seconds: float = 0.0
+    out: str | Path, n: int, returncodes: list[int | None] | None = None, seconds: float = 0.0,
+    *, exited_at: dict[int, float] | None = None,
 ) -> LaunchResult:
     """Read the peers' outputs in ``out``; write ``summary.json``, ``proximal.csv``,
     ``contribution_ledger.json`` (the summed ledger) and (when all finished)
@@ -312,6 +357,9 @@ def collect(
     P = np.array(rows) if all(r is not None for r in rows) else None
     theta = torch.stack(thetas) if len(thetas) == n else None
     codes = returncodes if returncodes is not None else [None] * n
+    first = first_failure(metrics, codes if returncodes is not None else
+                          [0 if m is not None and m["error"] is None else 1 for m in metrics],
+                          exited_at)
     if theta is not None:
         with atomic_path(out / "final.safetensors") as tmp:
             save_file({"theta": theta.contiguous()}, str(tmp))
@@ -334,6 +382,7 @@ def collect(
         "seconds": seconds,
         "returncodes": codes,
         "errors": errors,
+        "first_failure": first,
         "sign": "P[k][j]: influence of sender j on receiver k; positive = harmful",
         "status": ["missing" if m is None else m["status"] for m in metrics],
         "rounds_done": [None if m is None else m["rounds_done"] for m in metrics],
@@ -356,6 +405,7 @@ def collect(
         theta=theta,
         errors=errors,
         seconds=seconds,
+        first_failure=first,
     )
 
 

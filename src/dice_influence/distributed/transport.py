@@ -169,14 +169,17 @@ class Transport:
         work: list[tuple[int, str, Any]] = []
         for j in frm:
             ann = torch.full((ANNOUNCE,), -1, dtype=torch.int64, device=self.device)
-            first = dist.irecv(ann, src=j, tag=TAG_ANNOUNCE)
+            first = _posted(j, t, "receive its parameters", dist.irecv, ann, src=j,
+                            tag=TAG_ANNOUNCE)
             work.append((j, "receive its parameters", _Announced(self, j, t, ann, first, bufs[j])))
         announcement = self.announcement(t, packet)
         self._in_flight = announcement  # kept alive until the next round's sends
         for j in to:
-            work.append((j, "send it our parameters",
-                          dist.isend(announcement, dst=j, tag=TAG_ANNOUNCE)))
-            work.append((j, "send it our parameters", dist.isend(packet, dst=j, tag=TAG_PACKET)))
+            what = "send it our parameters"
+            work.append((j, what, _posted(j, t, what, dist.isend, announcement, dst=j,
+                                          tag=TAG_ANNOUNCE)))
+            work.append((j, what, _posted(j, t, what, dist.isend, packet, dst=j,
+                                          tag=TAG_PACKET)))
         nbytes = packet.numel() * packet.element_size() + ANNOUNCE * 8
         self.bytes_sent += len(to) * nbytes
         self.bytes_received += len(frm) * (self.packet_bytes + ANNOUNCE * 8)
@@ -195,7 +198,8 @@ class Transport:
         work: list[tuple[int, str, Any]] = []
         for j in frm:
             ann = torch.full((ANNOUNCE,), -1, dtype=torch.int64, device=self.device)
-            first = dist.irecv(ann, src=j, tag=TAG_ADJOINT_ANNOUNCE)
+            first = _posted(j, t, "receive its adjoint", dist.irecv, ann, src=j,
+                            tag=TAG_ADJOINT_ANNOUNCE)
             work.append((j, "receive its adjoint", _Announced(self, j, t, ann, first, bufs[j],
                                                               KIND_ADJOINT, TAG_ADJOINT)))
         keep = []
@@ -209,9 +213,10 @@ class Transport:
                                 DTYPE_CODES.get(self.dtype, 0)], dtype=torch.int64,
                                device=self.device)
             keep += [buf, ann]
-            work.append((j, "send it our adjoint",
-                         dist.isend(ann, dst=j, tag=TAG_ADJOINT_ANNOUNCE)))
-            work.append((j, "send it our adjoint", dist.isend(buf, dst=j, tag=TAG_ADJOINT)))
+            what = "send it our adjoint"
+            work.append((j, what, _posted(j, t, what, dist.isend, ann, dst=j,
+                                          tag=TAG_ADJOINT_ANNOUNCE)))
+            work.append((j, what, _posted(j, t, what, dist.isend, buf, dst=j, tag=TAG_ADJOINT)))
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_sent += len(sends) * (numel * itemsize + ANNOUNCE * 8)
         self.bytes_received += len(frm) * (numel * itemsize + ANNOUNCE * 8)
@@ -234,7 +239,9 @@ class Transport:
         work: list[tuple[int, str, dist.Work]] = []
         for j in frm:
             work.append(
-                (j, "receive its control flag", dist.irecv(bufs[j], src=j, tag=TAG_CONTROL))
+                (j, "receive its control flag",
+                 _posted(j, t, "receive its control flag", dist.irecv, bufs[j], src=j,
+                         tag=TAG_CONTROL))
             )
         sends = []
         for j, flag in flags.items():
@@ -242,7 +249,8 @@ class Transport:
                 [MAGIC, t, self.rank, KIND_CONTROL, flag], dtype=torch.int64, device=self.device
             )
             sends.append(msg)
-            work.append((j, "send it our control flag", dist.isend(msg, dst=j, tag=TAG_CONTROL)))
+            what = "send it our control flag"
+            work.append((j, what, _posted(j, t, what, dist.isend, msg, dst=j, tag=TAG_CONTROL)))
         self.bytes_sent += len(flags) * (HEADER + 1) * 8
         self.bytes_received += len(frm) * (HEADER + 1) * 8
         self.messages_sent += len(flags)
@@ -281,12 +289,7 @@ class Transport:
                 msg = str(exc)
                 if "Timed out" in msg or "timed out" in msg:
                     raise self._stalled(peer, t, what) from None
-                raise PeerFailure(
-                    peer,
-                    t,
-                    f"connection lost while waiting to {what} (the peer "
-                    f"died or closed its connection): {msg.splitlines()[0][:200]}",
-                ) from None
+                raise _lost(peer, t, f"while waiting to {what}", exc) from None
 
     def _stalled(self, peer: int, t: int, what: str) -> PeerFailure:
         return PeerFailure(
@@ -327,3 +330,18 @@ class _Announced:
             return bool(self.second.wait())
         left = datetime.timedelta(seconds=max(end - time.monotonic(), 1e-3))
         return bool(self.second.wait(timeout=left))
+
+
+def _lost(peer: int, t: int, when: str, exc: BaseException) -> PeerFailure:
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return PeerFailure(peer, t, f"connection lost {when} (the peer died or closed its "
+                                f"connection): {first}")
+
+
+def _posted(peer: int, t: int, what: str, op: Any, tensor: torch.Tensor, **kw: Any) -> Any:
+    """``op(tensor, **kw)`` (``dist.isend`` / ``dist.irecv``); gloo refuses to post on a
+    connection that is already gone: that is the peer's failure too, not a crash of this one."""
+    try:
+        return op(tensor, **kw)
+    except RuntimeError as exc:
+        raise _lost(peer, t, f"before we could {what}", exc) from None
