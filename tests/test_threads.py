@@ -36,6 +36,112 @@ def test_large_work_uses_idle_cores_only():
     assert T.choose_threads(big, n_cores=16, busy=13.0)[0] == 3
 
 
+def test_one_busy_core_of_two_means_one_thread():
+    big = 20 * T.WORK_PER_EXTRA_THREAD
+    assert T.choose_threads(big, n_cores=2, idle=1.0)[0] == 1  # a thread would share a core
+    assert T.choose_threads(big, n_cores=2, idle=1.6)[0] == 2  # background noise only
+    assert T.choose_threads(big, n_cores=2, idle=1.4)[0] == 1
+    k, why = T.choose_threads(big, n_cores=2, idle=0.3)
+    assert k == 1 and "0.3 of 2 cores idle" in why
+    assert T.choose_threads(big, n_cores=8, idle=12.0)[0] == 8  # never more than the cores
+
+
+def test_threshold_separates_plain_training_from_tracking():
+    """The measured cases of the module docstring, on a quiet 2-core machine."""
+    fmnist50 = 50 * 50890.0  # n x d of the proximal benchmark's MLP
+    assert T.choose_threads(fmnist50 * 32, n_cores=2, idle=2.0)[0] == 1  # plain training
+    assert T.choose_threads(fmnist50 * (32 + 64), n_cores=2, idle=2.0)[0] == 2  # + tracking
+    assert T.choose_threads(fmnist50 * (32 + 64), n_cores=2, idle=0.9)[0] == 1  # loaded
+
+
+def _ticks(seq):
+    it = iter(seq)
+    return lambda: next(it)
+
+
+def test_idle_cores_from_per_core_counters(monkeypatch):
+    monkeypatch.setattr(T, "_measured", None)
+    monkeypatch.setattr(T.time, "sleep", lambda s: None)
+    # core 0 idle 90 of 100 ticks, core 1 busy (0 of 100): 0.9 cores idle
+    monkeypatch.setattr(T, "_cpu_ticks", _ticks([{0: (100, 1000), 1: (50, 1000)},
+                                                 {0: (190, 1100), 1: (50, 1100)}]))
+    assert T.idle_cores() == pytest.approx(0.9)
+    # cached: the counters are not read again within CACHE_S
+    monkeypatch.setattr(T, "_cpu_ticks", _ticks([]))
+    assert T.idle_cores() == pytest.approx(0.9)
+    monkeypatch.setattr(T, "_measured", (T.time.monotonic() - T.CACHE_S - 1, 0.9))
+    monkeypatch.setattr(T, "_cpu_ticks", _ticks([{0: (0, 10), 1: (0, 10)},
+                                                 {0: (10, 20), 1: (10, 20)}]))
+    assert T.idle_cores() == pytest.approx(2.0)
+
+
+def test_idle_cores_falls_back_to_the_load_average(monkeypatch):
+    monkeypatch.setattr(T, "_measured", None)
+    monkeypatch.setattr(T, "_cpu_ticks", lambda: None)
+    monkeypatch.setattr(T, "cores", lambda: 4)
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.5, 1.0, 1.0))
+    assert T.idle_cores() == pytest.approx(1.5)
+    monkeypatch.setattr(T, "_measured", None)
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    assert T.idle_cores() == 0.0
+
+
+def test_auto_measures_the_machine_only_for_large_work(monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "idle_cores", lambda: calls.append(1) or 2.0)
+    monkeypatch.setattr(T, "cores", lambda: 2)
+    assert T.choose_threads(1e6)[0] == 1 and calls == []
+    assert T.choose_threads(1e9)[0] == 2 and calls == [1]
+
+
+def test_loop_with_a_test_gradient_observer_counts_its_work(monkeypatch):
+    from dice_influence.apps.proximal import ProximalObserver
+    from dice_influence.loop import Loop
+    from dice_influence.simulator import build_problem
+
+    monkeypatch.setattr(T, "idle_cores", lambda: 2.0)
+    monkeypatch.setattr(T, "cores", lambda: 2)
+    p = build_problem(load_config("configs/p2p-digits.yaml", ["train.rounds=1"]))
+    plain = T.problem_work(p)
+    assert T.decision()["threads"] == 1
+    rows = int(p.test_set(p.node_test is not None)[1].shape[-1])
+    assert rows > 0
+    # a threshold between plain training and training with per-round test gradients
+    monkeypatch.setattr(T, "WORK_PER_EXTRA_THREAD", plain * (1 + rows / 2 / p.cfg.train.batch_size))
+    Loop(p)
+    assert T.decision()["threads"] == 1
+    Loop(p, [ProximalObserver(p.n)])
+    assert T.decision()["threads"] == 2 and torch.get_num_threads() == 2
+    assert T.problem_work(p, rows) == plain * (1 + rows / p.cfg.train.batch_size)
+
+
+def test_numba_start_up_does_not_override_the_decision():
+    """In a fresh process (numba's OpenMP start-up happens once per process): after the
+    compiled gossip kernel runs, torch still uses the decided count."""
+    pytest.importorskip("numba")
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np, torch
+        from dice_influence import _threads as T
+        from dice_influence.gossip import Mixer
+        T.request(1)
+        T.use_threads(1e12)
+        W = np.eye(64) * 0.5 + np.roll(np.eye(64), 1, axis=1) * 0.5  # sparse: compiled kernel
+        m = Mixer(W, dtype=torch.float64)
+        assert m._kernel is not None
+        m(torch.randn(64, 3000, dtype=torch.float64))
+        print(torch.get_num_threads())
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DICE_NO_NUMBA")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"
+
+
 def test_precedence(monkeypatch):
     big = 8 * T.WORK_PER_EXTRA_THREAD
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -78,3 +184,21 @@ def test_train_records_threads_in_run_dir(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "metrics.json").read_text())["threads"]
     assert rec["threads"] == 1 and rec["source"].startswith("auto: small")
+
+
+def test_bench_phase_run_alone_keeps_the_other_phase(tmp_path):
+    from dice_influence.bench import threads as B
+
+    cmds = {"demo": "dice demo --rounds 24",
+            "train256": "dice train /tmp/dice-bench-threads-abc/train256.yaml -q"}
+    old = {"benchmark": "threads", "workloads": cmds, "results": [
+        {"workload": "demo", "load": "quiet", "threads": 1, "seconds": 3.0},
+        {"workload": "demo", "load": "loaded", "threads": 1, "seconds": 4.0}]}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(old))
+    now = dict(cmds, train256="dice train /tmp/dice-bench-threads-xyz/train256.yaml -q")
+    assert B._kept(f, ("loaded",), now) == [old["results"][0]]
+    assert B._kept(f, B.LOADS, now) == []  # both phases: nothing kept
+    assert B._kept(f, ("loaded",), dict(now, demo="dice demo --rounds 5")) == []  # other settings
+    with pytest.raises(ValueError, match="--load busy"):
+        B.bench_threads(loads=("busy",))

@@ -55,6 +55,9 @@ def _compiled() -> Callable | None:
                     for c in range(m):
                         o[c] += w * xr[c]
 
+    from ._threads import sync_numba
+
+    sync_numba()  # numba's threads = the thread rule's count (its start-up resets torch's)
     return spmm
 
 

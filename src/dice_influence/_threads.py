@@ -1,34 +1,52 @@
 """How many intra-op (OpenMP) threads torch uses: one rule for every entry point.
 
-On the small models of this project a second thread buys little on a quiet machine and costs up
-to 10x on a shared one (OpenMP threads spin while their core runs another job). So the rule
+On the small models of this project a second thread buys nothing on a quiet machine (plain
+training of the 50-node Fashion-MNIST MLP: 0.0108 vs 0.0107 s/round) and costs a lot where the
+cores are shared: a parallel region waits for its slowest thread, and a thread that shares its
+core with another job runs at a fraction of the speed. Larger per-round work does pay on idle
+cores (the same run tracking proximal influence every round, i.e. per-node test gradients:
+0.032 vs 0.022 s/round; ``benchmarks/bench-proximal*.json``). So the rule
 (:func:`choose_threads`) is:
 
 1. an explicit count wins: ``--threads`` on the command line (:func:`request`), then
    ``threads=`` (``train.threads`` in a config), then the environment's ``OMP_NUM_THREADS``;
-2. otherwise (``auto``) one thread, unless the per-round work of the problem is large
-   (``n_nodes x n_params x batch_size >= WORK_PER_EXTRA_THREAD``: ``dice bench threads`` shows
-   a second thread paying only for the 256-node Fashion-MNIST run, not for the demo or the
-   experiments) **and** the machine has idle cores right now (runnable tasks counted from
-   ``/proc/stat``, not the lagging load average); then one thread per idle core, at most
-   ``work / WORK_PER_EXTRA_THREAD``.
+2. otherwise (``auto``) one thread, unless the per-round work is large (``n x d x (B + T)`` >=
+   ``WORK_PER_EXTRA_THREAD``; ``T`` = test samples whose gradients an observer takes every round,
+   0 for plain training) **and** at least two cores are idle right now; then one thread per idle
+   core, at most ``1 + work / WORK_PER_EXTRA_THREAD``. Idle cores are measured over
+   ``SAMPLE_S`` from the per-core counters in ``/proc/stat`` (the cores this process may use),
+   not from the 1-minute load average, which lags: a command started right after another one
+   would still see the previous command's load. Without ``/proc/stat``: cores minus the load
+   average.
 
-:func:`use_threads` applies the rule (``torch.set_num_threads``) and remembers the decision,
-which :func:`decision` returns for the run directory (``metrics.json`` key ``threads``).
-:func:`quiet_openmp` asks OpenMP threads to sleep rather than spin while waiting; it only works
-before torch is imported (the ``dice`` command calls it first thing). Peers of a local
-peer-to-peer run use one thread each (``n`` peers share the cores) through the same function.
+:func:`use_threads` applies the rule (``torch.set_num_threads``, and numba's thread count for
+the compiled gossip kernel, whose OpenMP start-up would otherwise reset torch's count) and
+remembers the decision, which :func:`decision` returns for the run directory (``metrics.json``
+key ``threads``). :func:`quiet_openmp` asks OpenMP threads to sleep rather than spin while
+waiting; it only works before torch is imported (the ``dice`` command calls it first thing).
+Peers of a local peer-to-peer run use one thread each (``n`` peers share the cores) through the
+same function.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
-WORK_PER_EXTRA_THREAD = 1.0e9
-"""Per-round work (``n × d × B``) from which a second thread is considered (the 256-node
-Fashion-MNIST MLP run is 1.8e9; the demo 3e6, the alignment experiment 5e7)."""
+WORK_PER_EXTRA_THREAD = 1.0e8
+"""Per-round work (``n × d × (B + T)``) from which a second thread is considered: plain training
+of the 50-node Fashion-MNIST MLP is 8e7 (no gain from a second thread), the same run tracking
+proximal influence every round 2.5e8 (1.45x faster with two), the 256-node Fashion-MNIST run
+1.8e9; the demo 6e5, the alignment experiment 4e6, the contribution experiment 1e6 (+ its test
+gradients)."""
+
+SAMPLE_S = 0.1
+"""Seconds over which idle cores are measured (only for work above the threshold)."""
+
+CACHE_S = 10.0
+"""A measurement of idle cores is reused this long (a process builds many problems)."""
 
 _request: int | None = None
 _last: dict[str, Any] = {"threads": None, "source": "not chosen yet"}
@@ -51,27 +69,58 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores(samples: int = 5, interval: float = 0.01) -> float:
-    """Cores busy with other work right now: runnable tasks (``/proc/stat`` ``procs_running``,
-    mean of ``samples`` reads) minus this process. Falls back to the 1-minute load average."""
-    vals = []
+def _cpu_ticks() -> dict[int, tuple[int, int]] | None:
+    """Per usable core: (idle ticks incl. iowait, total ticks) from ``/proc/stat``."""
     try:
-        for i in range(samples):
-            with open("/proc/stat") as f:
-                for line in f:
-                    if line.startswith("procs_running"):
-                        vals.append(int(line.split()[1]))
-                        break
-            if i + 1 < samples:
-                time.sleep(interval)
-    except OSError:
-        pass
-    if vals:
-        return max(0.0, sum(vals) / len(vals) - 1.0)
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # pragma: no cover
+        allowed = None
+    out = {}
     try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        return 0.0
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    continue
+                name, *vals = line.split()
+                k = int(name[3:])
+                if allowed is not None and k not in allowed:
+                    continue
+                v = [int(x) for x in vals[:8]]
+                out[k] = (v[3] + v[4], sum(v))
+    except (OSError, ValueError):
+        return None
+    return out or None
+
+
+_measured: tuple[float, float] | None = None  # (when, idle cores)
+
+
+def idle_cores(interval: float = SAMPLE_S) -> float:
+    """Cores (of those this process may use) idle over the next ``interval`` seconds, from the
+    per-core counters of ``/proc/stat`` (this process sleeps meanwhile, so its own use does not
+    count); reused for ``CACHE_S``. Fallback: cores minus the 1-minute load average."""
+    global _measured
+    now = time.monotonic()
+    if _measured is not None and now - _measured[0] < CACHE_S:
+        return _measured[1]
+    a = _cpu_ticks()
+    if a is not None:
+        time.sleep(interval)
+        b = _cpu_ticks()
+    if a is not None and b is not None:
+        idle = 0.0
+        for k, (i1, t1) in b.items():
+            if k in a and t1 > a[k][1]:
+                idle += (i1 - a[k][0]) / (t1 - a[k][1])
+            elif k in a:
+                idle += 1.0  # no tick elapsed: nothing ran there
+    else:
+        try:
+            idle = max(0.0, cores() - os.getloadavg()[0])
+        except OSError:  # pragma: no cover
+            idle = 1.0
+    _measured = (time.monotonic(), idle)
+    return idle
 
 
 def _env_threads() -> int | None:
@@ -90,12 +139,14 @@ def choose_threads(
     *,
     threads: int | None = None,
     n_cores: int | None = None,
+    idle: float | None = None,
     busy: float | None = None,
 ) -> tuple[int, str]:
     """The intra-op thread count and why (module docstring): the process request
     (``--threads``), ``threads`` (``train.threads``), ``OMP_NUM_THREADS``, else the automatic
-    rule for per-round ``work`` (``n × d × batch``; None = small). ``n_cores`` / ``busy``
-    default to this machine's (tests pass them)."""
+    rule for per-round ``work`` (``n × d × (batch + test samples)``; None = small).
+    ``n_cores`` / ``idle`` (idle cores) default to this machine's; tests pass them, or ``busy``
+    (busy cores: ``idle = n_cores - busy``)."""
     if _request is not None:
         return _request, "--threads"
     if threads is not None:
@@ -109,32 +160,61 @@ def choose_threads(
         return 1, f"auto: small per-round work ({0 if work is None else work:.2g} < " \
                   f"{WORK_PER_EXTRA_THREAD:.0e})"
     c = n_cores if n_cores is not None else cores()
-    b = busy if busy is not None else busy_cores()
-    idle = int(c - b + 0.5)
-    k = max(1, min(c, idle, int(work // WORK_PER_EXTRA_THREAD) + 1))
-    return k, f"auto: per-round work {work:.2g}, {c} cores, {b:.1f} busy"
+    if idle is None:
+        idle = c - busy if busy is not None else idle_cores()
+    free = min(c, int(idle + 0.5))
+    if free < 2:
+        return 1, f"auto: per-round work {work:.2g} but {idle:.1f} of {c} cores idle"
+    k = max(1, min(free, int(work // WORK_PER_EXTRA_THREAD) + 1))
+    return k, f"auto: per-round work {work:.2g}, {idle:.1f} of {c} cores idle"
 
 
-def problem_work(problem: Any) -> float:
-    """Per-round work ``n × d × batch_size`` of a :class:`~dice_influence.problem.Problem`."""
-    return float(problem.n) * float(problem.d) * float(problem.cfg.train.batch_size)
+def problem_work(problem: Any, test_rows: int = 0) -> float:
+    """Per-round work ``n × d × (batch_size + test_rows)`` of a
+    :class:`~dice_influence.problem.Problem`; ``test_rows``: test samples per node whose
+    gradients are taken every round (observers of influence)."""
+    return float(problem.n) * float(problem.d) * float(problem.cfg.train.batch_size + test_rows)
 
 
 def use_threads(work: float | None = None, *, threads: int | None = None) -> int:
-    """Choose (:func:`choose_threads`) and apply the count with ``torch.set_num_threads``;
-    remember it for :func:`decision`. Returns the count."""
+    """Choose (:func:`choose_threads`) and apply the count with ``torch.set_num_threads`` (and
+    numba's, once the compiled gossip kernel is loaded); remember it for :func:`decision`.
+    Returns the count."""
     import torch
 
     k, why = choose_threads(work, threads=threads)
     if torch.get_num_threads() != k:
         torch.set_num_threads(k)
     _last.update(threads=k, source=why)
+    sync_numba()
     return k
 
 
-def use_threads_for(problem: Any) -> int:
-    """:func:`use_threads` for a problem (its ``train.threads`` and per-round work)."""
-    return use_threads(problem_work(problem), threads=getattr(problem.cfg.train, "threads", None))
+def sync_numba() -> None:
+    """Give numba's parallel kernels the decided count, then re-apply it to torch: numba's
+    OpenMP layer, when it starts, sets OpenMP's count for the calling thread to all cores,
+    which torch then reads as its own. Before any decision: torch's current count. No-op until
+    numba is imported."""
+    nb = sys.modules.get("numba")
+    if nb is None:
+        return
+    import torch
+
+    k = _last.get("threads") or torch.get_num_threads()
+
+    try:
+        nb.set_num_threads(max(1, min(int(k), nb.config.NUMBA_NUM_THREADS)))
+    except (ValueError, RuntimeError, AttributeError):  # pragma: no cover - odd numba setups
+        pass
+    if torch.get_num_threads() != k:
+        torch.set_num_threads(k)
+
+
+def use_threads_for(problem: Any, test_rows: int = 0) -> int:
+    """:func:`use_threads` for a problem (its ``train.threads`` and per-round work, with
+    ``test_rows`` test gradients per node and round)."""
+    return use_threads(problem_work(problem, test_rows),
+                       threads=getattr(problem.cfg.train, "threads", None))
 
 
 def decision() -> dict[str, Any]:

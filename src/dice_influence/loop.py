@@ -291,6 +291,20 @@ class Loop:
         self._test_set = test_set
         self._test_batch = test_batch
         self._carry_grad: tuple[int, torch.Tensor] | None = None
+        if any(hasattr(o, "test_set") for o in self.observers):  # test gradients every round
+            from ._threads import use_threads_for
+
+            use_threads_for(problem, self._test_rows())
+
+    def _test_rows(self) -> int:
+        """Test samples per node whose gradients :meth:`_test_grads` takes (0 if none)."""
+        p = self.problem
+        per_node = self._test_set == "own" or (self._test_set == "auto"
+                                               and p.node_test is not None)
+        if per_node and p.node_test is None:
+            return 0  # refused with a clear error when first used
+        rows = int(p.test_set(per_node)[1].shape[-1])
+        return min(rows, self._test_batch) if per_node and self._test_batch else rows
 
     @classmethod
     def from_plugins(cls, problem: Problem, plugins: Any) -> Loop:

@@ -152,15 +152,19 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                                       help="Comma-separated workloads."),
         quick: bool = typer.Option(False, "--quick", help="Tiny settings (a smoke test)."),
         timeout: float = typer.Option(400.0, help="Seconds before a cell is given up."),
+        load: str = typer.Option("both", "--load", help="Phase to run: quiet, loaded or both "
+                                 "(one phase is merged into an existing --json)."),
         overwrite: bool = overwrite_option(),
     ) -> None:
         """Automatic thread rule vs 1 and 2 threads, quiet and under load (wall-clock s)."""
-        claim_file(json_path, "threads", overwrite=overwrite)
         from .threads import LOADS, THREADS, bench_threads
 
+        if load not in (*LOADS, "both"):
+            raise typer.BadParameter(f"--load {load}: choose quiet, loaded or both")
+        claim_file(json_path, "threads", overwrite=overwrite)
         only = [w.strip() for w in workloads.split(",") if w.strip()]
         res = bench_threads(out=json_path, quick=quick, only=only, timeout=timeout,
-                            log=console.print)
+                            loads=LOADS if load == "both" else (load,), log=console.print)
         t = Table(title="dice bench threads (wall-clock s per command)")
         t.add_column("workload")
         for load in LOADS:

@@ -9,7 +9,10 @@ alignment and contribution experiments on digits and a 256-node Fashion-MNIST tr
 ``load = "loaded"``: two busy-loop processes (``while True: pass``), pinned to the last core
 this process may use, started before the cell and stopped after it; ``"quiet"``: none started
 by the benchmark (other jobs on the machine are recorded as ``os.getloadavg()`` around every
-cell). Numbers are written to JSON, never asserted.
+cell). ``loads`` (``--load quiet|loaded|both``) runs one phase or both: a phase run alone is
+merged into an existing JSON of the same workloads (the other phase's records are kept), so the
+two can be run at different times. The settings are sized for about 8 minutes in all on a
+2-core machine. Numbers are written to JSON, never asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ TRAIN256: dict[str, Any] = {
     "data": {"dataset": "fashion-mnist", "samples_per_node": 234, "validation_samples": 64},
     "topology": {"name": "exponential", "n": 256},
     "model": {"name": "mlp", "hidden": [128, 64]},
-    "train": {"rounds": 40, "batch_size": 64, "lr": 0.1, "eval_every": 1000},
+    "train": {"rounds": 20, "batch_size": 64, "lr": 0.1, "eval_every": 1000},
 }
 """The 256-node run (the training benchmark's setting: MLP 784-128-64-10, batch 64)."""
 
@@ -45,7 +48,7 @@ def workloads(tmp: Path, quick: bool = False) -> dict[str, list[str]]:
     for a smoke test of the benchmark itself."""
     from ..config import dump_config, load_config
 
-    t256 = dict(TRAIN256, train=dict(TRAIN256["train"], rounds=3 if quick else 40))
+    t256 = dict(TRAIN256, train=dict(TRAIN256["train"], rounds=2 if quick else 20))
     cfg256 = tmp / "train256.yaml"
     cfg256.write_text(dump_config(load_config(t256)))
 
@@ -53,13 +56,13 @@ def workloads(tmp: Path, quick: bool = False) -> dict[str, list[str]]:
         return str(small if quick else full)
 
     return {
-        "demo": ["demo", "--rounds", r(60, 5)],
+        "demo": ["demo", "--rounds", r(24, 4)],
         "alignment": ["experiment", "alignment", str(ROOT / "configs" / "alignment-digits.yaml"),
-                      "--set", f"train.rounds={r(20, 6)}",
-                      "--set", f"experiment.alignment.events={r(10, 2)}"],
+                      "--set", f"train.rounds={r(12, 4)}",
+                      "--set", f"experiment.alignment.events={r(4, 1)}"],
         "contribution": ["experiment", "contribution",
                          str(ROOT / "configs" / "contribution-digits.yaml"),
-                         "--set", f"train.rounds={r(40, 6)}"],
+                         "--set", f"train.rounds={r(20, 4)}"],
         "train256": ["train", str(cfg256), "-q"],
     }
 
@@ -135,11 +138,40 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _kept(out: str | Path | None, loads: tuple[str, ...], commands: dict[str, str]
+          ) -> list[dict[str, Any]]:
+    """Records of the phases not run now from an existing JSON of the same workloads."""
+    import json
+
+    if out is None or set(loads) == set(LOADS) or not Path(out).is_file():
+        return []
+    try:
+        old = json.loads(Path(out).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("benchmark") != "threads" or \
+            _shape(old.get("workloads", {})) != _shape(commands):
+        return []
+    return [r for r in old.get("results", []) if r.get("load") not in loads]
+
+
+def _shape(commands: dict[str, str]) -> dict[str, str]:
+    """Workload commands without their temporary folders (which differ between runs)."""
+    import re
+
+    return {k: re.sub(r"/\S*dice-bench-threads-\S*?/", "/TMP/", v) for k, v in commands.items()}
+
+
 def bench_threads(*, out: str | Path | None = None, quick: bool = False,
                   only: list[str] | None = None, timeout: float = 400.0,
+                  loads: tuple[str, ...] = LOADS,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time every (workload, load, threads) cell once; write and return the JSON."""
-    from .._threads import WORK_PER_EXTRA_THREAD, cores
+    """Time every (workload, load, threads) cell once for the phases ``loads``; write and
+    return the JSON (merged with the other phase's records of an earlier run, see above)."""
+    bad = [ld for ld in loads if ld not in LOADS]
+    if bad or not loads:
+        raise ValueError(f"--load {','.join(loads) or '(none)'}: choose quiet, loaded or both")
+    from .._threads import SAMPLE_S, WORK_PER_EXTRA_THREAD, cores
 
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -149,9 +181,9 @@ def bench_threads(*, out: str | Path | None = None, quick: bool = False,
         works = workloads(tmp, quick)
         if only:
             works = {k: v for k, v in works.items() if k in only}
-        total = len(works) * len(LOADS) * len(THREADS)
+        total = len(works) * len(loads) * len(THREADS)
         i = 0
-        for load in LOADS:
+        for load in loads:
             busy = _busy_loops(2) if load == "loaded" else []
             try:
                 time.sleep(0.5 if busy else 0.0)
@@ -166,15 +198,21 @@ def bench_threads(*, out: str | Path | None = None, quick: bool = False,
                             + f" (load average {rec['loadavg_after']:.1f})")
             finally:
                 _stop(busy)
+    commands = {k: "dice " + " ".join(v) for k, v in works.items()}
+    kept = _kept(out, loads, commands)
+    results = sorted(kept + results, key=lambda r: LOADS.index(r["load"]))
     doc = {
         "benchmark": "threads",
         "what": "wall-clock seconds of one `dice` command per cell, in a fresh process; auto = "
                 "no --threads and no OMP_NUM_THREADS (the rule of dice_influence._threads); "
                 "loaded = two busy-loop processes pinned to the last core, started and stopped "
                 "by the benchmark; quiet = none started by the benchmark",
-        "workloads": {k: "dice " + " ".join(v) for k, v in works.items()},
+        "workloads": commands,
+        "phases_run_now": list(loads),
+        "records_kept_from_an_earlier_run": len(kept),
         "quick": quick,
         "rule": {"work_per_extra_thread": WORK_PER_EXTRA_THREAD,
+                 "idle_cores_sampled_s": SAMPLE_S,
                  "omp_wait_policy": "PASSIVE unless set (the dice command sets it)"},
         "machine": {"cpu_count": os.cpu_count(), "cores_usable": cores(),
                     "python": platform.python_version(), "platform": platform.platform(),
