@@ -146,6 +146,9 @@ def test_first_failure_diverged_stalled_and_none():
     # a stalled peer killed by the launcher (absent from exited_at): named by the first to stop
     metrics = [_err(1, "stalled"), None, _err(0), _err(1, "stalled")]
     assert first_failure(metrics, [1, -9, 1, 1], {0: 2.0, 2: 2.1, 3: 2.0}) == 1
+    # ... even when the survivor seen stopping first named another survivor it waited on
+    metrics = [_err(1, "stalled"), None, _err(0, "stalled"), _err(1, "stalled")]
+    assert first_failure(metrics, [1, -9, 1, 1], {0: 2.0, 2: 1.9, 3: 2.0}) == 1
     # all finished; all killed at the wall timeout (nobody can be singled out)
     ok = {"status": "ok", "error": None}
     assert first_failure([ok, ok], [0, 0], {0: 1.0, 1: 1.0}) is None

@@ -295,8 +295,10 @@ def first_failure(metrics: list[dict[str, Any] | None], returncodes: list[int | 
     1. a peer that exited on its own without writing metrics: killed by a signal (``kill -9``)
        before one that crashed, then the first the launcher saw exit, then the lowest rank;
     2. a peer whose own error names itself (it diverged);
-    3. the peer named by the first peer to stop with an error (a stalled peer: the launcher
-       kills it, its neighbours name it when their ``timeout_s`` passes).
+    3. a peer that others name and that left no metrics (it stalled: the launcher killed it,
+       its neighbours named it when their ``timeout_s`` passed; neighbours that waited on each
+       other name each other too), the most named, then the lowest rank;
+    4. the peer named by the first peer to stop with an error.
 
     ``exited_at``: when the launcher saw each peer exit on its own; a peer absent from it
     (when given) was killed by the launcher. None when every peer finished or no peer can be
@@ -318,6 +320,10 @@ def first_failure(metrics: list[dict[str, Any] | None], returncodes: list[int | 
     own = [k for k, e in errs.items() if e["peer"] == k]
     if own:
         return min(own, key=order)
+    named = [int(e["peer"]) for e in errs.values()]
+    silent = [j for j in set(named) if 0 <= j < len(metrics) and metrics[j] is None]
+    if silent:
+        return min(silent, key=lambda j: (-named.count(j), j))
     if errs:
         return int(errs[min(errs, key=order)]["peer"])
     return None
