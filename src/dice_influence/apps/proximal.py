@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix
+from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix, edge_support
 from ..loop import Observer, RoundView
 
 
@@ -48,19 +48,31 @@ class ProximalObserver(Observer):
         self.every = int(every)
         self.tracker = ProximalTracker(n, q, readout=readout, window=window, history=history)
         self._S: torch.Tensor | None = None
+        self._support = np.zeros((n, n), dtype=bool)
         self.last_round: int | None = None
         self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
 
     def active(self, t: int) -> bool:
         return t % self.every == 0
 
-    def _dots(self, view: RoundView, G: torch.Tensor) -> torch.Tensor:
-        return dot_matrix(G, view.update())
+    @property
+    def last_dots(self) -> torch.Tensor | None:
+        """This round's ``S[k, j] = G_k · u_j`` (float64, receivers × senders; on the edges only
+        in the simulator, 0 elsewhere) between :meth:`before_gossip` and :meth:`after_gossip`."""
+        return self._S
+
+    def _dots(self, view: RoundView, G: torch.Tensor, *Ws: np.ndarray) -> torch.Tensor:
+        """``S`` on the edges of ``Ws`` (the simulator's full view; entries off them are 0 and
+        never read), or the whole block (a peer's one row)."""
+        if not view.is_full:
+            return dot_matrix(G, view.update())
+        self._support = edge_support(*Ws)
+        return dot_matrix(G, view.update(), self._support)
 
     def before_gossip(self, view: RoundView) -> None:
         self._S = None
         if self.readout == "pre":
-            self._S = self._dots(view, view.test_grad("pre"))
+            self._S = self._dots(view, view.test_grad("pre"), view.W_nominal)
             self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
                                         view.W_nominal)
             self.last_round = view.t
@@ -70,10 +82,15 @@ class ProximalObserver(Observer):
             G = view.test_grad("post")
             if self.readout == "midpoint":
                 G = 0.5 * (view.test_grad("pre") + G)
-            self._S = self._dots(view, G)
+            self._S = self._dots(view, G, view.W_nominal, W_used)
             self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
                                         view.W_nominal)
             self.last_round = view.t
+        elif view.is_full and W_used is not view.W_nominal:  # a policy's new edges
+            extra = edge_support(W_used) & ~self._support
+            if extra.any():
+                S2 = dot_matrix(view.test_grad("pre"), view.update(), extra)
+                self._S = torch.where(torch.from_numpy(extra), S2, self._S)
         assert self._S is not None
         self.tracker.record_actual(view.receivers, view.senders, self._S, W_used)
         self._S = None

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from .._mlp import act_derivs as _act_derivs
+from .._mlp import mlp_layers as _mlp_layers
 from .._util import progress_bar
 from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
@@ -334,7 +336,7 @@ def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.
     Returns ((n, d) or None, (n, B))."""
     module = p.fm.module
     n = theta.shape[0]
-    if FAST_MLP and _mlp_layers(module) is not None:
+    if FAST_MLP and p.fm.loss_name == "cross_entropy" and _mlp_layers(module) is not None:
         return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp)
 
     def per_sample(prm, xb, yb):
@@ -364,53 +366,6 @@ def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.
 FAST_MLP = True
 """Use the hand-written batched pass for the built-in MLP (same numbers as the generic
 ``torch.func`` pass up to rounding; tests compare the two)."""
-
-
-def _mlp_layers(module: Any) -> tuple[list[tuple[str, str]], Any] | None:
-    """``([(weight slot, bias slot)], activation module)`` of the built-in MLP, else None."""
-    from torch import nn
-
-    from ..models import MLP
-
-    if type(module) is not MLP:
-        return None
-    layers, act = [], None
-    for i, m in enumerate(module.net):
-        if isinstance(m, nn.Linear):
-            if m.bias is None:
-                return None
-            layers.append((f"net.{i}.weight", f"net.{i}.bias"))
-        elif isinstance(m, nn.ReLU | nn.Tanh | nn.GELU | nn.Softplus):
-            if act is not None and type(act) is not type(m):
-                return None
-            act = m
-        elif not isinstance(m, nn.Flatten):
-            return None
-    if isinstance(act, nn.GELU) and act.approximate != "none":
-        return None
-    if isinstance(act, nn.Softplus) and act.beta != 1:
-        return None
-    return layers, act
-
-
-def _act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):
-    """First and second derivative of the activation at ``z`` (``h = act(z)``); the second is
-    None where it is zero (ReLU, as autograd has it: the derivative at 0 is 0)."""
-    from torch import nn
-
-    if isinstance(act, nn.ReLU):
-        return (z > 0).to(z.dtype), None
-    if isinstance(act, nn.Tanh):
-        s1 = 1 - h * h
-        return s1, -2 * h * s1
-    if isinstance(act, nn.Softplus):
-        sig = torch.sigmoid(z)
-        lin = z * act.beta > act.threshold
-        return (torch.where(lin, torch.ones_like(z), sig),
-                torch.where(lin, torch.zeros_like(z), sig * (1 - sig)))
-    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # exact GELU
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    return cdf + z * phi, phi * (2 - z * z)
 
 
 def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,

@@ -39,11 +39,43 @@ def proximal_matrix(
 READOUTS = ("pre", "post", "midpoint")
 
 
-def dot_matrix(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """``S[k, j] = G_k · u_j`` (n, n) in float64; non-finite entries (a diverged sender or
-    receiver) become ``+inf``: a malformed update is treated as maximally harmful."""
+SPARSE_DOTS = True
+"""Compute only the entries of ``S`` on a given support when that saves work (:func:`dot_matrix`;
+benchmarks and tests switch it off to compare)."""
+
+
+def dot_matrix(G: torch.Tensor, U: torch.Tensor, support: np.ndarray | None = None
+               ) -> torch.Tensor:
+    """``S[k, j] = G_k · u_j`` (n_G, n_U) in float64; non-finite entries (a diverged sender or
+    receiver) become ``+inf``: a malformed update is treated as maximally harmful.
+
+    ``support`` (bool, same shape): the entries the caller reads. When it is at most a quarter
+    of the matrix (and the compiled edge kernel is available) only those entries are computed
+    (:func:`dice_influence._edge_kernel.edge_dots`) and the others are 0; the values equal the
+    dense product's up to float rounding."""
+    if support is not None and SPARSE_DOTS and G.shape[0] > 8 \
+            and support.sum() <= 0.25 * support.size:
+        from .._edge_kernel import edge_dots
+
+        rows, cols = np.nonzero(support)
+        vals = edge_dots(G, U, rows, cols)
+        if vals is not None:
+            S = torch.zeros(support.shape, dtype=torch.float64)
+            S[torch.from_numpy(rows), torch.from_numpy(cols)] = \
+                torch.where(torch.isfinite(vals), vals, torch.full_like(vals, math.inf))
+            return S
     S = (G @ U.T).to(torch.float64)
     return torch.where(torch.isfinite(S), S, torch.full_like(S, math.inf))
+
+
+def edge_support(*Ws: np.ndarray) -> np.ndarray:
+    """Off-diagonal entries where any of the (n, n) weight matrices ``Ws`` is non-zero: the
+    receiver–sender pairs a round's proximal increments read."""
+    mask = np.zeros(np.shape(Ws[0]), dtype=bool)
+    for W in Ws:
+        mask |= np.asarray(W) != 0
+    np.fill_diagonal(mask, False)
+    return mask
 
 
 class ProximalTracker:
@@ -112,10 +144,10 @@ class ProximalTracker:
         used ``W_actual`` and nominal weights ``W_nominal`` (n, n; default = actual). Returns
         the round's nominal-weight increments (n, n)."""
         ids = np.arange(self.n)
-        S = dot_matrix(G, U)
         Wa = np.asarray(torch.as_tensor(W_actual, dtype=torch.float64).cpu())
         Wn = Wa if W_nominal is None else np.asarray(
             torch.as_tensor(W_nominal, dtype=torch.float64).cpu())
+        S = dot_matrix(G, U, edge_support(Wa, Wn))
         inc = self.record_nominal(t, ids, ids, S, Wn)
         self.record_actual(ids, ids, S, Wa)
         return inc
