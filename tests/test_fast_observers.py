@@ -88,3 +88,76 @@ def test_edge_dots_equal_the_dense_product_with_non_finite_rows():
     assert (sparse[~m] == 0).all()
     assert torch.isinf(sparse[3][m[3]]).all() and (sparse[m] > -np.inf).all()
     assert torch.isinf(sparse[:, 7][m[:, 7]]).all()
+
+
+def _old_paths(monkeypatch):
+    """Switch every fast path off: torch.func test gradients and HVPs, dense dots, float64
+    copies for the sweep's row dots."""
+    import dice_influence._edge_kernel as K
+    import dice_influence.influence.proximal as IP
+
+    monkeypatch.setattr(M, "FAST", False)
+    monkeypatch.setattr(A, "FAST_MLP", False)
+    monkeypatch.setattr(IP, "SPARSE_DOTS", False)
+    monkeypatch.setattr(K, "_compiled", lambda: None)
+
+
+class _AddEdge:
+    """A policy that gives receiver 0 a sender the schedule does not (the ledger must then
+    read a dot product outside the nominal edges)."""
+
+    name = "add-edge"
+
+    def active(self, t):
+        return True
+
+    def decide(self, view):
+        W = view.W_nominal.copy()
+        W[0, 5] += 0.1
+        W[0, 0] -= 0.1
+        return W
+
+
+@pytest.mark.parametrize("readout", ["pre", "post", "midpoint"])
+def test_proximal_observer_fast_equals_old(readout, monkeypatch):
+    from dice_influence.apps.proximal import ProximalObserver
+    from dice_influence.loop import Loop
+
+    p = build_problem(_cfg(n=12))
+    assert M.mlp_spec(p.fm) is not None  # the fast passes apply here
+    th = _theta(p)
+
+    def run():
+        obs = ProximalObserver(p.n, readout=readout)
+        Loop(p, [obs], _AddEdge()).run(th, None, 0, 6)
+        return obs.tracker
+
+    fast = run()
+    _old_paths(monkeypatch)
+    old = run()
+    assert fast.cum[0, 5] != 0 and fast.score[0, 5] == 0  # the added edge: used, not nominal
+    for a, b in ((fast.cum, old.cum), (fast.score, old.score), (fast.window_score,
+                                                                 old.window_score)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.equal(fast.seen, old.seen)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_contribution_observer_fast_equals_old(exclude_self, monkeypatch):
+    from dice_influence.apps.contribution import ContributionObserver
+    from dice_influence.loop import Loop
+
+    p = build_problem(_cfg(n=12, momentum=0.5))
+    th = _theta(p)
+
+    def run():
+        obs = ContributionObserver(p.n, p, rounds=6, exclude_self=exclude_self)
+        Loop(p, [obs]).run(th, p.opt.init_state(th), 0, 6)
+        return obs.measures()
+
+    fast = run()
+    _old_paths(monkeypatch)
+    old = run()
+    assert fast["adjoint"] is not None
+    for key in ("adjoint", "proximal_out", "proximal_in", "alignment_t", "alignment_rms"):
+        np.testing.assert_allclose(fast[key], old[key], rtol=1e-10, atol=1e-14, err_msg=key)
