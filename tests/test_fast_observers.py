@@ -16,10 +16,10 @@ from dice_influence.simulator import build_problem
 
 
 def _cfg(activation: str = "relu", hidden=(16,), n: int = 6, loss: str | None = None,
-         **train):
+         test_samples: int | None = 12, **train):
     raw = {
         "seed": 0,
-        "data": {"dataset": "digits", "samples_per_node": 40, "test_samples_per_node": 12,
+        "data": {"dataset": "digits", "samples_per_node": 24, "test_samples_per_node": test_samples,
                  "validation_samples": 60},
         "topology": {"name": "ring", "n": n},
         "model": {"name": "mlp", "hidden": list(hidden), "activation": activation},
@@ -161,3 +161,22 @@ def test_contribution_observer_fast_equals_old(exclude_self, monkeypatch):
     assert fast["adjoint"] is not None
     for key in ("adjoint", "proximal_out", "proximal_in", "alignment_t", "alignment_rms"):
         np.testing.assert_allclose(fast[key], old[key], rtol=1e-10, atol=1e-14, err_msg=key)
+
+
+def test_compiled_gossip_keeps_the_thread_count():
+    """numba's OpenMP start-up used to set the process's thread count to every core, silently
+    overriding the thread rule after the first gossip round."""
+    pytest.importorskip("numba")
+    import numba
+
+    from dice_influence.loop import run_rounds
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p = build_problem(_cfg(n=36, test_samples=None, rounds=2))
+        assert p.mixer(0).sparse and p.mixer(0)._kernel is not None
+        run_rounds(p, p.init_theta(), None, 0, 2)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
