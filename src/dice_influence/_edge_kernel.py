@@ -17,6 +17,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+ENABLED = True
+"""Use the compiled kernel when available (benchmarks switch it off to compare)."""
+
 
 @lru_cache(maxsize=1)
 def _compiled() -> Callable | None:
@@ -45,7 +48,7 @@ def edge_dots(a: torch.Tensor, b: torch.Tensor, rows: np.ndarray, cols: np.ndarr
     """``a[rows[e]] · b[cols[e]]`` for every edge ``e`` as a float64 tensor ``(E,)``, or None
     when the compiled kernel is unavailable or the inputs are not plain contiguous CPU float
     matrices of one dtype (the caller then takes the dense product)."""
-    fn = _compiled()
+    fn = _compiled() if ENABLED else None
     if fn is None or a.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0 \
             or a.dtype != b.dtype or a.dtype not in (torch.float32, torch.float64):
         return None

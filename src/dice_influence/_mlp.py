@@ -51,7 +51,15 @@ def mlp_spec(fm: Any) -> tuple[list[tuple[str, str]], Any] | None:
     built-in MLP, the ``cross_entropy`` loss on class ids), else None."""
     if not FAST or getattr(fm, "loss_name", None) != "cross_entropy":
         return None
-    return mlp_layers(fm.module)
+    hit = _SPECS.get(id(fm.module))
+    if hit is None or hit[0] is not fm.module:
+        if len(_SPECS) > 64:
+            _SPECS.clear()
+        hit = _SPECS[id(fm.module)] = (fm.module, mlp_layers(fm.module))
+    return hit[1]
+
+
+_SPECS: dict[int, tuple[Any, Any]] = {}  # module id -> (module, mlp_layers): walked once
 
 
 def act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):

@@ -126,7 +126,6 @@ class ContributionObserver(Observer):
     def before_gossip(self, view: RoundView) -> None:
         t0 = time.perf_counter()
         if self.prox.active(view.t):
-            self._before = self.prox.tracker.cum.numpy().copy()
             self.prox.before_gossip(view)
             self._alignment(view)
         if self.horizon != "off" and view.is_full:
@@ -139,9 +138,7 @@ class ContributionObserver(Observer):
         t0 = time.perf_counter()
         if self.prox.active(view.t):
             self.prox.after_gossip(view, W_used)
-            inc = self.prox.tracker.cum.numpy() - self._before
-            np.fill_diagonal(inc, 0.0)
-            self.a_rounds[view.t] = inc.sum(0)
+            self.a_rounds[view.t] = self.prox.last_actual.numpy().sum(0)  # diagonal is 0
         if view.t in self._rec:
             th, U, _ = self._rec[view.t]
             self._rec[view.t] = (th, U, np.array(W_used, dtype=np.float64))
@@ -320,7 +317,9 @@ def row_dots(lam: torch.Tensor, U: torch.Tensor) -> np.ndarray:
     n, d = U.shape
     flat = lam.reshape(-1, d)
     rows = np.arange(flat.shape[0])
-    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
+    v = None
+    if flat.numel() >= 1 << 18:  # small operands: torch's float64 copies cost less than a call
+        v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
     if v is None:
         return (lam.double() * U.double()).sum(-1).numpy()
     return v.reshape(lam.shape[:-1]).numpy()

@@ -49,6 +49,7 @@ class ProximalObserver(Observer):
         self.tracker = ProximalTracker(n, q, readout=readout, window=window, history=history)
         self._S: torch.Tensor | None = None
         self._support = np.zeros((n, n), dtype=bool)
+        self.last_actual: torch.Tensor | None = None  # the last round's increments to ``cum``
         self.last_round: int | None = None
         self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
 
@@ -92,7 +93,8 @@ class ProximalObserver(Observer):
                 S2 = dot_matrix(view.test_grad("pre"), view.update(), extra)
                 self._S = torch.where(torch.from_numpy(extra), S2, self._S)
         assert self._S is not None
-        self.tracker.record_actual(view.receivers, view.senders, self._S, W_used)
+        self.last_actual = self.tracker.record_actual(view.receivers, view.senders, self._S,
+                                                      W_used)
         self._S = None
 
     def state_dict(self) -> dict[str, Any]:
