@@ -48,6 +48,7 @@ def test_mlp_test_gradients_match_torch_func(act, hidden, per_node):
         v2, g2 = loss_grads(p.fm, th, x, y)
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(M.grads(p.fm, th, x, y), g2, rtol=1e-10, atol=1e-12)
 
 
 def test_fast_paths_refuse_other_losses(monkeypatch):

@@ -102,6 +102,18 @@ def loss_grads(fm: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     or per-node (``x``: ``(n, N, ...)``) set: :func:`dice_influence.gossip.loss_grads`, by the
     hand-written pass for the built-in MLP with cross-entropy (forward, then the backward of the
     mean loss; the input layer needs no input gradient), else by the generic one."""
+    loss, g = _loss_grads(fm, theta, x, y, True)
+    assert loss is not None
+    return loss, g
+
+
+def grads(fm: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient half of :func:`loss_grads` (the loss is not computed)."""
+    return _loss_grads(fm, theta, x, y, False)[1]
+
+
+def _loss_grads(fm: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                want_loss: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     spec = mlp_spec(fm)
     if spec is None or theta.requires_grad:
         from .gossip import loss_grads as generic
@@ -126,11 +138,15 @@ def loss_grads(fm: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
             if i < len(layers) - 1:
                 h = act(z)
                 s1s.append(_act_grad(act, z, h))
-        logp = torch.log_softmax(z, dim=-1)
         yi = (y if per_node else y.expand(n, N)).unsqueeze(-1)
-        loss = -logp.gather(-1, yi).squeeze(-1).mean(-1)
-        G = logp.exp_()
-        G.scatter_add_(-1, yi, -torch.ones_like(G[..., :1]))
+        loss = None
+        if want_loss:
+            logp = torch.log_softmax(z, dim=-1)
+            loss = -logp.gather(-1, yi).squeeze(-1).mean(-1)
+            G = logp.exp_()
+        else:
+            G = torch.softmax(z, dim=-1)
+        G.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=G.dtype, device=G.device))
         G.div_(N)  # d(mean loss)/dz
         out = torch.empty_like(theta)
         g = _slot_views(fm, out)

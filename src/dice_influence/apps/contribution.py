@@ -111,6 +111,7 @@ class ContributionObserver(Observer):
         self.a_rounds: dict[int, np.ndarray] = {}
         self.align = np.zeros((3, n, n))  # count, sum, sum of squares
         self.edges = np.zeros((n, n), dtype=bool)
+        self._edge_cache: tuple[bytes, np.ndarray] | None = None  # (W^t bytes, its edges)
         # (b): the window's recorded rounds and the per-round values after each sweep
         self._rec: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
         self._start: int | None = None
@@ -158,9 +159,12 @@ class ContributionObserver(Observer):
         (the same numbers: computed once), else their own, on the edges only."""
         G, U = view.test_grad("pre"), view.update()
         self._d_seen = int(U.shape[1])
-        W = view.block(view.W_nominal)
         rec, snd = view.receivers, view.senders
-        edge = (W > 0) & (rec[:, None] != snd[None, :])
+        key = np.asarray(view.W_nominal).tobytes()
+        if self._edge_cache is None or self._edge_cache[0] != key or not view.is_full:
+            W = view.block(view.W_nominal)
+            self._edge_cache = (key, (W > 0) & (rec[:, None] != snd[None, :]))
+        edge = self._edge_cache[1]
         S = self.prox.last_dots if self.prox.readout == "pre" else None
         if S is None:
             S = dot_matrix(G, U, edge if view.is_full else None)
@@ -198,10 +202,10 @@ class ContributionObserver(Observer):
         self.seconds["sweep"] += time.perf_counter() - t0
 
     def _readout_grad(self, theta: torch.Tensor) -> torch.Tensor:
-        from .._mlp import loss_grads
+        from .._mlp import grads
 
         x, y = self.problem.test_set(self.adjoint_test == "own")
-        return loss_grads(self.problem.fm, theta, x, y)[1]
+        return grads(self.problem.fm, theta, x, y)
 
     def _sweep(self, rounds: list[int], theta_end: torch.Tensor) -> list[np.ndarray]:
         """Values ``λ_j^{tᵀ} û_j^t`` per round: (n,) or, with ``exclude_self``, (receiver, n).
@@ -317,9 +321,7 @@ def row_dots(lam: torch.Tensor, U: torch.Tensor) -> np.ndarray:
     n, d = U.shape
     flat = lam.reshape(-1, d)
     rows = np.arange(flat.shape[0])
-    v = None
-    if flat.numel() >= 1 << 18:  # small operands: torch's float64 copies cost less than a call
-        v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
+    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
     if v is None:
         return (lam.double() * U.double()).sum(-1).numpy()
     return v.reshape(lam.shape[:-1]).numpy()

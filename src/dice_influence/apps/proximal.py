@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix, edge_support
+from ..influence import proximal as _prox
+from ..influence.proximal import (
+    READOUTS,
+    ProximalTracker,
+    dot_matrix,
+    edge_matrix,
+    edge_support,
+    support_edges,
+)
 from ..loop import Observer, RoundView
 
 
@@ -49,6 +57,8 @@ class ProximalObserver(Observer):
         self.tracker = ProximalTracker(n, q, readout=readout, window=window, history=history)
         self._S: torch.Tensor | None = None
         self._support = np.zeros((n, n), dtype=bool)
+        self._support_key = b""
+        self._edges: tuple[np.ndarray, np.ndarray] | None = None
         self.last_actual: torch.Tensor | None = None  # the last round's increments to ``cum``
         self.last_round: int | None = None
         self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
@@ -67,8 +77,13 @@ class ProximalObserver(Observer):
         never read), or the whole block (a peer's one row)."""
         if not view.is_full:
             return dot_matrix(G, view.update())
-        self._support = edge_support(*Ws)
-        return dot_matrix(G, view.update(), self._support)
+        key = b"".join(np.asarray(W).tobytes() for W in Ws)
+        if key != self._support_key:  # a static schedule: once
+            self._support, self._support_key = edge_support(*Ws), key
+            self._edges = support_edges(self._support)
+        S = edge_matrix(G, view.update(), self._edges, self._support.shape) \
+            if _prox.SPARSE_DOTS else None
+        return S if S is not None else dot_matrix(G, view.update(), self._support)
 
     def before_gossip(self, view: RoundView) -> None:
         self._S = None

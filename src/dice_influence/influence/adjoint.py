@@ -330,14 +330,15 @@ def _half(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Te
 
 
 def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
-                         y: torch.Tensor, want_hvp: bool):
+                         y: torch.Tensor, want_hvp: bool, want_dots: bool = True):
     """Per node ``k``: ``H_k c_k`` (the batch loss's Hessian at ``θ_k``; only if ``want_hvp``)
     and ``∇ℓ_kiᵀ c_k`` for every sample ``i`` of its batch, vectorized over nodes.
-    Returns ((n, d) or None, (n, B))."""
+    Returns ((n, d) or None, (n, B)); the MLP pass leaves the scores out (None) when asked
+    for the product only (``want_hvp`` and not ``want_dots``)."""
     module = p.fm.module
     n = theta.shape[0]
     if FAST_MLP and p.fm.loss_name == "cross_entropy" and _mlp_layers(module) is not None:
-        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp)
+        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp, want_dots)
 
     def per_sample(prm, xb, yb):
         return p.fm.loss_fn(functional_call(module, prm, (xb,)), yb)
@@ -369,7 +370,7 @@ FAST_MLP = True
 
 
 def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
-                             y: torch.Tensor, want_hvp: bool):
+                             y: torch.Tensor, want_hvp: bool, want_dots: bool = True):
     """:func:`_hvp_and_sample_dots` for the MLP, written out with batched matmuls over nodes:
     one forward pass with its tangent (Pearlmutter's R-forward), the per-sample directional
     derivatives from the logits' tangent, then the backward pass of the mean batch loss with its
@@ -399,20 +400,21 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
     P = torch.softmax(z, dim=-1)
     R = P.clone()
     R.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(P[..., :1]))
-    dls = (R * dz).sum(-1)
+    dls = (R * dz).sum(-1) if want_dots or not want_hvp else None  # the samples' scores
     if not want_hvp:
         return None, dls
     G = R / B
     Pdz = P * dz
     dG = (Pdz - P * Pdz.sum(-1, keepdim=True)) / B
-    out: dict[str, torch.Tensor] = {}
+    flat = torch.empty(N, theta.shape[1], dtype=theta.dtype, device=theta.device)
+    out = _param_views(p.fm, flat)  # written in place: no concatenation (measured 30 % here)
     for i in range(L - 1, -1, -1):
         wn, bn = layers[i]
         dgW = torch.bmm(dG.transpose(1, 2), hs[i])
         if dhs[i] is not None:
             dgW = dgW.baddbmm(G.transpose(1, 2), dhs[i])
-        out[wn] = dgW
-        out[bn] = dG.sum(1)
+        out[wn].copy_(dgW)
+        torch.sum(dG, 1, out=out[bn])
         if i > 0:
             W, V = prm[wn], tan[wn]
             Gh = torch.bmm(G, W)
@@ -422,4 +424,4 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
             dG = dGh * s1
             if s2 is not None:
                 dG = dG + Gh * s2 * dzs[i - 1]
-    return torch.cat([out[s.name].reshape(N, -1) for s in p.fm.slots], dim=1), dls
+    return flat, dls

@@ -53,19 +53,39 @@ def dot_matrix(G: torch.Tensor, U: torch.Tensor, support: np.ndarray | None = No
     of the matrix (and the compiled edge kernel is available) only those entries are computed
     (:func:`dice_influence._edge_kernel.edge_dots`) and the others are 0; the values equal the
     dense product's up to float rounding."""
-    if support is not None and SPARSE_DOTS and G.shape[0] > 8 \
-            and support.sum() <= 0.25 * support.size:
-        from .._edge_kernel import edge_dots
-
-        rows, cols = np.nonzero(support)
-        vals = edge_dots(G, U, rows, cols)
-        if vals is not None:
-            S = torch.zeros(support.shape, dtype=torch.float64)
-            S[torch.from_numpy(rows), torch.from_numpy(cols)] = \
-                torch.where(torch.isfinite(vals), vals, torch.full_like(vals, math.inf))
+    if support is not None and SPARSE_DOTS:
+        S = edge_matrix(G, U, support_edges(support), support.shape)
+        if S is not None:
             return S
     S = (G @ U.T).to(torch.float64)
     return torch.where(torch.isfinite(S), S, torch.full_like(S, math.inf))
+
+
+def support_edges(support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(rows, cols)`` of ``support`` when computing only those entries pays (more than 8 rows,
+    at most a quarter of the matrix), else None (the dense product)."""
+    if support.shape[0] <= 8 or support.sum() > 0.25 * support.size:
+        return None
+    return np.nonzero(support)
+
+
+def edge_matrix(G: torch.Tensor, U: torch.Tensor,
+                edges: tuple[np.ndarray, np.ndarray] | None, shape: tuple[int, int]
+                ) -> torch.Tensor | None:
+    """:func:`dot_matrix` on ``edges`` = ``(rows, cols)`` only (0 elsewhere), or None when
+    ``edges`` is None or the compiled kernel is unavailable."""
+    if edges is None:
+        return None
+    from .._edge_kernel import edge_dots
+
+    rows, cols = edges
+    vals = edge_dots(G, U, rows, cols)
+    if vals is None:
+        return None
+    S = np.zeros(shape)
+    v = vals.numpy()
+    S[rows, cols] = np.where(np.isfinite(v), v, math.inf)
+    return torch.from_numpy(S)
 
 
 def edge_support(*Ws: np.ndarray) -> np.ndarray:
@@ -127,6 +147,7 @@ class ProximalTracker:
         self.history_score: list[torch.Tensor] = []  # per recorded round, (n, n) float32
         self.history_actual: list[torch.Tensor] = []
         self._last_full: np.ndarray | None = None
+        self._offdiag: torch.Tensor | None = None
 
     @property
     def window_score(self) -> torch.Tensor:
@@ -169,7 +190,12 @@ class ProximalTracker:
         full = self._full(receivers, senders)
         Wb = torch.as_tensor(W if full else W[np.ix_(receivers, senders)])
         S = S.to(torch.float64).cpu()
-        edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
+        if full:
+            if self._offdiag is None:
+                self._offdiag = ~torch.eye(self.n, dtype=torch.bool)
+            edges = (Wb != 0) & self._offdiag
+        else:
+            edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
         q = self.q if full else self.q[receivers]
         inc = torch.where(edges, q[:, None] * Wb * S, torch.zeros_like(S))
         return inc, edges

@@ -96,7 +96,7 @@ def step_pullback(
             x, y = p.batch(t)
             if fold > 1:
                 x, y = repeat_rows(x, fold), repeat_rows(y, fold)
-            hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, need_h)
+            hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, need_h, want_scores)
     a_th = None
     if want_theta:
         a_th = (c_th + hc if hc is not None else c_th).reshape(*lead, m, d)
