@@ -82,6 +82,17 @@ def act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):
     return cdf + z * phi, phi * (2 - z * z)
 
 
+def softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(softmax(z), z − max z, Σ exp(z − max z))`` over the last axis, written out: torch's
+    fused CPU softmax is 3–5× slower on the small class axis of these models (measured: 45 vs
+    15 µs at 16 × 16 × 10, 550 vs 100 µs at 50 × 64 × 10); the log-softmax is
+    ``shifted − log(total)``."""
+    shifted = z - z.amax(-1, keepdim=True)
+    e = shifted.exp()
+    total = e.sum(-1, keepdim=True)
+    return e.div_(total), shifted, total
+
+
 def _act_grad(act: Any, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """First derivative only (ReLU: a mask, no second derivative computed)."""
     from torch import nn
@@ -139,13 +150,10 @@ def _loss_grads(fm: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 h = act(z)
                 s1s.append(_act_grad(act, z, h))
         yi = (y if per_node else y.expand(n, N)).unsqueeze(-1)
+        G, shifted, total = softmax(z)
         loss = None
-        if want_loss:
-            logp = torch.log_softmax(z, dim=-1)
-            loss = -logp.gather(-1, yi).squeeze(-1).mean(-1)
-            G = logp.exp_()
-        else:
-            G = torch.softmax(z, dim=-1)
+        if want_loss:  # cross-entropy = log Σ exp(z − max) − (z_y − max)
+            loss = (total.log().squeeze(-1) - shifted.gather(-1, yi).squeeze(-1)).mean(-1)
         G.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=G.dtype, device=G.device))
         G.div_(N)  # d(mean loss)/dz
         out = torch.empty_like(theta)

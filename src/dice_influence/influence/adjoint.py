@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._mlp import act_derivs as _act_derivs
 from .._mlp import mlp_layers as _mlp_layers
+from .._mlp import softmax as _softmax
 from .._util import progress_bar
 from ..gossip import _param_views, loss_grads, repeat_rows
 from ..topology import reach_sets
@@ -397,9 +398,10 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
             s1, s2 = _act_derivs(act, z, h)
             acts.append((s1, s2))
             dh = s1 * dz
-    P = torch.softmax(z, dim=-1)
+    P = _softmax(z)[0]
     R = P.clone()
-    R.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(P[..., :1]))
+    yi = y.unsqueeze(-1)
+    R.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=P.dtype, device=P.device))
     dls = (R * dz).sum(-1) if want_dots or not want_hvp else None  # the samples' scores
     if not want_hvp:
         return None, dls
