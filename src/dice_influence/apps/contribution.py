@@ -117,7 +117,7 @@ class ContributionObserver(Observer):
         self._start: int | None = None
         self.b_rounds: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, int]] = []
-        self.seconds = {"online": 0.0, "sweep": 0.0}
+        self.seconds = {"online": 0.0, "sweep": 0.0, "sweep_cpu": 0.0}  # wall; CPU
 
     # ------------------------------------------------------------------ the loop's seams
 
@@ -192,7 +192,7 @@ class ContributionObserver(Observer):
         window's end, or by hand for a run that stopped early."""
         if not self._rec:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rounds = sorted(self._rec)
         vals = self._sweep(rounds, theta_end)
         for t, v in zip(rounds, vals, strict=True):
@@ -200,6 +200,7 @@ class ContributionObserver(Observer):
         self.windows.append((rounds[0], rounds[-1] + 1))
         self._rec, self._start = {}, None
         self.seconds["sweep"] += time.perf_counter() - t0
+        self.seconds["sweep_cpu"] += time.process_time() - c0
 
     def _readout_grad(self, theta: torch.Tensor) -> torch.Tensor:
         from .._mlp import grads

@@ -148,8 +148,10 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     @friendly
     def bench_contribution_cmd(
         json_path: Path = typer.Option(Path("bench-contribution.json"), "--json"),
-        config: list[Path] = typer.Option(None, "--config", help="Config(s) to time (default: "
-                                          "contribution-digits-clean and contribution-fmnist)."),
+        config: list[Path] = typer.Option(
+            None, "--config", help="Config(s) to time, overrides after @ (default: "
+            "contribution-digits-clean, contribution-fmnist, "
+            "contribution-digits@train.rounds=200)."),
         repeats: int = typer.Option(5, help="Alternated repetitions (the minimum is kept)."),
         overwrite: bool = overwrite_option(),
     ) -> None:

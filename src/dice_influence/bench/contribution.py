@@ -2,7 +2,8 @@
 contribution``).
 
 For each config (default: the all-clean digits scenario the Spearman ≥ 0.95 target is graded on,
-and the Fashion-MNIST scenario), three arms run alternately on the same seed, ``repeats`` times
+the Fashion-MNIST scenario, and the graded digits scenario over 200 rounds, the setting whose
+sweep ``benchmarks/peer_sweep.py`` times on real peers), three arms run alternately on the same seed, ``repeats`` times
 after a warm-up: plain training (the one loop, no plug-in), training with the config's
 contribution observer (proximal ledger, free-rider alignment and the whole-run adjoint sweep),
 and the same with the fast paths switched off (:mod:`dice_influence.bench.fastpaths`: the state
@@ -12,8 +13,9 @@ fastest repeat counts (other jobs only add time).
 Keys per config: ``online_overhead`` = CPU time (``process_time``) of training with the observer
 / plain training (what ``dice experiment contribution`` reports under the same name),
 ``online_overhead_wall`` the wall-clock ratio, ``sweep_over_training`` = the observer's reverse
-sweep (wall) / plain training of the rounds it covers (the whole run), ``online_over_training``
-= the observer's per-round work (test gradients, ledger, alignment; wall) / plain training.
+sweep / plain training of the rounds it covers (the whole run), CPU time (``_wall``: wall
+time), ``online_over_training`` = the observer's per-round work (test gradients, ledger,
+alignment; wall) / plain training.
 ``loadavg`` is recorded before and after: the machine may be shared. Nothing here asserts a
 time.
 """
@@ -32,10 +34,13 @@ import torch
 from .._util import write_json
 
 ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_CONFIGS = ("configs/contribution-digits-clean.yaml", "configs/contribution-fmnist.yaml")
+DEFAULT_CONFIGS = ("configs/contribution-digits-clean.yaml", "configs/contribution-fmnist.yaml",
+                   "configs/contribution-digits.yaml@train.rounds=200")
+"""A config may carry overrides after ``@`` (comma-separated): the last entry is the setting of
+``benchmarks/peer_sweep.py`` (16 nodes, 200 rounds), whose peers' sweep costs 2.33× training."""
 
 
-def _setting(path: Path) -> tuple[Any, Any]:
+def _setting(path: Path, sets: Sequence[str] = ()) -> tuple[Any, Any]:
     from ..config import load_config
     from ..experiments.contribution import (
         build_scenario,
@@ -43,7 +48,7 @@ def _setting(path: Path) -> tuple[Any, Any]:
         with_contribution_observer,
     )
 
-    cfg = with_contribution_observer(load_config(path))
+    cfg = with_contribution_observer(load_config(path, list(sets)))
     problem, _ = build_scenario(cfg, parse_experiment(cfg))
     return cfg, problem
 
@@ -76,10 +81,12 @@ def _arms(cfg: Any, problem: Any) -> dict[str, Callable[[], Any]]:
 def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], None] | None = None
                  ) -> dict[str, Any]:
     """Time the three arms on one config (module docstring); returns its record."""
-    path = Path(path)
+    spec, _, over = str(path).partition("@")
+    sets = [x for x in over.split(",") if x]
+    path = Path(spec)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
-    cfg, problem = _setting(path)
+    cfg, problem = _setting(path, sets)
     arms = _arms(cfg, problem)
     for fn in arms.values():  # warm-up: first calls of torch.func and numba compile
         fn()
@@ -101,6 +108,7 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
     base_w, base_c = min(wall["plain"]), min(cpu["plain"])
     out: dict[str, Any] = {
         "config": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "overrides": sets,
         "setting": f"n={problem.n}, {cfg.data.dataset}, model {cfg.model.name} "
                    f"{cfg.model.hidden}, d={problem.d}, batch {cfg.train.batch_size}, "
                    f"{cfg.train.rounds} rounds, best of {repeats}",
@@ -115,7 +123,8 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
             "online_overhead": min(cpu[name]) / base_c,
             "online_overhead_wall": min(wall[name]) / base_w,
             "observer_seconds": s,
-            "sweep_over_training": s["sweep"] / base_w,
+            "sweep_over_training": s["sweep_cpu"] / base_c,
+            "sweep_over_training_wall": s["sweep"] / base_w,
             "online_over_training": s["online"] / base_w,
         }
     return out
@@ -134,8 +143,9 @@ def bench_contribution(configs: Sequence[str | Path] = DEFAULT_CONFIGS, *, repea
         "definitions": {
             "online_overhead": "CPU time with the contribution observer / plain training",
             "online_overhead_wall": "wall time with the observer / plain training",
-            "sweep_over_training": "the observer's reverse sweep (wall) / plain training of "
-                                   "the rounds it covers (the whole run)",
+            "sweep_over_training": "the observer's reverse sweep / plain training of the "
+                                   "rounds it covers (the whole run), CPU time",
+            "sweep_over_training_wall": "the same, wall time",
             "online_over_training": "the observer's per-round work (wall) / plain training",
         },
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
