@@ -61,6 +61,16 @@ def _compiled() -> Callable | None:
     return spmm
 
 
+def _numba_threads(k: int) -> None:
+    """Run the kernel on the thread count torch was given (dice_influence._threads), not on
+    numba's default of every core."""
+    import numba
+
+    k = max(1, min(k, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != k:
+        numba.set_num_threads(k)
+
+
 def _plain(t: torch.Tensor) -> bool:
     """A CPU tensor that autograd / torch.func do not track (safe to hand to compiled code)."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32,
@@ -86,7 +96,11 @@ def csr_kernel(csr: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], bool
         if theta.ndim != 2 or out.shape != theta.shape or out.dtype != theta.dtype \
                 or not (_plain(theta) and _plain(out)) or out.data_ptr() == theta.data_ptr():
             return False
+        k = torch.get_num_threads()
+        _numba_threads(k)
         fn(indptr, indices, vals[theta.dtype], theta.numpy(), out.numpy(), BLOCK)
+        if torch.get_num_threads() != k:  # numba's OpenMP start-up set the process's count
+            torch.set_num_threads(k)
         return True
 
     return run

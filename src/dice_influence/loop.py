@@ -318,7 +318,7 @@ class Loop:
 
     # the receivers' test-loss gradients (per-node test splits when the problem has them)
     def _test_grads(self, theta: torch.Tensor) -> torch.Tensor:
-        from .gossip import loss_grads
+        from ._mlp import grads  # the built-in MLP's batched pass, else torch.func
 
         if self._test is None:
             p = self.problem
@@ -326,10 +326,9 @@ class Loop:
                 self._test_set == "auto" and p.node_test is not None)
             x, y = p.test_set(per_node)
             if per_node and self._test_batch is not None and self._test_batch < y.shape[1]:
-                x, y = x[:, : self._test_batch], y[:, : self._test_batch]
+                x, y = x[:, : self._test_batch].contiguous(), y[:, : self._test_batch].contiguous()
             self._test = (x, y)
-        with torch.enable_grad():
-            return loss_grads(self.problem.fm, theta, *self._test)[1]
+        return grads(self.problem.fm, theta, *self._test)
 
     def _mixer(self, W: np.ndarray) -> Mixer:
         key = W.tobytes()

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..influence.proximal import dot_matrix
 from ..loop import Observer, RoundView
 from .proximal import ProximalObserver
 from .reciprocity import node_reciprocity
@@ -110,12 +111,13 @@ class ContributionObserver(Observer):
         self.a_rounds: dict[int, np.ndarray] = {}
         self.align = np.zeros((3, n, n))  # count, sum, sum of squares
         self.edges = np.zeros((n, n), dtype=bool)
+        self._edge_cache: tuple[bytes, np.ndarray] | None = None  # (W^t bytes, its edges)
         # (b): the window's recorded rounds and the per-round values after each sweep
         self._rec: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
         self._start: int | None = None
         self.b_rounds: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, int]] = []
-        self.seconds = {"online": 0.0, "sweep": 0.0}
+        self.seconds = {"online": 0.0, "sweep": 0.0, "sweep_cpu": 0.0}  # wall; CPU
 
     # ------------------------------------------------------------------ the loop's seams
 
@@ -125,7 +127,6 @@ class ContributionObserver(Observer):
     def before_gossip(self, view: RoundView) -> None:
         t0 = time.perf_counter()
         if self.prox.active(view.t):
-            self._before = self.prox.tracker.cum.numpy().copy()
             self.prox.before_gossip(view)
             self._alignment(view)
         if self.horizon != "off" and view.is_full:
@@ -138,9 +139,7 @@ class ContributionObserver(Observer):
         t0 = time.perf_counter()
         if self.prox.active(view.t):
             self.prox.after_gossip(view, W_used)
-            inc = self.prox.tracker.cum.numpy() - self._before
-            np.fill_diagonal(inc, 0.0)
-            self.a_rounds[view.t] = inc.sum(0)
+            self.a_rounds[view.t] = self.prox.last_actual.numpy().sum(0)  # diagonal is 0
         if view.t in self._rec:
             th, U, _ = self._rec[view.t]
             self._rec[view.t] = (th, U, np.array(W_used, dtype=np.float64))
@@ -154,23 +153,36 @@ class ContributionObserver(Observer):
         self.seconds["online"] += time.perf_counter() - t0
 
     def _alignment(self, view: RoundView) -> None:
-        """Per edge ``[k, j]``: ``cos(û_j, −G_k)`` (0 for a zero update), receivers' rows."""
-        G = view.test_grad("pre").to(torch.float64)
-        U = view.update().to(torch.float64)
+        """Per edge ``[k, j]``: ``cos(û_j, −G_k)`` (0 for a zero update), receivers' rows.
+
+        The dots ``G_k · û_j`` are the proximal ledger's of this round when it reads ``pre``
+        (the same numbers: computed once), else their own, on the edges only."""
+        G, U = view.test_grad("pre"), view.update()
         self._d_seen = int(U.shape[1])
-        gn = G.norm(dim=1, keepdim=True)
-        un = U.norm(dim=1)
-        C = -(G @ U.T) / (gn * un[None, :]).clamp_min(1e-300)
-        C = torch.where(un[None, :] > 0, C, torch.zeros_like(C)).numpy()
-        C = np.where(np.isfinite(C), C, 0.0)
-        W = view.block(view.W_nominal)
         rec, snd = view.receivers, view.senders
-        edge = (W > 0) & (rec[:, None] != snd[None, :])
+        key = np.asarray(view.W_nominal).tobytes()
+        if self._edge_cache is None or self._edge_cache[0] != key or not view.is_full:
+            W = view.block(view.W_nominal)
+            self._edge_cache = (key, (W > 0) & (rec[:, None] != snd[None, :]))
+        edge = self._edge_cache[1]
+        S = self.prox.last_dots if self.prox.readout == "pre" else None
+        if S is None:
+            S = dot_matrix(G, U, edge if view.is_full else None)
+        gn = torch.linalg.vector_norm(G, dim=1, dtype=torch.float64).numpy()
+        un = torch.linalg.vector_norm(U, dim=1, dtype=torch.float64).numpy()
+        with np.errstate(all="ignore"):
+            C = -S.numpy() / np.maximum(gn[:, None] * un[None, :], 1e-300)
+        C = np.where(np.isfinite(C) & (un[None, :] > 0) & edge, C, 0.0)
+        if view.is_full:
+            self.edges |= edge
+            self.align[0] += edge
+            self.align[1] += C
+            self.align[2] += C * C
+            return
         ix = np.ix_(rec, snd)
         self.edges[ix] |= edge
-        for i, val in enumerate((np.ones_like(C), C, C * C)):
-            block = self.align[i][ix]
-            self.align[i][ix] = block + np.where(edge, val, 0.0)
+        for i, val in enumerate((edge.astype(np.float64), C, C * C)):
+            self.align[i][ix] = self.align[i][ix] + val
 
     # ------------------------------------------------------------------ (b): the sweep
 
@@ -180,7 +192,7 @@ class ContributionObserver(Observer):
         window's end, or by hand for a run that stopped early."""
         if not self._rec:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rounds = sorted(self._rec)
         vals = self._sweep(rounds, theta_end)
         for t, v in zip(rounds, vals, strict=True):
@@ -188,13 +200,13 @@ class ContributionObserver(Observer):
         self.windows.append((rounds[0], rounds[-1] + 1))
         self._rec, self._start = {}, None
         self.seconds["sweep"] += time.perf_counter() - t0
+        self.seconds["sweep_cpu"] += time.process_time() - c0
 
     def _readout_grad(self, theta: torch.Tensor) -> torch.Tensor:
-        from ..gossip import loss_grads
+        from .._mlp import grads
 
         x, y = self.problem.test_set(self.adjoint_test == "own")
-        with torch.enable_grad():
-            return loss_grads(self.problem.fm, theta, x, y)[1]
+        return grads(self.problem.fm, theta, x, y)
 
     def _sweep(self, rounds: list[int], theta_end: torch.Tensor) -> list[np.ndarray]:
         """Values ``λ_j^{tᵀ} û_j^t`` per round: (n,) or, with ``exclude_self``, (receiver, n).
@@ -211,12 +223,16 @@ class ContributionObserver(Observer):
             a = q[:, None] * G
         a_st = torch.zeros_like(a) if self.problem.opt.stateful else None
         out: list[np.ndarray] = [np.zeros(0)] * len(rounds)
+        WT: dict[bytes, torch.Tensor] = {}  # W^t transposed, once per distinct matrix
         with torch.no_grad():
             for i in range(len(rounds) - 1, -1, -1):
                 t = rounds[i]
                 theta, U, W = self._rec[t]
-                lam = torch.matmul(torch.as_tensor(W.T.copy(), dtype=a.dtype), a)
-                out[i] = (lam.double() * U.double()).sum(-1).numpy()
+                key = W.tobytes()
+                if key not in WT:
+                    WT[key] = torch.as_tensor(W.T.copy(), dtype=a.dtype)
+                lam = torch.matmul(WT[key], a)
+                out[i] = row_dots(lam, U)
                 if i > 0:
                     a, a_st = self._jt(t, theta, lam, a_st)
         return out
@@ -296,6 +312,20 @@ class ContributionObserver(Observer):
         self.a_rounds = {int(t): np.asarray(v) for t, v in
                          zip(np.asarray(state["a_rounds"]).tolist(),
                              np.asarray(state["a_values"]), strict=True)}
+
+
+def row_dots(lam: torch.Tensor, U: torch.Tensor) -> np.ndarray:
+    """``Σ_c lam[..., j, c] U[j, c]`` in float64 (products and sum), shape ``lam.shape[:-1]``:
+    the compiled edge kernel (no float64 copies of the operands), else torch."""
+    from .._edge_kernel import edge_dots
+
+    n, d = U.shape
+    flat = lam.reshape(-1, d)
+    rows = np.arange(flat.shape[0])
+    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
+    if v is None:
+        return (lam.double() * U.double()).sum(-1).numpy()
+    return v.reshape(lam.shape[:-1]).numpy()
 
 
 # ----------------------------------------------------------------------------- rules

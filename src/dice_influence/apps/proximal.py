@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix
+from ..influence import proximal as _prox
+from ..influence.proximal import (
+    READOUTS,
+    ProximalTracker,
+    dot_matrix,
+    edge_matrix,
+    edge_support,
+    support_edges,
+)
 from ..loop import Observer, RoundView
 
 
@@ -48,19 +56,39 @@ class ProximalObserver(Observer):
         self.every = int(every)
         self.tracker = ProximalTracker(n, q, readout=readout, window=window, history=history)
         self._S: torch.Tensor | None = None
+        self._support = np.zeros((n, n), dtype=bool)
+        self._support_key = b""
+        self._edges: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_actual: torch.Tensor | None = None  # the last round's increments to ``cum``
         self.last_round: int | None = None
         self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
 
     def active(self, t: int) -> bool:
         return t % self.every == 0
 
-    def _dots(self, view: RoundView, G: torch.Tensor) -> torch.Tensor:
-        return dot_matrix(G, view.update())
+    @property
+    def last_dots(self) -> torch.Tensor | None:
+        """This round's ``S[k, j] = G_k · u_j`` (float64, receivers × senders; on the edges only
+        in the simulator, 0 elsewhere) between :meth:`before_gossip` and :meth:`after_gossip`."""
+        return self._S
+
+    def _dots(self, view: RoundView, G: torch.Tensor, *Ws: np.ndarray) -> torch.Tensor:
+        """``S`` on the edges of ``Ws`` (the simulator's full view; entries off them are 0 and
+        never read), or the whole block (a peer's one row)."""
+        if not view.is_full:
+            return dot_matrix(G, view.update())
+        key = b"".join(np.asarray(W).tobytes() for W in Ws)
+        if key != self._support_key:  # a static schedule: once
+            self._support, self._support_key = edge_support(*Ws), key
+            self._edges = support_edges(self._support)
+        S = edge_matrix(G, view.update(), self._edges, self._support.shape) \
+            if _prox.SPARSE_DOTS else None
+        return S if S is not None else dot_matrix(G, view.update(), self._support)
 
     def before_gossip(self, view: RoundView) -> None:
         self._S = None
         if self.readout == "pre":
-            self._S = self._dots(view, view.test_grad("pre"))
+            self._S = self._dots(view, view.test_grad("pre"), view.W_nominal)
             self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
                                         view.W_nominal)
             self.last_round = view.t
@@ -70,12 +98,18 @@ class ProximalObserver(Observer):
             G = view.test_grad("post")
             if self.readout == "midpoint":
                 G = 0.5 * (view.test_grad("pre") + G)
-            self._S = self._dots(view, G)
+            self._S = self._dots(view, G, view.W_nominal, W_used)
             self.tracker.record_nominal(view.t, view.receivers, view.senders, self._S,
                                         view.W_nominal)
             self.last_round = view.t
+        elif view.is_full and W_used is not view.W_nominal:  # a policy's new edges
+            extra = edge_support(W_used) & ~self._support
+            if extra.any():
+                S2 = dot_matrix(view.test_grad("pre"), view.update(), extra)
+                self._S = torch.where(torch.from_numpy(extra), S2, self._S)
         assert self._S is not None
-        self.tracker.record_actual(view.receivers, view.senders, self._S, W_used)
+        self.last_actual = self.tracker.record_actual(view.receivers, view.senders, self._S,
+                                                      W_used)
         self._S = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``dice bench train|influence|wholerun|proximal|threads|progress|distributed``: each writes its
+"""``dice bench train|influence|wholerun|proximal|contribution|threads|progress|distributed``: each writes its
 numbers to a JSON file."""
 
 from __future__ import annotations
@@ -142,6 +142,30 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
                 f"{row['mode']:>28s}: {row['s_per_round']:.4f} s/round "
                 f"(× {row['ratio']:.2f} of plain training)"
             )
+        console.print(f"wrote [bold]{esc(json_path)}[/]")
+
+    @bench_app.command("contribution")
+    @friendly
+    def bench_contribution_cmd(
+        json_path: Path = typer.Option(Path("bench-contribution.json"), "--json"),
+        config: list[Path] = typer.Option(
+            None, "--config", help="Config(s) to time, overrides after @ (default: "
+            "contribution-digits-clean, contribution-fmnist, "
+            "contribution-digits@train.rounds=200)."),
+        repeats: int = typer.Option(5, help="Alternated repetitions (the minimum is kept)."),
+        overwrite: bool = overwrite_option(),
+    ) -> None:
+        """Contribution observer vs plain training: online overhead, sweep vs training."""
+        claim_file(json_path, "contribution", overwrite=overwrite)
+        from .contribution import DEFAULT_CONFIGS, bench_contribution
+
+        res = bench_contribution(config or DEFAULT_CONFIGS, repeats=repeats, out=json_path,
+                                 log=lambda m: console.print(m, markup=False))
+        for r in res["results"]:
+            for arm, a in r["arms"].items():
+                console.print(f"{r['config']} [{arm}]: {a['online_overhead']:.2f}x plain "
+                              f"training (CPU), sweep {a['sweep_over_training']:.2f}x the "
+                              f"training it covers", markup=False)
         console.print(f"wrote [bold]{esc(json_path)}[/]")
 
     @bench_app.command("threads")

@@ -7,8 +7,10 @@ batch 32) by default. Ratios are against plain training in the same loop; the co
 ``run_rounds`` is timed too for reference. Evaluation is switched off while timing. Modes with
 ``test_batch`` read each receiver's first ``m`` test samples only (a quarter and a half of its
 split); their ``error_vs_full_test_set`` compares the cumulative proximal influence with the
-full split's (same training: tracking never changes it). Numbers are written to JSON, never
-asserted.
+full split's (same training: tracking never changes it). The modes marked ``(fast paths off)``
+run with the observers' fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the
+cost before they existed, in the same run. ``loadavg`` is recorded before and after (the machine
+may be shared). Numbers are written to JSON, never asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from .._util import write_json
+from .fastpaths import fast_paths
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "anomaly-blog.yaml"
 
@@ -61,6 +64,7 @@ def bench_proximal(
     from ..config import load_config
     from ..simulator import build_problem, run_rounds
 
+    load0 = list(os.getloadavg())
     path = Path(config) if config is not None else DEFAULT_CONFIG
     cfg = load_config(path, [f"train.rounds={rounds}", f"train.eval_every={10**6}"])
     problem = build_problem(cfg)
@@ -80,16 +84,24 @@ def bench_proximal(
                 track_every=1, readout="pre", eval_every=0, test_batch=tb)
             modes[f"track every 5th round, pre, test_batch {tb}"] = GuardOptions(
                 track_every=5, readout="pre", eval_every=0, test_batch=tb)
+    slow = {f"{name} (fast paths off)": modes[name] for name in
+            ("track every round, pre", "track every 5th round, pre")}
+    modes.update(slow)
     results = []
     core = _time(lambda: run_rounds(problem, theta, None, 0, rounds), repeats) / rounds
     base = None
     full: dict[int, Any] = {}
     for name, opts in modes.items():
-        s = _time(lambda o=opts: guarded_train(problem, None, o, rounds=rounds), repeats) / rounds
+        def run(o: Any = opts, fast: bool = name not in slow) -> Any:
+            with fast_paths(fast):
+                return guarded_train(problem, None, o, rounds=rounds)
+
+        s = _time(run, repeats) / rounds
         base = base or s
         rec: dict[str, Any] = {"mode": name, "s_per_round": s, "ratio": s / base}
-        if opts.track_every and opts.defense is None and opts.readout == "pre":
-            P = guarded_train(problem, None, opts, rounds=rounds).tracker.cum
+        if opts.track_every and opts.defense is None and opts.readout == "pre" \
+                and name not in slow:
+            P = run().tracker.cum
             if opts.test_batch is None:
                 full[opts.track_every] = P
             else:
@@ -98,8 +110,10 @@ def bench_proximal(
     results.append({"mode": "core simulator run_rounds", "s_per_round": core, "ratio": core / base})
     doc = {
         "benchmark": "proximal",
-        "loadavg": list(os.getloadavg()),
-        "config": str(path),
+        "command": "dice bench proximal --json benchmarks/bench-proximal.json",
+        "loadavg": {"before": load0, "after": list(os.getloadavg())},
+        "config": str(path.relative_to(DEFAULT_CONFIG.parents[1]))
+        if path.resolve().is_relative_to(DEFAULT_CONFIG.parents[1]) else str(path),
         "setting": f"n={cfg.topology.n}, {cfg.data.dataset}, model {cfg.model.name} "
         f"{cfg.model.hidden}, batch {cfg.train.batch_size}, per-node test split "
         f"{cfg.data.test_samples_per_node}, {rounds} rounds, best of {repeats}",

@@ -39,11 +39,63 @@ def proximal_matrix(
 READOUTS = ("pre", "post", "midpoint")
 
 
-def dot_matrix(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """``S[k, j] = G_k · u_j`` (n, n) in float64; non-finite entries (a diverged sender or
-    receiver) become ``+inf``: a malformed update is treated as maximally harmful."""
+SPARSE_DOTS = True
+"""Compute only the entries of ``S`` on a given support when that saves work (:func:`dot_matrix`;
+benchmarks and tests switch it off to compare)."""
+
+
+def dot_matrix(G: torch.Tensor, U: torch.Tensor, support: np.ndarray | None = None
+               ) -> torch.Tensor:
+    """``S[k, j] = G_k · u_j`` (n_G, n_U) in float64; non-finite entries (a diverged sender or
+    receiver) become ``+inf``: a malformed update is treated as maximally harmful.
+
+    ``support`` (bool, same shape): the entries the caller reads. When it is at most a quarter
+    of the matrix (and the compiled edge kernel is available) only those entries are computed
+    (:func:`dice_influence._edge_kernel.edge_dots`) and the others are 0; the values equal the
+    dense product's up to float rounding."""
+    if support is not None and SPARSE_DOTS:
+        S = edge_matrix(G, U, support_edges(support), support.shape)
+        if S is not None:
+            return S
     S = (G @ U.T).to(torch.float64)
     return torch.where(torch.isfinite(S), S, torch.full_like(S, math.inf))
+
+
+def support_edges(support: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(rows, cols)`` of ``support`` when computing only those entries pays (more than 8 rows,
+    at most a quarter of the matrix), else None (the dense product)."""
+    if support.shape[0] <= 8 or support.sum() > 0.25 * support.size:
+        return None
+    return np.nonzero(support)
+
+
+def edge_matrix(G: torch.Tensor, U: torch.Tensor,
+                edges: tuple[np.ndarray, np.ndarray] | None, shape: tuple[int, int]
+                ) -> torch.Tensor | None:
+    """:func:`dot_matrix` on ``edges`` = ``(rows, cols)`` only (0 elsewhere), or None when
+    ``edges`` is None or the compiled kernel is unavailable."""
+    if edges is None:
+        return None
+    from .._edge_kernel import edge_dots
+
+    rows, cols = edges
+    vals = edge_dots(G, U, rows, cols)
+    if vals is None:
+        return None
+    S = np.zeros(shape)
+    v = vals.numpy()
+    S[rows, cols] = np.where(np.isfinite(v), v, math.inf)
+    return torch.from_numpy(S)
+
+
+def edge_support(*Ws: np.ndarray) -> np.ndarray:
+    """Off-diagonal entries where any of the (n, n) weight matrices ``Ws`` is non-zero: the
+    receiver–sender pairs a round's proximal increments read."""
+    mask = np.zeros(np.shape(Ws[0]), dtype=bool)
+    for W in Ws:
+        mask |= np.asarray(W) != 0
+    np.fill_diagonal(mask, False)
+    return mask
 
 
 class ProximalTracker:
@@ -94,6 +146,8 @@ class ProximalTracker:
         self.rounds: list[int] = []
         self.history_score: list[torch.Tensor] = []  # per recorded round, (n, n) float32
         self.history_actual: list[torch.Tensor] = []
+        self._last_full: np.ndarray | None = None
+        self._offdiag: torch.Tensor | None = None
 
     @property
     def window_score(self) -> torch.Tensor:
@@ -112,18 +166,23 @@ class ProximalTracker:
         used ``W_actual`` and nominal weights ``W_nominal`` (n, n; default = actual). Returns
         the round's nominal-weight increments (n, n)."""
         ids = np.arange(self.n)
-        S = dot_matrix(G, U)
         Wa = np.asarray(torch.as_tensor(W_actual, dtype=torch.float64).cpu())
         Wn = Wa if W_nominal is None else np.asarray(
             torch.as_tensor(W_nominal, dtype=torch.float64).cpu())
+        S = dot_matrix(G, U, edge_support(Wa, Wn))
         inc = self.record_nominal(t, ids, ids, S, Wn)
         self.record_actual(ids, ids, S, Wa)
         return inc
 
     def _full(self, receivers: np.ndarray, senders: np.ndarray) -> bool:
         """Whether the block is the whole (n, n) matrix in node order (the simulator)."""
-        return len(receivers) == self.n == len(senders) and bool(
+        if receivers is senders and receivers is self._last_full:
+            return True
+        full = len(receivers) == self.n == len(senders) and bool(
             (receivers == np.arange(self.n)).all() and (senders == receivers).all())
+        if full and receivers is senders:
+            self._last_full = receivers  # the loop passes the same array every round
+        return full
 
     def _increments(self, receivers: np.ndarray, senders: np.ndarray, S: torch.Tensor,
                     W: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +190,12 @@ class ProximalTracker:
         full = self._full(receivers, senders)
         Wb = torch.as_tensor(W if full else W[np.ix_(receivers, senders)])
         S = S.to(torch.float64).cpu()
-        edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
+        if full:
+            if self._offdiag is None:
+                self._offdiag = ~torch.eye(self.n, dtype=torch.bool)
+            edges = (Wb != 0) & self._offdiag
+        else:
+            edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
         q = self.q if full else self.q[receivers]
         inc = torch.where(edges, q[:, None] * Wb * S, torch.zeros_like(S))
         return inc, edges

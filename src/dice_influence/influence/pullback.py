@@ -30,6 +30,9 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from .._mlp import act_derivs as _act_derivs
+from .._mlp import mlp_layers as _mlp_layers
+from .._mlp import softmax as _softmax
 from ..gossip import _param_views, repeat_rows
 
 CURVATURES = ("exact", "none")
@@ -98,7 +101,7 @@ def step_pullback(
             x, y = p.batch(t)
             if fold > 1:
                 x, y = repeat_rows(x, fold), repeat_rows(y, fold)
-            hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, need_h)
+            hc, dls = _hvp_and_sample_dots(p, th, c_g, x, y, need_h, want_scores)
     a_th = None
     if want_theta:
         a_th = (c_th + hc if hc is not None else c_th).reshape(*lead, m, d)
@@ -158,14 +161,15 @@ def _half(opt: Any, theta: torch.Tensor, state: torch.Tensor | None, g: torch.Te
 
 
 def _hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
-                         y: torch.Tensor, want_hvp: bool):
+                         y: torch.Tensor, want_hvp: bool, want_dots: bool = True):
     """Per node ``k``: ``H_k c_k`` (the batch loss's Hessian at ``θ_k``; only if ``want_hvp``)
     and ``∇ℓ_kiᵀ c_k`` for every sample ``i`` of its batch, vectorized over nodes.
-    Returns ((n, d) or None, (n, B))."""
+    Returns ((n, d) or None, (n, B)); the MLP pass leaves the scores out (None) when asked
+    for the product only (``want_hvp`` and not ``want_dots``)."""
     module = p.fm.module
     n = theta.shape[0]
-    if FAST_MLP and _mlp_layers(module) is not None:
-        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp)
+    if FAST_MLP and p.fm.loss_name == "cross_entropy" and _mlp_layers(module) is not None:
+        return _mlp_hvp_and_sample_dots(p, theta, c, x, y, want_hvp, want_dots)
 
     def per_sample(prm, xb, yb):
         return p.fm.loss_fn(functional_call(module, prm, (xb,)), yb)
@@ -196,55 +200,8 @@ FAST_MLP = True
 ``torch.func`` pass up to rounding; tests compare the two)."""
 
 
-def _mlp_layers(module: Any) -> tuple[list[tuple[str, str]], Any] | None:
-    """``([(weight slot, bias slot)], activation module)`` of the built-in MLP, else None."""
-    from torch import nn
-
-    from ..models import MLP
-
-    if type(module) is not MLP:
-        return None
-    layers, act = [], None
-    for i, m in enumerate(module.net):
-        if isinstance(m, nn.Linear):
-            if m.bias is None:
-                return None
-            layers.append((f"net.{i}.weight", f"net.{i}.bias"))
-        elif isinstance(m, nn.ReLU | nn.Tanh | nn.GELU | nn.Softplus):
-            if act is not None and type(act) is not type(m):
-                return None
-            act = m
-        elif not isinstance(m, nn.Flatten):
-            return None
-    if isinstance(act, nn.GELU) and act.approximate != "none":
-        return None
-    if isinstance(act, nn.Softplus) and act.beta != 1:
-        return None
-    return layers, act
-
-
-def _act_derivs(act: Any, z: torch.Tensor, h: torch.Tensor):
-    """First and second derivative of the activation at ``z`` (``h = act(z)``); the second is
-    None where it is zero (ReLU, as autograd has it: the derivative at 0 is 0)."""
-    from torch import nn
-
-    if isinstance(act, nn.ReLU):
-        return (z > 0).to(z.dtype), None
-    if isinstance(act, nn.Tanh):
-        s1 = 1 - h * h
-        return s1, -2 * h * s1
-    if isinstance(act, nn.Softplus):
-        sig = torch.sigmoid(z)
-        lin = z * act.beta > act.threshold
-        return (torch.where(lin, torch.ones_like(z), sig),
-                torch.where(lin, torch.zeros_like(z), sig * (1 - sig)))
-    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # exact GELU
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    return cdf + z * phi, phi * (2 - z * z)
-
-
 def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
-                             y: torch.Tensor, want_hvp: bool):
+                             y: torch.Tensor, want_hvp: bool, want_dots: bool = True):
     """:func:`_hvp_and_sample_dots` for the MLP, written out with batched matmuls over nodes:
     one forward pass with its tangent (Pearlmutter's R-forward), the per-sample directional
     derivatives from the logits' tangent, then the backward pass of the mean batch loss with its
@@ -271,23 +228,25 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
             s1, s2 = _act_derivs(act, z, h)
             acts.append((s1, s2))
             dh = s1 * dz
-    P = torch.softmax(z, dim=-1)
+    P = _softmax(z)[0]
     R = P.clone()
-    R.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(P[..., :1]))
-    dls = (R * dz).sum(-1)
+    yi = y.unsqueeze(-1)
+    R.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=P.dtype, device=P.device))
+    dls = (R * dz).sum(-1) if want_dots or not want_hvp else None  # the samples' scores
     if not want_hvp:
         return None, dls
     G = R / B
     Pdz = P * dz
     dG = (Pdz - P * Pdz.sum(-1, keepdim=True)) / B
-    out: dict[str, torch.Tensor] = {}
+    flat = torch.empty(N, theta.shape[1], dtype=theta.dtype, device=theta.device)
+    out = _param_views(p.fm, flat)  # written in place: no concatenation (measured 30 % here)
     for i in range(L - 1, -1, -1):
         wn, bn = layers[i]
         dgW = torch.bmm(dG.transpose(1, 2), hs[i])
         if dhs[i] is not None:
             dgW = dgW.baddbmm(G.transpose(1, 2), dhs[i])
-        out[wn] = dgW
-        out[bn] = dG.sum(1)
+        out[wn].copy_(dgW)
+        torch.sum(dG, 1, out=out[bn])
         if i > 0:
             W, V = prm[wn], tan[wn]
             Gh = torch.bmm(G, W)
@@ -297,4 +256,4 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
             dG = dGh * s1
             if s2 is not None:
                 dG = dG + Gh * s2 * dzs[i - 1]
-    return torch.cat([out[s.name].reshape(N, -1) for s in p.fm.slots], dim=1), dls
+    return flat, dls
