@@ -472,6 +472,27 @@ def test_batch_schedule_epochs() -> None:
         assert not torch.equal(epochs[0], epochs[1])  # reshuffled per epoch
 
 
+def test_batch_schedule_compiled_rows_equal_numpy_bit_for_bit() -> None:
+    """More than 32 nodes: one compiled call draws every node's batch; the positions are NumPy's
+    ``default_rng([seed, k, e]).permutation`` (the per-node path), epochs and sizes mixed."""
+    from dice_influence._perm_kernel import permutation
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        seed, k, e = (int(v) for v in rng.integers(0, 2**32, size=3))
+        m = int(rng.integers(1, 300))
+        got = permutation(seed, k, e, m)
+        if got is None:  # no numba: nothing compiled to compare
+            pytest.skip("numba not available")
+        assert np.array_equal(got, np.random.default_rng([seed, k, e]).permutation(m))
+    sizes = [int(v) for v in rng.integers(9, 70, size=40)]
+    for seed in (0, 5, 2**32 + 1):  # the last: NumPy itself (SeedSequence splits the word)
+        bs = BatchSchedule(sizes, batch_size=4, seed=seed)
+        for t in (0, 1, 2, 7, 40, 123):
+            want = np.stack([bs.node_indices(k, t) for k in range(len(sizes))])
+            assert torch.equal(bs.indices(t), torch.from_numpy(want))
+
+
 def test_batch_schedule_errors_and_speed() -> None:
     with pytest.raises(DataError, match="exceeds node 2's 3 local samples"):
         BatchSchedule([10, 10, 3], batch_size=4, seed=0)

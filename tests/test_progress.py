@@ -63,3 +63,30 @@ def test_demo_stages_announce_themselves(tmp_path, monkeypatch):
     demo.cascade_stage(tmp_path / "c", console, hops=1)
     text = buf.getvalue()
     assert "training 4 rounds" in text and "loading torch" in text and "replaying node 0's batch removal" in text
+
+
+def test_contribution_announces_timing_ablation_and_retrainings(tmp_path):
+    from dice_influence.experiments.contribution import run_experiment
+
+    cfg = load_config("configs/contribution-digits.yaml", [
+        "train.rounds=4", "experiment.timing_repeats=2", "experiment.shapley.permutations=0",
+        "experiment.shapley.exact=false"])
+    lines: list[str] = []
+    run_experiment(cfg, tmp_path / "co", log=lines.append)
+    order = [_first(lines, "timing 4 rounds of 16 nodes"), _first(lines, "timing 1/2"),
+             _first(lines, "timing 2/2"), _first(lines, "ablation: 3 observer variants"),
+             _first(lines, "leave-one-node-out: 2 x 16 retrainings")]
+    assert order == sorted(order)
+
+
+def test_train_announces_the_build_before_its_bar(capsys):
+    from dice_influence.simulator import train
+
+    cfg = load_config({"data": {"dataset": "digits", "samples_per_node": 20},
+                       "topology": {"name": "ring", "n": 4}, "model": {"name": "mlp",
+                       "hidden": [8]}, "train": {"rounds": 2, "batch_size": 4}})
+    train(cfg, progress=True)
+    assert "building the problem: digits data of 4 nodes (ring graph), model mlp [8]" in \
+        capsys.readouterr().err
+    train(cfg, progress=False)
+    assert "building" not in capsys.readouterr().err

@@ -45,15 +45,34 @@ def _compiled() -> Callable | None:
                 if p1 == p0:
                     o[:] = 0.0
                     continue
-                xr = x[indices[p0], c0:c1]
-                w = vals[p0]
-                for c in range(m):
-                    o[c] = w * xr[c]
-                for p in range(p0 + 1, p1):
-                    xr = x[indices[p], c0:c1]
-                    w = vals[p]
+                # senders four at a time, summed in CSR order exactly as one at a time would
+                # (same roundings, same bits) with a quarter of the passes over ``o``
+                x0 = x[indices[p0], c0:c1]
+                w0 = vals[p0]
+                p = p0 + 1
+                if p + 3 <= p1:
+                    x1, x2 = x[indices[p], c0:c1], x[indices[p + 1], c0:c1]
+                    x3 = x[indices[p + 2], c0:c1]
+                    w1, w2, w3 = vals[p], vals[p + 1], vals[p + 2]
                     for c in range(m):
-                        o[c] += w * xr[c]
+                        o[c] = ((w0 * x0[c] + w1 * x1[c]) + w2 * x2[c]) + w3 * x3[c]
+                    p += 3
+                else:
+                    for c in range(m):
+                        o[c] = w0 * x0[c]
+                while p + 4 <= p1:
+                    x0, x1 = x[indices[p], c0:c1], x[indices[p + 1], c0:c1]
+                    x2, x3 = x[indices[p + 2], c0:c1], x[indices[p + 3], c0:c1]
+                    w0, w1, w2, w3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
+                    for c in range(m):
+                        o[c] = (((o[c] + w0 * x0[c]) + w1 * x1[c]) + w2 * x2[c]) + w3 * x3[c]
+                    p += 4
+                while p < p1:
+                    x0 = x[indices[p], c0:c1]
+                    w0 = vals[p]
+                    for c in range(m):
+                        o[c] += w0 * x0[c]
+                    p += 1
 
     from ._threads import sync_numba
 

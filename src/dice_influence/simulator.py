@@ -34,11 +34,18 @@ __all__ = [
 
 def train(cfg: RunConfig | Problem, *, progress: bool | None = None, rounds: int | None = None):
     """Run decentralized SGD for ``cfg.train.rounds`` rounds and record a Trajectory.
-    ``progress``: a bar over the rounds; default (None): only when stderr is a terminal."""
-    if progress is None:
-        import sys
+    ``progress``: a line while the data and model are built, then a bar over the rounds;
+    default (None): only when stderr is a terminal."""
+    import sys
 
+    if progress is None:
         progress = sys.stderr.isatty()
+    if progress and not isinstance(cfg, Problem):  # the data and model come before the bar
+        from .config import data_label, model_label
+
+        print(f"building the problem: {data_label(cfg)} data of {cfg.topology.n} nodes "
+              f"({cfg.topology.name} graph), model {model_label(cfg)}", file=sys.stderr,
+              flush=True)
     problem = cfg if isinstance(cfg, Problem) else build_problem(cfg)
     traj = Trajectory.start(problem)
     traj.run(rounds if rounds is not None else problem.cfg.train.rounds, progress=progress)

@@ -358,6 +358,7 @@ class BatchSchedule:
         self._rpe = [s // self.batch_size for s in self.sizes]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_size = cache or max(64, 4 * len(self.sizes))
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -390,7 +391,16 @@ class BatchSchedule:
         """(n, batch_size) int64 positions into each node's local data for round ``t`` >= 0."""
         if t < 0:
             raise DataError(f"round t={t} must be >= 0")
-        out = np.stack([self.node_indices(k, t) for k in range(len(self.sizes))])
+        from .._perm_kernel import batch_rows
+
+        out = None
+        if len(self.sizes) > 32:  # all nodes in one compiled call (numba), same bits as NumPy
+            if self._arrays is None:
+                self._arrays = (np.asarray(self.sizes, dtype=np.int64),
+                                np.asarray(self._rpe, dtype=np.int64))
+            out = batch_rows(self.seed, *self._arrays, int(t), self.batch_size)
+        if out is None:
+            out = np.stack([self.node_indices(k, t) for k in range(len(self.sizes))])
         return torch.from_numpy(out)
 
 

@@ -149,8 +149,11 @@ def ablation_name(over: dict[str, Any]) -> str:
     return "_".join(f"{k}_{v}" for k, v in over.items())
 
 
-def _ablation(cfg: RunConfig, ex: ContributionConfig, problem: Any) -> dict[str, np.ndarray]:
-    """Contribution (b) of each ablation variant, all observed in one extra training run."""
+def _ablation(cfg: RunConfig, ex: ContributionConfig, problem: Any,
+              progress: bool = False) -> dict[str, np.ndarray]:
+    """Contribution (b) of each ablation variant, all observed in one extra training run
+    (``progress``: a bar over its rounds)."""
+    from .._util import progress_bar
     from ..loop import Loop
     from ..plugins import BuildContext, Plugins, parse
 
@@ -163,8 +166,9 @@ def _ablation(cfg: RunConfig, ex: ContributionConfig, problem: Any) -> dict[str,
                                                               "kind": "contribution"},
                                                  "ablation"), ctx) for o in ex.ablation}
     theta = problem.init_theta()
-    Loop(problem, list(obs.values())).run(theta, problem.opt.init_state(theta), 0,
-                                          cfg.train.rounds)
+    with progress_bar(progress, cfg.train.rounds, "ablation run") as advance:
+        Loop(problem, list(obs.values())).run(theta, problem.opt.init_state(theta), 0,
+                                              cfg.train.rounds, on_round=lambda *_: advance())
     return {k: o.measures()["adjoint"] for k, o in obs.items()}
 
 
@@ -227,12 +231,13 @@ def build_scenario(cfg: RunConfig, ex: ContributionConfig) -> tuple[Any, AttackP
     return problem, plan
 
 
-def _timed_runs(cfg: RunConfig, problem: Any, repeats: int) -> tuple[Any, dict[str, Any]]:
+def _timed_runs(cfg: RunConfig, problem: Any, repeats: int,
+                log: Any = None) -> tuple[Any, dict[str, Any]]:
     """Plain training and training with the config's plug-ins, alternated ``repeats`` times on
-    the same seed after a short warm-up of both (first calls of torch.func compile). Times are
-    wall-clock and CPU (``process_time``: this process's threads only, so other jobs on a
-    shared machine distort it less); the overhead is the ratio of the fastest CPU times. Returns
-    the last measured run's contribution observer and the times."""
+    the same seed after a short warm-up of both (first calls of torch.func compile; ``log``: a
+    line per repeat). Times are wall-clock and CPU (``process_time``: this process's threads
+    only, so other jobs on a shared machine distort it less); the overhead is the ratio of the
+    fastest CPU times. Returns the last measured run's contribution observer and the times."""
     from ..apps.contribution import ContributionObserver
     from ..loop import Loop
     from ..plugins import build
@@ -245,7 +250,9 @@ def _timed_runs(cfg: RunConfig, problem: Any, repeats: int) -> tuple[Any, dict[s
     wall: dict[str, list[float]] = {"plain": [], "measured": []}
     cpu: dict[str, list[float]] = {"plain": [], "measured": []}
     obs = None
-    for _ in range(repeats):
+    for i in range(repeats):
+        if log is not None:
+            log(f"    timing {i + 1}/{repeats}: plain, then with the observer")
         for arm in ("plain", "measured"):
             plugins = build(cfg, problem) if arm == "measured" else None
             loop = Loop(problem) if plugins is None else Loop.from_plugins(problem, plugins)
@@ -283,12 +290,20 @@ def run_seed(cfg: RunConfig, ex: ContributionConfig, *, log: Any = None,
     problem, plan = build_scenario(cfg, ex)
     n, rounds = problem.n, cfg.train.rounds
     say = log or (lambda *_: None)
-    obs, timing = _timed_runs(cfg, problem, ex.timing_repeats)
+    say(f"  seed {cfg.seed}: timing {rounds} rounds of {n} nodes, plain and with the "
+        f"contribution observer, alternated {ex.timing_repeats} times")
+    obs, timing = _timed_runs(cfg, problem, ex.timing_repeats, log=say)
     say(f"  seed {cfg.seed}: training {min(timing['plain_seconds']):.3f} s plain, "
         f"{min(timing['measured_seconds']):.3f} s measured (fastest of {ex.timing_repeats})")
     m = obs.measures()
     roles = scenario_roles(cfg, plan)
-    ablation = _ablation(cfg, ex, problem)
+    if ex.ablation:
+        say(f"  seed {cfg.seed}: ablation: {len(ex.ablation)} observer variants "
+            f"({', '.join(ablation_name(o) for o in ex.ablation)}) in one more training run")
+    ablation = _ablation(cfg, ex, problem, progress=progress)
+    if ex.loo.enabled:
+        say(f"  seed {cfg.seed}: leave-one-node-out: {len(truth.REMOVALS)} x {n} retrainings "
+            f"of {rounds} rounds ({', '.join(truth.REMOVALS)} removal)")
     loos = {rm: truth.leave_one_out(problem, rounds, max_nodes=ex.max_nodes,
                                     progress=progress, removal=rm)
             for rm in truth.REMOVALS} if ex.loo.enabled else {}
