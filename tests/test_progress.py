@@ -90,3 +90,33 @@ def test_train_announces_the_build_before_its_bar(capsys):
         capsys.readouterr().err
     train(cfg, progress=False)
     assert "building" not in capsys.readouterr().err
+
+
+def test_contribution_observer_sweep_announces_itself(monkeypatch):
+    """The end-of-run reverse sweep (seconds on a large run) runs under a bar when asked to."""
+    import contextlib
+
+    import dice_influence._util as U
+    from dice_influence.apps.contribution import ContributionObserver
+    from dice_influence.loop import Loop
+    from dice_influence.simulator import build_problem
+
+    seen: list[tuple[bool, int, str]] = []
+
+    @contextlib.contextmanager
+    def spy(enabled, total, label, **kw):
+        seen.append((enabled, total, label))
+        yield lambda: None
+
+    monkeypatch.setattr(U, "progress_bar", spy)
+    cfg = load_config({"data": {"dataset": "digits", "samples_per_node": 20},
+                       "topology": {"name": "ring", "n": 4}, "model": {"name": "mlp",
+                       "hidden": [8]}, "train": {"rounds": 3, "batch_size": 4}})
+    problem = build_problem(cfg)
+    for progress in (True, False):
+        obs = ContributionObserver(4, problem, rounds=3)
+        obs.progress = progress
+        theta = problem.init_theta()
+        Loop(problem, [obs]).run(theta, problem.opt.init_state(theta), 0, 3)
+    assert seen == [(True, 3, "contribution: reverse sweep"),
+                    (False, 3, "contribution: reverse sweep")]

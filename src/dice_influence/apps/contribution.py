@@ -118,6 +118,7 @@ class ContributionObserver(Observer):
         self.b_rounds: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, int]] = []
         self.seconds = {"online": 0.0, "sweep": 0.0, "sweep_cpu": 0.0}  # wall; CPU
+        self.progress = False  # a bar over the reverse sweep's rounds (set by long callers)
 
     # ------------------------------------------------------------------ the loop's seams
 
@@ -194,7 +195,10 @@ class ContributionObserver(Observer):
             return
         t0, c0 = time.perf_counter(), time.process_time()
         rounds = sorted(self._rec)
-        vals = self._sweep(rounds, theta_end)
+        from .._util import progress_bar
+
+        with progress_bar(self.progress, len(rounds), "contribution: reverse sweep") as advance:
+            vals = self._sweep(rounds, theta_end, advance)
         for t, v in zip(rounds, vals, strict=True):
             self.b_rounds[t] = v
         self.windows.append((rounds[0], rounds[-1] + 1))
@@ -208,7 +212,8 @@ class ContributionObserver(Observer):
         x, y = self.problem.test_set(self.adjoint_test == "own")
         return grads(self.problem.fm, theta, x, y)
 
-    def _sweep(self, rounds: list[int], theta_end: torch.Tensor) -> list[np.ndarray]:
+    def _sweep(self, rounds: list[int], theta_end: torch.Tensor,
+               advance: Any = None) -> list[np.ndarray]:
         """Values ``λ_j^{tᵀ} û_j^t`` per round: (n,) or, with ``exclude_self``, (receiver, n).
         ``λ^t`` = cotangent on ``θ^{t+½}``: gossip transposed, then each local step pulled back
         by :func:`~dice_influence.influence.pullback.step_pullback` (optimizer-state cotangents
@@ -235,6 +240,8 @@ class ContributionObserver(Observer):
                 out[i] = row_dots(lam, U)
                 if i > 0:
                     a, a_st = self._jt(t, theta, lam, a_st)
+                if advance is not None:
+                    advance()
         return out
 
     def _jt(self, t: int, theta: torch.Tensor, lam: torch.Tensor,

@@ -165,6 +165,8 @@ def _ablation(cfg: RunConfig, ex: ContributionConfig, problem: Any,
     obs = {ablation_name(o): from_settings(parse("observer", {**_observer_raw(cfg), **o,
                                                               "kind": "contribution"},
                                                  "ablation"), ctx) for o in ex.ablation}
+    for o in obs.values():
+        o.progress = progress  # its end-of-run sweeps announce themselves too
     theta = problem.init_theta()
     with progress_bar(progress, cfg.train.rounds, "ablation run") as advance:
         Loop(problem, list(obs.values())).run(theta, problem.opt.init_state(theta), 0,
