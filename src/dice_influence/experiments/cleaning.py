@@ -20,9 +20,11 @@ Detection: AUROC and precision@k (k = the number of corrupted samples) for the c
 samples. Fidelity: whole-run DICE-GT by exact replay (the sample removed from every round that
 drew it) against ``dice`` for ``fidelity_samples`` random samples: Pearson, Spearman, sign
 agreement. Retraining: the top-k (k = 1 %, 5 %, 10 % of the network's samples) of each method
-removed from every round (the exact replay machinery, batched) and the test accuracy (mean over
-nodes, on test samples outside the validation set the target reads) compared with the run
-trained on clean data; ``fraction_recovered = (after − corrupted) / (clean − corrupted)``.
+removed and the run retrained (the exact replay machinery, batched: same initialisation and
+batches, each batch's loss averaged over the samples it keeps) and the test accuracy and test
+loss (mean over nodes, on test samples outside the validation set the target reads) compared
+with the run trained on clean data; ``fraction_recovered = (after − corrupted) / (clean −
+corrupted)`` of the seed means, for accuracy and (``loss_fraction_recovered``) for loss.
 Sign: score = test loss with the sample − without it; positive = harmful.
 """
 
@@ -219,17 +221,19 @@ def _eval_set(p: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def _accuracy(p: Any, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean test accuracy over nodes of stacked networks ``(R, n, d)`` -> ``(R,)``."""
+    """Mean test accuracy and mean test loss over nodes of stacked networks ``(R, n, d)``
+    -> ``(R, 2)`` (column 0 accuracy, column 1 cross-entropy)."""
     from ..gossip import node_losses
 
     R, n, d = thetas.shape
     with torch.no_grad():
-        acc = node_losses(p.fm, thetas.reshape(R * n, d), x, y)[1]
-    return acc.reshape(R, n).double().mean(1)
+        loss, acc = node_losses(p.fm, thetas.reshape(R * n, d), x, y)
+    return torch.stack([acc.reshape(R, n).double().mean(1),
+                        loss.reshape(R, n).double().mean(1)], 1)
 
 
 def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: bool,
-                 clean_acc: float, log: Any = None, progress: bool = False) -> dict[str, Any]:
+                 clean: tuple[float, float], log: Any = None, progress: bool = False) -> dict[str, Any]:
     """Train ``cfg`` with ``sc``'s corruptions; rank, check fidelity, retrain (module doc)."""
     from scipy import stats
 
@@ -292,27 +296,32 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
     oracle[node[bad], pos[bad]] = True
     masks.append(oracle)
     xe, ye, _ = _eval_set(p)
-    accs = torch.cat(replay_without(traj, torch.stack(masks), lambda th: _accuracy(p, th, xe, ye),
-                                    chunk=len(masks), progress=progress, label="retraining"))
-    corrupted_acc = float(accs[0])
-    after = {key: float(a) for key, a in zip(keys, accs[1:-1], strict=True)}
-    lost = clean_acc - corrupted_acc
+    res = torch.cat(replay_without(traj, torch.stack(masks), lambda th: _accuracy(p, th, xe, ye),
+                                   chunk=len(masks), progress=progress, label="retraining",
+                                   renormalize=True))
+    clean_a, clean_l = clean
+    corr_a, corr_l = (float(v) for v in res[0])
+    after = {key: (float(a), float(lo)) for key, (a, lo) in zip(keys, res[1:-1], strict=True)}
 
-    def rec(a: float) -> float | None:
-        return (a - corrupted_acc) / lost if lost > 1e-12 else None
+    def rec(a: float, clean_v: float, corr_v: float) -> float | None:
+        lost = clean_v - corr_v
+        return (a - corr_v) / lost if abs(lost) > 1e-12 else None
+
+    def row(a: tuple[float, float] | None) -> dict[str, float | None]:
+        if a is None:
+            return {"after_removal": None, "fraction_recovered": None,
+                    "after_removal_loss": None, "loss_fraction_recovered": None}
+        return {"after_removal": a[0], "fraction_recovered": rec(a[0], clean_a, corr_a),
+                "after_removal_loss": a[1], "loss_fraction_recovered": rec(a[1], clean_l, corr_l)}
 
     retrain = {}
     for f in ex.removal_fractions:
-        retrain[_pct(f)] = {
-            "k": max(1, int(round(f * N))), "clean": clean_acc, "corrupted": corrupted_acc,
-            "after_removal": after[(f, "dice")], "fraction_recovered": rec(after[(f, "dice")]),
-            "by_method": {meth: {"after_removal": after.get((f, meth)),
-                                 "fraction_recovered": None if (f, meth) not in after
-                                 else rec(after[(f, meth)])}
-                          for meth in scores}}
-    oracle_acc = float(accs[-1])
+        retrain[_pct(f)] = {"k": max(1, int(round(f * N))), "clean": clean_a,
+                            "corrupted": corr_a, "clean_loss": clean_l, "corrupted_loss": corr_l,
+                            **row(after[(f, "dice")]),
+                            "by_method": {meth: row(after.get((f, meth))) for meth in scores}}
     return {"detection": detection, "fidelity": fid, "retrain": retrain,
-            "oracle_removal": {"after_removal": oracle_acc, "fraction_recovered": rec(oracle_acc)},
+            "oracle_removal": row((float(res[-1][0]), float(res[-1][1]))),
             "corrupted_samples": kk, "samples": N,
             "timing": {"training_seconds": t_train, "sweep_seconds": t_sweep,
                        "sweep_ratio_to_training": t_sweep / t_train,
@@ -352,11 +361,11 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
             log(f"seed {s}: training on clean data")
         clean = train(_scenario_cfg(scfg, None), progress=progress)
         xe, ye, eval_what = _eval_set(clean.problem)
-        clean_acc = float(_accuracy(clean.problem, clean.theta[None], xe, ye)[0])
+        clean_al = tuple(float(v) for v in _accuracy(clean.problem, clean.theta[None], xe, ye)[0])
         del clean
         for i, sc in enumerate(ex.scenarios):
             r = run_scenario(scfg, ex, sc, fidelity=i < ex.fidelity_scenarios,
-                             clean_acc=clean_acc, log=log, progress=progress)
+                             clean=clean_al, log=log, progress=progress)
             if s == seeds[0]:
                 _write_scores(out, sc.name, r)
                 _plot_samples(r, out / f"samples-{sc.name}.png", ex.images,
@@ -388,8 +397,14 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
                         "round that drew it) vs the dice score, over random drawn samples; "
                         "mean over seeds ('worst': min)",
             "retrain": "mean test accuracy over nodes on " + eval_what + "; after_removal: "
-                       "the dice top-k removed from every round (exact replay, same batches); "
-                       "fraction_recovered = (after - corrupted) / (clean - corrupted)",
+                       "the dice top-k removed from every round and the run retrained (same "
+                       "initialisation and batches, each batch's loss averaged over the samples "
+                       "it keeps, so the step size does not shrink with the data removed); "
+                       "fraction_recovered = (after - corrupted) / (clean - corrupted) of "
+                       "the seed means (per seed in per_seed; 'worst': the worst seed's); "
+                       "*_loss: the same for the mean test cross-entropy on that set "
+                       "(loss_fraction_recovered: share of the loss increase undone); "
+                       "oracle_removal: exactly the corrupted samples removed",
         },
         "seconds": time.perf_counter() - started,
         "per_seed": runs,
@@ -420,20 +435,44 @@ def _summarize(rs: list[dict[str, Any]], ex: CleaningConfig) -> dict[str, Any]:
         fid, fid_w = {}, {}
         for key in ("pearson", "spearman", "sign_agreement"):
             fid[key], fid_w[key] = mw([f[key] for f in fids])
+    def pooled(rows: list[dict[str, Any]], after: str, clean: str, corr: str) -> float | None:
+        """Recovery of the seed means: (mean after - mean corrupted) / (mean clean - mean
+        corrupted); steadier than the mean of per-seed ratios when the loss is small."""
+        v = [x for x in rows if x[after] is not None]
+        if not v:
+            return None
+        lost = np.mean([x[clean] for x in v]) - np.mean([x[corr] for x in v])
+        got = np.mean([x[after] for x in v]) - np.mean([x[corr] for x in v])
+        return float(got / lost) if abs(lost) > 1e-12 else None
+
+    def summary(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
+        both = [{**r, **x} for r, x in zip(ref, rows, strict=True)]
+        return {"after_removal": mw([x["after_removal"] for x in rows])[0],
+                "fraction_recovered": pooled(both, "after_removal", "clean", "corrupted"),
+                "after_removal_loss": mw([x["after_removal_loss"] for x in rows])[0],
+                "loss_fraction_recovered": pooled(both, "after_removal_loss", "clean_loss",
+                                                  "corrupted_loss")}
+
     ret, ret_w = {}, {}
     for f in ex.removal_fractions:
         k = _pct(f)
         rows = [r["retrain"][k] for r in rs]
+        ref = [{key: x[key] for key in ("clean", "corrupted", "clean_loss", "corrupted_loss")}
+               for x in rows]
         ret[k] = {"k": rows[0]["k"]}
-        for key in ("clean", "corrupted", "after_removal", "fraction_recovered"):
+        for key in ("clean", "corrupted", "clean_loss", "corrupted_loss"):
             ret[k][key] = mw([x[key] for x in rows])[0]
-        ret[k]["by_method"] = {m: {key: mw([x["by_method"][m][key] for x in rows])[0]
-                                   for key in ("after_removal", "fraction_recovered")}
+        ret[k].update(summary(rows, ref))
+        ret[k]["by_method"] = {m: summary([x["by_method"][m] for x in rows], ref)
                                for m in METHODS}
         ret_w[k] = {"fraction_recovered": mw([x["fraction_recovered"] for x in rows])[1],
+                    "loss_fraction_recovered": mw([x["loss_fraction_recovered"]
+                                                   for x in rows])[1],
                     "after_removal": mw([x["after_removal"] for x in rows])[1]}
-    orc = {key: mw([r["oracle_removal"][key] for r in rs])[0]
-           for key in ("after_removal", "fraction_recovered")}
+    orc = summary([r["oracle_removal"] for r in rs],
+                  [{key: r["retrain"][_pct(ex.removal_fractions[0])][key]
+                    for key in ("clean", "corrupted", "clean_loss", "corrupted_loss")}
+                   for r in rs])
     tim = {key: mw([r["timing"][key] for r in rs], "max")
            for key in ("training_seconds", "sweep_seconds", "sweep_ratio_to_training")}
     return {"detection": det, "detection_worst": det_w, "fidelity": fid, "fidelity_worst": fid_w,
@@ -502,15 +541,24 @@ def table(m: dict[str, Any]) -> str:
             d, w = s["detection"][meth], s["detection_worst"][meth]
             lines.append(f"| {meth} | {_f(d['auroc'])} | {_f(w['auroc'])} | "
                          f"{_f(d['precision_at_k'])} | {_f(w['precision_at_k'])} |")
-        lines += ["", "| removed | acc clean | acc corrupted | acc after (dice) | recovered "
-                  "(dice, mean / worst) | recovered loss / self_influence / random / window |",
+        lines += ["", "| removed | accuracy clean / corrupted / after (dice) | recovered "
+                  "accuracy (dice: seed means / worst seed) | test loss clean / corrupted / "
+                  "after (dice) | recovered loss (dice: seed means / worst seed) | recovered "
+                  "loss: loss / self_influence / random / window |",
                   "|---|---|---|---|---|---|"]
         for k, r in s["retrain"].items():
-            bm = r["by_method"]
-            base = " / ".join(_f(bm[x]["fraction_recovered"]) for x in METHODS[1:])
-            lines.append(f"| top {k} | {_f(r['clean'])} | {_f(r['corrupted'])} | "
+            bm, w = r["by_method"], s["retrain_worst"][k]
+            base = " / ".join(_f(bm[x]["loss_fraction_recovered"]) for x in METHODS[1:])
+            lines.append(f"| top {k} | {_f(r['clean'])} / {_f(r['corrupted'])} / "
                          f"{_f(r['after_removal'])} | {_f(r['fraction_recovered'])} / "
-                         f"{_f(s['retrain_worst'][k]['fraction_recovered'])} | {base} |")
+                         f"{_f(w['fraction_recovered'])} | {_f(r['clean_loss'])} / "
+                         f"{_f(r['corrupted_loss'])} / {_f(r['after_removal_loss'])} | "
+                         f"{_f(r['loss_fraction_recovered'])} / "
+                         f"{_f(w['loss_fraction_recovered'])} | {base} |")
+        o = s["oracle_removal"]
+        lines.append(f"| exactly the corrupted | | {_f(o['fraction_recovered'])} | "
+                     f"after {_f(o['after_removal_loss'])} | "
+                     f"{_f(o['loss_fraction_recovered'])} | |")
         if s["fidelity"]:
             f, w = s["fidelity"], s["fidelity_worst"]
             lines += ["", "| fidelity vs exact replay | Pearson | Spearman | sign agreement |",

@@ -263,13 +263,18 @@ def _target_cotangent(p: Any, theta_T: torch.Tensor, target: str, node: int | No
 
 def replay_without(traj: Any, remove: torch.Tensor, reduce: Any = None, *,
                    rounds: int | None = None, chunk: int = 32, progress: bool = False,
-                   label: str = "replay") -> list[Any]:
+                   label: str = "replay", renormalize: bool = False) -> list[Any]:
     """Exact replays of the run with chosen samples removed from every round that draws them
     (weight 0 in the batch loss, denominator kept: docs/method.md §3), everything else
     identical. ``remove``: bool ``(R, n, m)`` over removal x node x local position. Replays
     ``chunk`` removals at a time, each chunk together with the factual run (row 0 of the
     chunk, so that its differences are exact), and returns ``[reduce(θ^T) for each chunk]``
-    where ``θ^T`` is ``(1 + chunk size, n, d)`` (``reduce=None`` keeps it)."""
+    where ``θ^T`` is ``(1 + chunk size, n, d)`` (``reduce=None`` keeps it).
+
+    ``renormalize=True`` is retraining without the samples instead: the batch loss is the mean
+    over the samples a batch keeps (weights ``B / kept``), so the step size does not shrink
+    with the data removed; a batch that keeps nothing contributes no gradient. (DICE-GT keeps
+    the denominator; retraining on the cleaned data does not.)"""
     from .ground_truth import batched_local_step
 
     check_attributable(traj)
@@ -294,6 +299,8 @@ def replay_without(traj: Any, remove: torch.Tensor, reduce: Any = None, *,
             for t in range(T):
                 idx = p.batches.indices(t).to(p.device)
                 w = torch.gather(keep, 2, idx.expand(K, *idx.shape))
+                if renormalize:
+                    w = w * (w.shape[-1] / w.sum(-1, keepdim=True).clamp(min=1.0))
                 half, state = batched_local_step(p, theta, state, t, w)
                 theta = p.mixer(t)(half)
                 advance()
