@@ -80,6 +80,9 @@ class CleaningConfig(_S):
     window: int = Field(10, ge=1, description="rounds per window of the window baseline")
     batch_replays: int = Field(32, ge=1, description="exact replays run together")
     images: int = Field(8, ge=1, le=32, description="samples pictured per direction")
+    lowest_corrupted: int = Field(
+        10, ge=1, description="the corrupted samples dice scores lowest, replayed exactly "
+                              "(in the scenarios with the fidelity check)")
 
 
 def parse_experiment(cfg: RunConfig) -> CleaningConfig:
@@ -279,6 +282,21 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
             log(f"    fidelity vs exact replay ({len(pick)} samples): Pearson "
                 f"{fid['pearson']:.3f}, Spearman {fid['spearman']:.3f}, sign "
                 f"{fid['sign_agreement']:.2f}")
+    # the corrupted samples dice ranks as least harmful, replayed exactly: are they missed by
+    # the estimate, or is their removal truly no help to the test loss?
+    lowest = None
+    drawn_bad = np.flatnonzero(bad & (dice.rounds_used > 0))
+    if fidelity and ex.fidelity_samples and len(drawn_bad):
+        low = drawn_bad[np.argsort(dice.score[drawn_bad], kind="stable")[:ex.lowest_corrupted]]
+        gt_low = whole_run_ground_truth(traj, [(int(node[i]), int(pos[i])) for i in low],
+                                        chunk=ex.batch_replays, progress=progress)
+        lowest = {"samples": len(low), "dice": dice.score[low].tolist(), "gt": gt_low.tolist(),
+                  "dice_helpful_fraction": float(np.mean(dice.score[low] < 0)),
+                  "gt_helpful_fraction": float(np.mean(gt_low < 0))}
+        if log:
+            log(f"    the {len(low)} corrupted samples dice scores lowest: exact replay finds "
+                f"{np.mean(gt_low < 0):.0%} of them helpful (dice: "
+                f"{np.mean(dice.score[low] < 0):.0%})")
     # retraining without the top-k of each method (and without exactly the corrupted ones)
     N, n, m = len(dice), p.n, p.node_data.max_size
     masks, keys = [], []
@@ -322,7 +340,7 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
                             "by_method": {meth: row(after.get((f, meth))) for meth in scores}}
     return {"detection": detection, "fidelity": fid, "retrain": retrain,
             "oracle_removal": row((float(res[-1][0]), float(res[-1][1]))),
-            "corrupted_samples": kk, "samples": N,
+            "corrupted_samples": kk, "samples": N, "corrupted_scored_lowest": lowest,
             "timing": {"training_seconds": t_train, "sweep_seconds": t_sweep,
                        "sweep_ratio_to_training": t_sweep / t_train,
                        "memory": dice.memory},
@@ -479,7 +497,19 @@ def _summarize(rs: list[dict[str, Any]], ex: CleaningConfig) -> dict[str, Any]:
             "retrain": ret, "retrain_worst": ret_w, "oracle_removal": orc,
             "corrupted_samples": [r["corrupted_samples"] for r in rs],
             "samples": rs[0]["samples"],
+            "corrupted_scored_lowest": _lowest_summary(rs),
             "timing": {k: {"mean": v[0], "worst": v[1]} for k, v in tim.items()}}
+
+
+def _lowest_summary(rs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    low = [r["corrupted_scored_lowest"] for r in rs if r.get("corrupted_scored_lowest")]
+    if not low:
+        return None
+    gt = np.concatenate([x["gt"] for x in low])
+    dc = np.concatenate([x["dice"] for x in low])
+    return {"samples": int(len(gt)), "gt_helpful_fraction": float(np.mean(gt < 0)),
+            "dice_helpful_fraction": float(np.mean(dc < 0)),
+            "pearson": float(np.corrcoef(dc, gt)[0, 1]) if len(gt) > 2 else None}
 
 
 def _write_scores(out: Path, name: str, r: dict[str, Any]) -> None:
@@ -559,6 +589,13 @@ def table(m: dict[str, Any]) -> str:
         lines.append(f"| exactly the corrupted | | {_f(o['fraction_recovered'])} | "
                      f"after {_f(o['after_removal_loss'])} | "
                      f"{_f(o['loss_fraction_recovered'])} | |")
+        lo = s.get("corrupted_scored_lowest")
+        if lo:
+            lines += ["", f"The corrupted samples dice scores lowest ({lo['samples']} over the "
+                      f"seeds), replayed exactly: removing them lowers the test loss for "
+                      f"{1 - lo['gt_helpful_fraction']:.0%} and raises it (they helped) for "
+                      f"{lo['gt_helpful_fraction']:.0%} (dice: {lo['dice_helpful_fraction']:.0%}"
+                      f" helpful; Pearson {_f(lo['pearson'])})."]
         if s["fidelity"]:
             f, w = s["fidelity"], s["fidelity_worst"]
             lines += ["", "| fidelity vs exact replay | Pearson | Spearman | sign agreement |",
