@@ -183,27 +183,11 @@ def test_sweep_is_the_derivative_of_the_replay_for_a_smooth_model():
     every round that drew it, divided by ``eps``, converges to the sweep's score: the adjoint
     is the exact derivative of the whole run (what separates it from the full removal is only
     the nonlinearity of the run, and with ReLU the kinks)."""
-    from dice_influence.influence.ground_truth import batched_local_step
-    from dice_influence.influence.wholerun import target_losses
-
     traj = train(_cfg(activation="gelu"))
     sc = attribute_run(traj)
-    p = traj.problem
     pick = np.random.default_rng(2).choice(np.flatnonzero(sc.rounds_used > 1), 5,
                                            replace=False)
     eps = 1e-5
-    keep = torch.ones(len(pick) + 1, p.n, p.node_data.max_size, dtype=p.dtype)
-    for r, i in enumerate(pick, start=1):
-        keep[r, sc.node[i], sc.position[i]] = 1 - eps
-    th0, st0 = traj.params_at(0)
-    th = th0.expand(keep.shape[0], *th0.shape).clone()
-    st = st0.expand(keep.shape[0], *st0.shape).clone()
-    with torch.no_grad():
-        for t in range(traj.rounds_done):
-            idx = p.batches.indices(t)
-            w = torch.gather(keep, 2, idx.expand(keep.shape[0], *idx.shape))
-            half, st = batched_local_step(p, th, st, t, w)
-            th = p.mixer(t)(half)
-    L = target_losses(traj, th)
-    fd = ((L[0] - L[1:]) / eps).numpy()
+    fd = whole_run_ground_truth(traj, [(int(sc.node[i]), int(sc.position[i])) for i in pick],
+                                share=eps) / eps
     np.testing.assert_allclose(sc.score[pick], fd, rtol=2e-3, atol=1e-3 * np.abs(fd).max())
