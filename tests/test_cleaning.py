@@ -51,6 +51,11 @@ def test_cleaning_run_writes_the_named_metrics(tmp_path):
     # the exact replay
     assert m["detection"]["dice"]["auroc"] > 0.75
     assert m["fidelity"]["pearson"] > 0.8
+    low = saved["scenarios"]["flip"]["corrupted_scored_lowest"]
+    assert low["samples"] == 10 and 0 <= low["gt_helpful_fraction"] <= 1
+    for r in saved["retrain"].values():
+        assert {"clean_loss", "corrupted_loss", "after_removal_loss",
+                "loss_fraction_recovered"} <= set(r)
     assert (tmp_path / "samples-flip.png").stat().st_size > 1000
     assert (tmp_path / "scores-flip.csv").read_text().startswith("node,position,dataset_index")
     html = (tmp_path / "report.html").read_text()

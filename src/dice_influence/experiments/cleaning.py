@@ -20,9 +20,11 @@ Detection: AUROC and precision@k (k = the number of corrupted samples) for the c
 samples. Fidelity: whole-run DICE-GT by exact replay (the sample removed from every round that
 drew it) against ``dice`` for ``fidelity_samples`` random samples: Pearson, Spearman, sign
 agreement. Retraining: the top-k (k = 1 %, 5 %, 10 % of the network's samples) of each method
-removed from every round (the exact replay machinery, batched) and the test accuracy (mean over
-nodes, on test samples outside the validation set the target reads) compared with the run
-trained on clean data; ``fraction_recovered = (after − corrupted) / (clean − corrupted)``.
+removed and the run retrained (the exact replay machinery, batched: same initialisation and
+batches, each batch's loss averaged over the samples it keeps) and the test accuracy and test
+loss (mean over nodes, on test samples outside the validation set the target reads) compared
+with the run trained on clean data; ``fraction_recovered = (after − corrupted) / (clean −
+corrupted)`` of the seed means, for accuracy and (``loss_fraction_recovered``) for loss.
 Sign: score = test loss with the sample − without it; positive = harmful.
 """
 
@@ -36,11 +38,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._util import atomic_savefig, atomic_write_text, write_json
+from .._util import atomic_write_text, write_json
 from ..config import ConfigError, CorruptionConfig, RunConfig, dump_config
 from ._common import SIGN, add_command, finish_run, mean_worst, parse_settings
-
-METHODS = ("dice", "loss", "self_influence", "random", "window")
+from .cleaning_report import METHODS, _f, _plot_samples, _write_scores, table
 
 
 class _S(BaseModel):
@@ -78,6 +79,9 @@ class CleaningConfig(_S):
     window: int = Field(10, ge=1, description="rounds per window of the window baseline")
     batch_replays: int = Field(32, ge=1, description="exact replays run together")
     images: int = Field(8, ge=1, le=32, description="samples pictured per direction")
+    lowest_corrupted: int = Field(
+        10, ge=1, description="the corrupted samples dice scores lowest, replayed exactly "
+                              "(in the scenarios with the fidelity check)")
 
 
 def parse_experiment(cfg: RunConfig) -> CleaningConfig:
@@ -219,17 +223,19 @@ def _eval_set(p: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def _accuracy(p: Any, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean test accuracy over nodes of stacked networks ``(R, n, d)`` -> ``(R,)``."""
+    """Mean test accuracy and mean test loss over nodes of stacked networks ``(R, n, d)``
+    -> ``(R, 2)`` (column 0 accuracy, column 1 cross-entropy)."""
     from ..gossip import node_losses
 
     R, n, d = thetas.shape
     with torch.no_grad():
-        acc = node_losses(p.fm, thetas.reshape(R * n, d), x, y)[1]
-    return acc.reshape(R, n).double().mean(1)
+        loss, acc = node_losses(p.fm, thetas.reshape(R * n, d), x, y)
+    return torch.stack([acc.reshape(R, n).double().mean(1),
+                        loss.reshape(R, n).double().mean(1)], 1)
 
 
 def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: bool,
-                 clean_acc: float, log: Any = None, progress: bool = False) -> dict[str, Any]:
+                 clean: tuple[float, float], log: Any = None, progress: bool = False) -> dict[str, Any]:
     """Train ``cfg`` with ``sc``'s corruptions; rank, check fidelity, retrain (module doc)."""
     from scipy import stats
 
@@ -275,6 +281,21 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
             log(f"    fidelity vs exact replay ({len(pick)} samples): Pearson "
                 f"{fid['pearson']:.3f}, Spearman {fid['spearman']:.3f}, sign "
                 f"{fid['sign_agreement']:.2f}")
+    # the corrupted samples dice ranks as least harmful, replayed exactly: are they missed by
+    # the estimate, or is their removal truly no help to the test loss?
+    lowest = None
+    drawn_bad = np.flatnonzero(bad & (dice.rounds_used > 0))
+    if fidelity and ex.fidelity_samples and len(drawn_bad):
+        low = drawn_bad[np.argsort(dice.score[drawn_bad], kind="stable")[:ex.lowest_corrupted]]
+        gt_low = whole_run_ground_truth(traj, [(int(node[i]), int(pos[i])) for i in low],
+                                        chunk=ex.batch_replays, progress=progress)
+        lowest = {"samples": len(low), "dice": dice.score[low].tolist(), "gt": gt_low.tolist(),
+                  "dice_helpful_fraction": float(np.mean(dice.score[low] < 0)),
+                  "gt_helpful_fraction": float(np.mean(gt_low < 0))}
+        if log:
+            log(f"    the {len(low)} corrupted samples dice scores lowest: exact replay finds "
+                f"{np.mean(gt_low < 0):.0%} of them helpful (dice: "
+                f"{np.mean(dice.score[low] < 0):.0%})")
     # retraining without the top-k of each method (and without exactly the corrupted ones)
     N, n, m = len(dice), p.n, p.node_data.max_size
     masks, keys = [], []
@@ -292,28 +313,33 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
     oracle[node[bad], pos[bad]] = True
     masks.append(oracle)
     xe, ye, _ = _eval_set(p)
-    accs = torch.cat(replay_without(traj, torch.stack(masks), lambda th: _accuracy(p, th, xe, ye),
-                                    chunk=len(masks), progress=progress, label="retraining"))
-    corrupted_acc = float(accs[0])
-    after = {key: float(a) for key, a in zip(keys, accs[1:-1], strict=True)}
-    lost = clean_acc - corrupted_acc
+    res = torch.cat(replay_without(traj, torch.stack(masks), lambda th: _accuracy(p, th, xe, ye),
+                                   chunk=len(masks), progress=progress, label="retraining",
+                                   renormalize=True))
+    clean_a, clean_l = clean
+    corr_a, corr_l = (float(v) for v in res[0])
+    after = {key: (float(a), float(lo)) for key, (a, lo) in zip(keys, res[1:-1], strict=True)}
 
-    def rec(a: float) -> float | None:
-        return (a - corrupted_acc) / lost if lost > 1e-12 else None
+    def rec(a: float, clean_v: float, corr_v: float) -> float | None:
+        lost = clean_v - corr_v
+        return (a - corr_v) / lost if abs(lost) > 1e-12 else None
+
+    def row(a: tuple[float, float] | None) -> dict[str, float | None]:
+        if a is None:
+            return {"after_removal": None, "fraction_recovered": None,
+                    "after_removal_loss": None, "loss_fraction_recovered": None}
+        return {"after_removal": a[0], "fraction_recovered": rec(a[0], clean_a, corr_a),
+                "after_removal_loss": a[1], "loss_fraction_recovered": rec(a[1], clean_l, corr_l)}
 
     retrain = {}
     for f in ex.removal_fractions:
-        retrain[_pct(f)] = {
-            "k": max(1, int(round(f * N))), "clean": clean_acc, "corrupted": corrupted_acc,
-            "after_removal": after[(f, "dice")], "fraction_recovered": rec(after[(f, "dice")]),
-            "by_method": {meth: {"after_removal": after.get((f, meth)),
-                                 "fraction_recovered": None if (f, meth) not in after
-                                 else rec(after[(f, meth)])}
-                          for meth in scores}}
-    oracle_acc = float(accs[-1])
+        retrain[_pct(f)] = {"k": max(1, int(round(f * N))), "clean": clean_a,
+                            "corrupted": corr_a, "clean_loss": clean_l, "corrupted_loss": corr_l,
+                            **row(after[(f, "dice")]),
+                            "by_method": {meth: row(after.get((f, meth))) for meth in scores}}
     return {"detection": detection, "fidelity": fid, "retrain": retrain,
-            "oracle_removal": {"after_removal": oracle_acc, "fraction_recovered": rec(oracle_acc)},
-            "corrupted_samples": kk, "samples": N,
+            "oracle_removal": row((float(res[-1][0]), float(res[-1][1]))),
+            "corrupted_samples": kk, "samples": N, "corrupted_scored_lowest": lowest,
             "timing": {"training_seconds": t_train, "sweep_seconds": t_sweep,
                        "sweep_ratio_to_training": t_sweep / t_train,
                        "memory": dice.memory},
@@ -326,10 +352,6 @@ def _baseline_at(ex: CleaningConfig, f: float) -> bool:
 
 def _pct(f: float) -> str:
     return f"{100 * f:g}%"
-
-
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 # ------------------------------------------------------------------------------ the experiment
@@ -352,11 +374,11 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
             log(f"seed {s}: training on clean data")
         clean = train(_scenario_cfg(scfg, None), progress=progress)
         xe, ye, eval_what = _eval_set(clean.problem)
-        clean_acc = float(_accuracy(clean.problem, clean.theta[None], xe, ye)[0])
+        clean_al = tuple(float(v) for v in _accuracy(clean.problem, clean.theta[None], xe, ye)[0])
         del clean
         for i, sc in enumerate(ex.scenarios):
             r = run_scenario(scfg, ex, sc, fidelity=i < ex.fidelity_scenarios,
-                             clean_acc=clean_acc, log=log, progress=progress)
+                             clean=clean_al, log=log, progress=progress)
             if s == seeds[0]:
                 _write_scores(out, sc.name, r)
                 _plot_samples(r, out / f"samples-{sc.name}.png", ex.images,
@@ -388,8 +410,14 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, seeds: list[int] | None =
                         "round that drew it) vs the dice score, over random drawn samples; "
                         "mean over seeds ('worst': min)",
             "retrain": "mean test accuracy over nodes on " + eval_what + "; after_removal: "
-                       "the dice top-k removed from every round (exact replay, same batches); "
-                       "fraction_recovered = (after - corrupted) / (clean - corrupted)",
+                       "the dice top-k removed from every round and the run retrained (same "
+                       "initialisation and batches, each batch's loss averaged over the samples "
+                       "it keeps, so the step size does not shrink with the data removed); "
+                       "fraction_recovered = (after - corrupted) / (clean - corrupted) of "
+                       "the seed means (per seed in per_seed; 'worst': the worst seed's); "
+                       "*_loss: the same for the mean test cross-entropy on that set "
+                       "(loss_fraction_recovered: share of the loss increase undone); "
+                       "oracle_removal: exactly the corrupted samples removed",
         },
         "seconds": time.perf_counter() - started,
         "per_seed": runs,
@@ -420,140 +448,63 @@ def _summarize(rs: list[dict[str, Any]], ex: CleaningConfig) -> dict[str, Any]:
         fid, fid_w = {}, {}
         for key in ("pearson", "spearman", "sign_agreement"):
             fid[key], fid_w[key] = mw([f[key] for f in fids])
+    def pooled(rows: list[dict[str, Any]], after: str, clean: str, corr: str) -> float | None:
+        """Recovery of the seed means: (mean after - mean corrupted) / (mean clean - mean
+        corrupted); steadier than the mean of per-seed ratios when the loss is small."""
+        v = [x for x in rows if x[after] is not None]
+        if not v:
+            return None
+        lost = np.mean([x[clean] for x in v]) - np.mean([x[corr] for x in v])
+        got = np.mean([x[after] for x in v]) - np.mean([x[corr] for x in v])
+        return float(got / lost) if abs(lost) > 1e-12 else None
+
+    def summary(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
+        both = [{**r, **x} for r, x in zip(ref, rows, strict=True)]
+        return {"after_removal": mw([x["after_removal"] for x in rows])[0],
+                "fraction_recovered": pooled(both, "after_removal", "clean", "corrupted"),
+                "after_removal_loss": mw([x["after_removal_loss"] for x in rows])[0],
+                "loss_fraction_recovered": pooled(both, "after_removal_loss", "clean_loss",
+                                                  "corrupted_loss")}
+
     ret, ret_w = {}, {}
     for f in ex.removal_fractions:
         k = _pct(f)
         rows = [r["retrain"][k] for r in rs]
+        ref = [{key: x[key] for key in ("clean", "corrupted", "clean_loss", "corrupted_loss")}
+               for x in rows]
         ret[k] = {"k": rows[0]["k"]}
-        for key in ("clean", "corrupted", "after_removal", "fraction_recovered"):
+        for key in ("clean", "corrupted", "clean_loss", "corrupted_loss"):
             ret[k][key] = mw([x[key] for x in rows])[0]
-        ret[k]["by_method"] = {m: {key: mw([x["by_method"][m][key] for x in rows])[0]
-                                   for key in ("after_removal", "fraction_recovered")}
+        ret[k].update(summary(rows, ref))
+        ret[k]["by_method"] = {m: summary([x["by_method"][m] for x in rows], ref)
                                for m in METHODS}
         ret_w[k] = {"fraction_recovered": mw([x["fraction_recovered"] for x in rows])[1],
+                    "loss_fraction_recovered": mw([x["loss_fraction_recovered"]
+                                                   for x in rows])[1],
                     "after_removal": mw([x["after_removal"] for x in rows])[1]}
-    orc = {key: mw([r["oracle_removal"][key] for r in rs])[0]
-           for key in ("after_removal", "fraction_recovered")}
+    orc = summary([r["oracle_removal"] for r in rs],
+                  [{key: r["retrain"][_pct(ex.removal_fractions[0])][key]
+                    for key in ("clean", "corrupted", "clean_loss", "corrupted_loss")}
+                   for r in rs])
     tim = {key: mw([r["timing"][key] for r in rs], "max")
            for key in ("training_seconds", "sweep_seconds", "sweep_ratio_to_training")}
     return {"detection": det, "detection_worst": det_w, "fidelity": fid, "fidelity_worst": fid_w,
             "retrain": ret, "retrain_worst": ret_w, "oracle_removal": orc,
             "corrupted_samples": [r["corrupted_samples"] for r in rs],
             "samples": rs[0]["samples"],
+            "corrupted_scored_lowest": _lowest_summary(rs),
             "timing": {k: {"mean": v[0], "worst": v[1]} for k, v in tim.items()}}
 
 
-def _write_scores(out: Path, name: str, r: dict[str, Any]) -> None:
-    from .._util import csv_text
-
-    d = r["_scores"]
-    cols = d.columns()
-    rows = []
-    for i in range(len(d)):
-        row = {k: (v[i].item()) for k, v in cols.items()}
-        row["score"] = float(d.score[i])
-        for m, s in r["_all"].items():
-            if m != "dice":
-                row[m] = float(s[i])
-        rows.append(row)
-    atomic_write_text(out / f"scores-{name}.csv", csv_text(rows))
-
-
-def _plot_samples(r: dict[str, Any], path: Path, k: int, title: str) -> None:
-    """The ``k`` most harmful and ``k`` most helpful samples as images, with node and label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d, p = r["_scores"], r["_problem"]
-    nd, ds = p.node_data, p.dataset
-    fig, axes = plt.subplots(2, k, figsize=(1.5 * k, 4.8), squeeze=False)
-    for row, direction in enumerate(("harmful", "helpful")):
-        for col, i in enumerate(d.order(direction)[:k]):
-            ax = axes[row][col]
-            img = nd.x[int(d.node[i]), int(d.position[i])].detach().double().cpu().numpy()
-            img = img.reshape(ds.input_shape[-2:]) if img.size == np.prod(
-                ds.input_shape[-2:]) else img.reshape(-1, ds.input_shape[-1])
-            ax.imshow(img, cmap="gray_r")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            orig = int(ds.y_train[int(d.dataset_index[i])])
-            lab = int(d.label[i])
-            tag = f"y={lab}" + (f" (true {orig})" if orig != lab else "")
-            if d.corrupted[i] and orig == lab:
-                tag += " noisy"
-            ax.set_title(f"node {int(d.node[i])}\n{tag}\n{d.score[i]:+.1e}", fontsize=7,
-                         color="crimson" if d.corrupted[i] else "black")
-        axes[row][0].set_ylabel("most harmful" if row == 0 else "most helpful", fontsize=8)
-    fig.suptitle(f"{title}: whole-run DICE score (red = corrupted sample)", fontsize=9)
-    fig.tight_layout(h_pad=1.5)
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
-
-
-def table(m: dict[str, Any]) -> str:
-    lines = []
-    for name, s in m["scenarios"].items():
-        lines += [f"Scenario {name}:", "",
-                  "| method | AUROC mean | AUROC worst | precision@k mean | precision@k worst |",
-                  "|---|---|---|---|---|"]
-        for meth in METHODS:
-            d, w = s["detection"][meth], s["detection_worst"][meth]
-            lines.append(f"| {meth} | {_f(d['auroc'])} | {_f(w['auroc'])} | "
-                         f"{_f(d['precision_at_k'])} | {_f(w['precision_at_k'])} |")
-        lines += ["", "| removed | acc clean | acc corrupted | acc after (dice) | recovered "
-                  "(dice, mean / worst) | recovered loss / self_influence / random / window |",
-                  "|---|---|---|---|---|---|"]
-        for k, r in s["retrain"].items():
-            bm = r["by_method"]
-            base = " / ".join(_f(bm[x]["fraction_recovered"]) for x in METHODS[1:])
-            lines.append(f"| top {k} | {_f(r['clean'])} | {_f(r['corrupted'])} | "
-                         f"{_f(r['after_removal'])} | {_f(r['fraction_recovered'])} / "
-                         f"{_f(s['retrain_worst'][k]['fraction_recovered'])} | {base} |")
-        if s["fidelity"]:
-            f, w = s["fidelity"], s["fidelity_worst"]
-            lines += ["", "| fidelity vs exact replay | Pearson | Spearman | sign agreement |",
-                      "|---|---|---|---|",
-                      f"| mean | {_f(f['pearson'])} | {_f(f['spearman'])} | "
-                      f"{_f(f['sign_agreement'])} |",
-                      f"| worst seed | {_f(w['pearson'])} | {_f(w['spearman'])} | "
-                      f"{_f(w['sign_agreement'])} |"]
-        lines.append("")
-    return "\n".join(lines)
-
-
-TEXT = ("Every training sample of every node scored by one reverse sweep over the whole run "
-        "(its first-order effect on all nodes' mean test loss at the end, summed over its "
-        "draws), against per-sample loss, TracIn self-influence, random and the one-hop window "
-        "attribution: detection of corrupted samples (AUROC, precision@k), fidelity against "
-        "exact replay, and the accuracy recovered by removing the top-k and retraining.")
-
-
-def _sections(run: Any) -> list[Any]:
-    from ..report import Section, report_sections  # noqa: F401
-    from ._common import markdown_tables
-
-    tables, lines = markdown_tables(table(run.metrics))
-    figs = []
-    for png in sorted(run.path.glob("samples-*.png")):
-        name = png.stem.removeprefix("samples-")
-        figs.append(run.figure(png.name, f"Scenario {name}, first seed: the most harmful (top "
-                               "row) and most helpful (bottom row) training samples of the "
-                               "whole network by their whole-run DICE score, with node, the "
-                               "label trained on (the true label where it was flipped) and "
-                               "the score; red titles = corrupted samples."))
-    return [Section(title="Find the bad data: whole-run sample attribution", text=TEXT,
-                    tables=tables, figures=[f for f in figs if f], notes=[*lines, SIGN + "."])]
-
-
-def _register_report() -> None:
-    from ..report import report_sections
-
-    report_sections("cleaning")(_sections)
-
-
-_register_report()
+def _lowest_summary(rs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    low = [r["corrupted_scored_lowest"] for r in rs if r.get("corrupted_scored_lowest")]
+    if not low:
+        return None
+    gt = np.concatenate([x["gt"] for x in low])
+    dc = np.concatenate([x["dice"] for x in low])
+    return {"samples": int(len(gt)), "gt_helpful_fraction": float(np.mean(gt < 0)),
+            "dice_helpful_fraction": float(np.mean(dc < 0)),
+            "pearson": float(np.corrcoef(dc, gt)[0, 1]) if len(gt) > 2 else None}
 
 
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:

@@ -263,20 +263,29 @@ def _target_cotangent(p: Any, theta_T: torch.Tensor, target: str, node: int | No
 
 def replay_without(traj: Any, remove: torch.Tensor, reduce: Any = None, *,
                    rounds: int | None = None, chunk: int = 32, progress: bool = False,
-                   label: str = "replay") -> list[Any]:
+                   label: str = "replay", renormalize: bool = False) -> list[Any]:
     """Exact replays of the run with chosen samples removed from every round that draws them
     (weight 0 in the batch loss, denominator kept: docs/method.md §3), everything else
-    identical. ``remove``: bool ``(R, n, m)`` over removal x node x local position. Replays
+    identical. ``remove``: bool ``(R, n, m)`` over removal x node x local position, or floats
+    in ``[0, 1]``: the share of each sample's weight removed. Replays
     ``chunk`` removals at a time, each chunk together with the factual run (row 0 of the
     chunk, so that its differences are exact), and returns ``[reduce(θ^T) for each chunk]``
-    where ``θ^T`` is ``(1 + chunk size, n, d)`` (``reduce=None`` keeps it)."""
+    where ``θ^T`` is ``(1 + chunk size, n, d)`` (``reduce=None`` keeps it).
+
+    ``renormalize=True`` is retraining without the samples instead: the batch loss is the mean
+    over the samples a batch keeps (weights ``B / kept``), so the step size does not shrink
+    with the data removed; a batch that keeps nothing contributes no gradient. (DICE-GT keeps
+    the denominator; retraining on the cleaned data does not.)"""
     from .ground_truth import batched_local_step
 
     check_attributable(traj)
     p = traj.problem
     T = traj.rounds_done if rounds is None else int(rounds)
     n, m = p.n, p.node_data.max_size
-    remove = torch.as_tensor(remove, dtype=torch.bool)
+    remove = torch.as_tensor(remove)
+    if remove.dtype != torch.bool:  # a share of each sample's weight removed
+        if remove.numel() and not (0 <= float(remove.min()) and float(remove.max()) <= 1):
+            raise ValueError("remove holds shares of sample weights; they must lie in [0, 1]")
     if remove.ndim != 3 or tuple(remove.shape[1:]) != (n, m):
         raise ValueError(f"remove has shape {tuple(remove.shape)}; need (R, {n}, {m}) "
                          "(removals x nodes x local positions)")
@@ -288,12 +297,14 @@ def replay_without(traj: Any, remove: torch.Tensor, reduce: Any = None, *,
             rm = remove[c0 : c0 + chunk].to(p.device)
             K = rm.shape[0] + 1
             keep = torch.cat([torch.ones(1, n, m, dtype=p.dtype, device=p.device),
-                              (~rm).to(p.dtype)])
+                              1 - rm.to(p.dtype)])
             theta = theta0.expand(K, *theta0.shape).clone()
             state = None if state0 is None else state0.expand(K, *state0.shape).clone()
             for t in range(T):
                 idx = p.batches.indices(t).to(p.device)
                 w = torch.gather(keep, 2, idx.expand(K, *idx.shape))
+                if renormalize:
+                    w = w * (w.shape[-1] / w.sum(-1, keepdim=True).clamp(min=1.0))
                 half, state = batched_local_step(p, theta, state, t, w)
                 theta = p.mixer(t)(half)
                 advance()
@@ -331,19 +342,24 @@ def whole_run_ground_truth(traj: Any, samples: Sequence[tuple[int, int]], *,
                            target: str = "mean", node: int | None = None,
                            test_index: int | None = None,
                            q: str | Sequence[float] | None = "uniform",
-                           per_node_test: bool = False, chunk: int = 32,
+                           per_node_test: bool = False, chunk: int = 32, share: float = 1.0,
                            progress: bool = False) -> np.ndarray:
     """Whole-run DICE-GT of each single sample ``(node, position)``: the target with it minus
     the target after an exact replay with the sample removed from every round that drew it
-    (positive = harmful), batched ``chunk`` replays at a time."""
+    (positive = harmful), batched ``chunk`` replays at a time. ``share < 1`` removes only
+    that share of the sample's weight (the result divided by ``share`` tends to the sweep's
+    first-order score as ``share -> 0`` when the run is smooth)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share={share}: give the share of the sample's weight to remove, "
+                         "in (0, 1]")
     p = traj.problem
     n, m = p.n, p.node_data.max_size
-    remove = torch.zeros(len(samples), n, m, dtype=torch.bool)
+    remove = torch.zeros(len(samples), n, m, dtype=p.dtype)
     for i, (k, pos) in enumerate(samples):
         if not (0 <= int(k) < n and 0 <= int(pos) < int(p.node_data.sizes[int(k)])):
             raise ValueError(f"sample {(k, pos)}: need node 0..{n - 1} and a position inside "
                              "that node's local data")
-        remove[i, int(k), int(pos)] = True
+        remove[i, int(k), int(pos)] = share
     def diff(th: torch.Tensor) -> torch.Tensor:
         L = target_losses(traj, th, target=target, node=node, test_index=test_index, q=q,
                           per_node_test=per_node_test)
