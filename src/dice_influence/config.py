@@ -132,6 +132,9 @@ class ModelConfig(_Strict):
                                    "arguments of the factory")
     description: str | None = Field(None, description="api/python: class and parameter count "
                                     "(written by the run)")
+    init: str | None = Field(None, description="start every node from this flat parameter "
+                             "vector (.npy, shape (d,)), e.g. a pretrained shared model "
+                             "(python -m dice_influence.init_params RUN_DIR FILE.npy)")
     name: Literal["logreg", "mlp", "cnn", "resnet"] = "mlp"
     hidden: list[PositiveInt] = [128, 64]
     channels: list[PositiveInt] = [16, 32]
