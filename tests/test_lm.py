@@ -236,6 +236,8 @@ def test_pretrain_windows_are_clean_held_out_and_leave_the_split_alone(tmp_path:
         assert np.array_equal(z["x"], c.pretrain[2][0])
     with np.load(out / "pretrain" / "test.npz", allow_pickle=False) as z:
         assert np.array_equal(z["x"], c.test[0])
+    with pytest.raises(DataError, match="pretrain_sources"):
+        build_corpus(names, **kw, pretrain_sequences=5, pretrain_sources=["wisdom"])
 
 
 @pytest.mark.skipif(not Path(FORTUNES_DIR, DEFAULT_SOURCES[-1]).is_file(),

@@ -51,6 +51,13 @@ DEFAULT_SOURCES: tuple[str, ...] = (
 """One fortune file per node (paths under :data:`FORTUNES_DIR`): English, German, Spanish,
 Italian, four each."""
 
+PRETRAIN_SOURCES: tuple[str, ...] = (
+    "fortunes", "wisdom", "people", "humorists", "work", "computers", "law", "riddles",
+    "art", "education", "food", "love", "miscellaneous", "songs-poems", "sports", "men-women",
+)
+"""English fortune files that no node holds (``--pretrain-sources``): the text of the shared
+pretrained model of ``configs/lm-pretrain.yaml``."""
+
 VOCAB = 256
 _WS = re.compile(r"\s+")
 
@@ -147,6 +154,7 @@ def build_corpus(
     scramble_fraction: float = 1.0,
     seed: int = 0,
     pretrain_sequences: int = 0,
+    pretrain_sources: Sequence[str] | None = None,
 ) -> TextCorpus:
     """One node per source: ``train_sequences`` windows of ``context + 1`` bytes each, plus
     ``test_sequences`` held-out windows per source in the shared test set.
@@ -156,7 +164,9 @@ def build_corpus(
     get their bytes shuffled. ``pretrain_sequences``: further held-out windows per source,
     never scrambled and disjoint from the nodes' and the test set's (:attr:`TextCorpus.pretrain`,
     for a shared model to start from: ``model.init``); adding them leaves the node and test
-    windows as they are. Deterministic given ``seed``."""
+    windows as they are. ``pretrain_sources``: take them from these other files instead
+    (``pretrain_sequences`` windows of each, read under ``root``). Deterministic given
+    ``seed``."""
     if context < 1 or train_sequences < 1 or test_sequences < 0 or pretrain_sequences < 0:
         raise DataError(f"context={context}, train_sequences={train_sequences}, "
                         f"test_sequences={test_sequences}, pretrain_sequences="
@@ -165,6 +175,9 @@ def build_corpus(
     if not 0.0 <= scramble_fraction <= 1.0:
         raise DataError(f"scramble_fraction={scramble_fraction} must be in [0, 1]")
     sources = list(sources)
+    if pretrain_sources and texts is not None:
+        raise DataError("pretrain_sources are read from fortune files; with texts= give "
+                        "pretrain_sources=None")
     if texts is None:
         paths = [Path(root) / s for s in sources]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -183,7 +196,9 @@ def build_corpus(
     if scramble_node is not None and not 0 <= scramble_node < len(sources):
         raise DataError(f"scramble_node={scramble_node} out of range for {len(sources)} "
                         f"sources (valid: 0..{len(sources) - 1})")
-    need = train_sequences + test_sequences + pretrain_sequences
+    other = list(pretrain_sources or [])
+    own_pre = 0 if other else pretrain_sequences
+    need = train_sequences + test_sequences + own_pre
     nodes, tx, ty, scrambled, pre = [], [], [], {}, []
     for k, (name, text) in enumerate(zip(sources, texts, strict=True)):
         win = windows(encode(text), context)
@@ -196,7 +211,8 @@ def build_corpus(
         win = win[rng.permutation(len(win))[:need]]
         cut = test_sequences + train_sequences
         test, train, held = win[:test_sequences], win[test_sequences:cut].copy(), win[cut:]
-        pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
+        if own_pre:
+            pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
         if k == scramble_node:
             srng = np.random.default_rng([seed, k, 0x5C7A])
             m = int(round(scramble_fraction * len(train)))
@@ -207,10 +223,25 @@ def build_corpus(
         nodes.append((train[:, :-1].copy(), train[:, 1:].copy()))
         tx.append(test[:, :-1])
         ty.append(test[:, 1:])
+    for k, name in enumerate(other):
+        path = Path(root) / name
+        if not path.is_file():
+            raise DataError(f"pretraining fortune file not found: {path}; install the Debian "
+                            f"packages (apt-get install {' '.join(FORTUNE_PACKAGES)}) or name "
+                            "other --pretrain-sources")
+        files.extend(file_records([path]))
+        win = windows(encode(read_source(path)), context)
+        if len(win) < pretrain_sequences:
+            raise DataError(f"pretraining source {name!r} gives {len(win)} sequences of "
+                            f"{context + 1} bytes, fewer than pretrain_sequences = "
+                            f"{pretrain_sequences}; lower it or pick a longer source")
+        rng = np.random.default_rng([seed, 1000 + k, 0x7E47])
+        held = win[rng.permutation(len(win))[:pretrain_sequences]]
+        pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
     settings = {"context": context, "train_sequences": train_sequences,
                 "test_sequences": test_sequences, "scramble_node": scramble_node,
                 "scramble_fraction": scramble_fraction, "seed": seed, "root": str(root),
-                "pretrain_sequences": pretrain_sequences}
+                "pretrain_sequences": pretrain_sequences, "pretrain_sources": other or None}
     return TextCorpus(sources=sources, nodes=nodes,
                       test=(np.concatenate(tx).copy(), np.concatenate(ty).copy()),
                       scrambled=scrambled, files=files, settings=settings,
@@ -264,13 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pretrain-sequences", type=int, default=0,
                     help="clean held-out windows per source for a shared pretrained model "
                          "(written to OUT/pretrain/)")
+    ap.add_argument("--pretrain-sources", default="",
+                    help="comma-separated other fortune files to take them from instead "
+                         f"('english': {','.join(PRETRAIN_SOURCES)})")
     a = ap.parse_args(argv)
     try:
         corpus = build_corpus([s for s in a.sources.split(",") if s], root=a.root,
                               context=a.context, train_sequences=a.train_sequences,
                               test_sequences=a.test_sequences, scramble_node=a.scramble_node,
                               scramble_fraction=a.scramble_fraction, seed=a.seed,
-                              pretrain_sequences=a.pretrain_sequences)
+                              pretrain_sequences=a.pretrain_sequences,
+                              pretrain_sources=(list(PRETRAIN_SOURCES)
+                                                if a.pretrain_sources == "english" else
+                                                [s for s in a.pretrain_sources.split(",") if s]))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
