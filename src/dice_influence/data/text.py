@@ -52,11 +52,13 @@ DEFAULT_SOURCES: tuple[str, ...] = (
 Italian, four each."""
 
 PRETRAIN_SOURCES: tuple[str, ...] = (
-    "fortunes", "wisdom", "people", "humorists", "work", "computers", "law", "riddles",
-    "art", "education", "food", "love", "miscellaneous", "songs-poems", "sports", "men-women",
+    "wisdom", "people", "humorists", "work",
+    "de/fussball", "de/hauptgericht", "de/linuxtag", "de/mathematiker",
+    "es/ciencia.fortunes", "es/humanos.fortunes", "es/poder.fortunes", "es/vida.fortunes",
+    "it/computer", "it/luke", "it/luttazzi", "it/paolotedeschi",
 )
-"""English fortune files that no node holds (``--pretrain-sources``): the text of the shared
-pretrained model of ``configs/lm-pretrain.yaml``."""
+"""Other fortune files, four per language, that no node holds (``--pretrain-sources
+default``): the text of the shared pretrained model of ``configs/lm-pretrain.yaml``."""
 
 VOCAB = 256
 _WS = re.compile(r"\s+")
@@ -297,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(written to OUT/pretrain/)")
     ap.add_argument("--pretrain-sources", default="",
                     help="comma-separated other fortune files to take them from instead "
-                         f"('english': {','.join(PRETRAIN_SOURCES)})")
+                         f"('default': {','.join(PRETRAIN_SOURCES)})")
     a = ap.parse_args(argv)
     try:
         corpus = build_corpus([s for s in a.sources.split(",") if s], root=a.root,
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               scramble_fraction=a.scramble_fraction, seed=a.seed,
                               pretrain_sequences=a.pretrain_sequences,
                               pretrain_sources=(list(PRETRAIN_SOURCES)
-                                                if a.pretrain_sources == "english" else
+                                                if a.pretrain_sources == "default" else
                                                 [s for s in a.pretrain_sources.split(",") if s]))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
