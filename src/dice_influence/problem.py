@@ -78,7 +78,7 @@ class Problem:
 
     def init_theta(self) -> torch.Tensor:
         if self.cfg.model.init:  # a given start (dice_influence.init_params), every node alike
-            from .init_params import load_init
+            from ._init_load import load_init
 
             v = load_init(self.cfg.model.init, self.d, self.dtype).to(self.device)
             return v.expand(self.n, -1).clone()
@@ -320,7 +320,7 @@ def load_run_data(cfg: RunConfig, only: int | None = None
         ds, parts = load_nodes(dc.path or "", cfg.topology.n, only=only)
     else:
         ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    from .init_params import init_files
+    from ._init_load import init_files
 
     extra = (*(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
              *init_files(cfg))
@@ -346,7 +346,7 @@ def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
         files = file_records([test_file(dc.path or "")])
     else:
         files = D.dataset_files(dc.dataset, data_dir=dc.data_dir)
-    from .init_params import init_files
+    from ._init_load import init_files
 
     return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
             *init_files(cfg))
