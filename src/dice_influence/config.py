@@ -329,6 +329,7 @@ def _check_own(cfg: RunConfig) -> None:
 
 OWN_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("model", "kind"): "builtin", ("model", "factory"): None, ("model", "kwargs"): {},
+    ("model", "init"): None,
     ("data", "path"): None, ("loss",): {"kind": "cross_entropy", "ignore_index": None},
 }
 
@@ -500,4 +501,6 @@ def dump_config(cfg: RunConfig) -> str:
     if cfg.model.kind != "builtin":
         for key in MODEL_BUILTIN_KEYS:
             raw["model"].pop(key, None)
+    if raw["model"].get("init") is None:  # written only when set (configs stay as they were)
+        raw["model"].pop("init", None)
     return yaml.safe_dump(raw, sort_keys=False)
