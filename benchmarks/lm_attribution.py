@@ -1,19 +1,22 @@
 """All-sample attribution on the language model: are the most harmful sequences the scrambled ones?
 
 Run from the repository root (docs/language-model.md), after writing both data folders:
-    python -m dice_influence.data.text runs/lm-fortunes-data --scramble-node 3
+    python -m dice_influence.data.text runs/lm-fortunes-data --scramble-node 3 \
+        --pretrain-sequences 256 --pretrain-sources default
     python -m dice_influence.data.text runs/lm-fortunes-half-data --scramble-node 3 --scramble-fraction 0.5
+    dice train configs/lm-pretrain.yaml --out runs/lm-pretrain
+    python -m dice_influence.init_params runs/lm-pretrain runs/lm-pretrain.npy
     python benchmarks/lm_attribution.py --json benchmarks/lm-attribution.json \
         --folders runs/lm-fortunes-data
     python benchmarks/lm_attribution.py --json benchmarks/lm-attribution-half.json \
         --folders runs/lm-fortunes-half-data
 
-Trains configs/lm-fortunes.yaml (no observers) on each folder, scores every training sequence
+Trains configs/lm-fortunes.yaml (no observers; every node starts from the pretrained
+runs/lm-pretrain.npy) on each folder, scores every training sequence
 of every node drawn in the last ``--window`` rounds (default 20) with one reverse sweep (``influence.adjoint.attribute``, target
 = the nodes' mean test loss at the last round, factual read-out), sums each sequence's scores
 over the batches it was drawn in (first-order effect of removing it from those rounds;
-positive = harmful; over the whole run, ``--window 0``, the linearised 100-round sweep at lr 0.5
-is dominated by early rounds and its sums grow to thousands, far from a first-order regime) and reports precision@20:
+positive = harmful; ``--window 0``: the whole run) and reports precision@20:
 
 * ``network``: of the 20 most harmful sequences of the whole network (16 x 128), the share that
   are scrambled (run with node 3's text fully scrambled: base rate 1/16; and half scrambled);

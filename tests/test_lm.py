@@ -216,6 +216,30 @@ def test_write_nodes_layout(tmp_path: Path):
     assert meta["scrambled"] == {"1": list(range(8))} and meta["sources"] == names
 
 
+def test_pretrain_windows_are_clean_held_out_and_leave_the_split_alone(tmp_path: Path):
+    names, texts = _texts(3)
+    kw = dict(texts=texts, context=16, train_sequences=8, test_sequences=2, scramble_node=1)
+    c0 = build_corpus(names, **kw)
+    c = build_corpus(names, **kw, pretrain_sequences=5)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(c.nodes, c0.nodes, strict=True))
+    assert np.array_equal(c.test[0], c0.test[0]) and not c0.pretrain
+    seen = {tuple(r) for x, _ in c.nodes for r in x} | {tuple(r) for r in c.test[0]}
+    for x, y in c.pretrain:
+        assert x.shape == (5, 16) and np.array_equal(x[:, 1:], y[:, :-1])
+        assert not any(tuple(r) in seen for r in x)
+    # the scrambled node's pretraining windows are text in order (never scrambled)
+    x, y = c.pretrain[1]
+    src = encode(texts[1] + "\n").tobytes()
+    assert all(bytes(np.r_[x[i], y[i, -1]].astype(np.uint8)) in src for i in range(len(x)))
+    out = write_nodes(c, tmp_path / "lm")
+    with np.load(out / "pretrain" / "node_2.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["x"], c.pretrain[2][0])
+    with np.load(out / "pretrain" / "test.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["x"], c.test[0])
+    with pytest.raises(DataError, match="pretrain_sources"):
+        build_corpus(names, **kw, pretrain_sequences=5, pretrain_sources=["wisdom"])
+
+
 @pytest.mark.skipif(not Path(FORTUNES_DIR, DEFAULT_SOURCES[-1]).is_file(),
                     reason="the Debian fortunes packages are not installed (apt-get install "
                     "fortunes fortunes-de fortunes-es fortunes-it, as ./quickstart.sh does)")
@@ -260,6 +284,11 @@ def test_gt_on_the_lm_equals_naive_replay_and_e_follows(tmp_path: Path):
     gt = ground_truth(traj, one, hops=3)
     est = estimate(traj, one, hops=3, readout="midpoint")
     assert np.corrcoef(est.values(3).numpy(), gt.values(3).numpy())[0, 1] > 0.99
+    # chunked one event at a time (bounded memory, experiment.alignment.batch_events):
+    # the same bits as all 16 events of the round in one batched call
+    gt1 = ground_truth(traj, one, hops=3, batch_events=1)
+    est1 = estimate(traj, one, hops=3, readout="midpoint", batch_events=3)
+    assert torch.equal(gt1.per_node, gt.per_node) and torch.equal(est1.per_node, est.per_node)
 
     nodes = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in c.nodes]
     p = from_torch(make_model(**LM_KW).double(), nodes,
@@ -288,3 +317,34 @@ def test_bench_train_times_a_config_of_ones_own(tmp_path: Path):
     assert cfg.model.factory == "dice_influence.lm:make_model"
     s = _config_setting(path)
     assert "token_cross_entropy" in s and "dice_influence.lm:make_model" in s and "batch 4" in s
+
+
+def test_model_init_starts_every_node_from_the_file(tmp_path: Path):
+    """``model.init``: every node starts from the given vector (the pretrained shared model of
+    configs/lm-fortunes.yaml), the file is part of the run identity, and the exporter writes a
+    saved run's network average; bad files get one error naming model.init."""
+    from dice_influence.config import ConfigError
+    from dice_influence.init_params import export_init
+    from dice_influence.rundir import write_run_dir
+
+    names, texts = _texts(4)
+    write_nodes(build_corpus(names, texts=texts, context=12, train_sequences=8,
+                             test_sequences=2), tmp_path / "d")
+    raw = _lm_config(tmp_path / "d")
+    raw["train"]["rounds"] = 2
+    base = train(load_config(raw))
+    write_run_dir(base, tmp_path / "run")
+    vec = export_init(tmp_path / "run", tmp_path / "init.npy")
+    assert np.allclose(vec, base.theta.mean(0).numpy(), rtol=0, atol=1e-15)
+    raw["model"]["init"] = str(tmp_path / "init.npy")
+    traj = train(load_config(raw))
+    th0 = traj.params_at(0)[0]
+    assert torch.equal(th0, torch.from_numpy(vec).expand(4, -1))
+    assert any(f["path"].endswith("init.npy") for f in traj.problem.dataset.files)
+    np.save(tmp_path / "bad.npy", vec[:-1])
+    raw["model"]["init"] = str(tmp_path / "bad.npy")
+    with pytest.raises(ConfigError, match="model.init=.*bad.npy.*parameters"):
+        train(load_config(raw))
+    raw["model"]["init"] = str(tmp_path / "missing.npy")
+    with pytest.raises(ConfigError, match="model.init=.*not found"):
+        train(load_config(raw))

@@ -132,6 +132,9 @@ class ModelConfig(_Strict):
                                    "arguments of the factory")
     description: str | None = Field(None, description="api/python: class and parameter count "
                                     "(written by the run)")
+    init: str | None = Field(None, description="start every node from this flat parameter "
+                             "vector (.npy, shape (d,)), e.g. a pretrained shared model "
+                             "(python -m dice_influence.init_params RUN_DIR FILE.npy)")
     name: Literal["logreg", "mlp", "cnn", "resnet"] = "mlp"
     hidden: list[PositiveInt] = [128, 64]
     channels: list[PositiveInt] = [16, 32]
@@ -326,6 +329,7 @@ def _check_own(cfg: RunConfig) -> None:
 
 OWN_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("model", "kind"): "builtin", ("model", "factory"): None, ("model", "kwargs"): {},
+    ("model", "init"): None,
     ("data", "path"): None, ("loss",): {"kind": "cross_entropy", "ignore_index": None},
 }
 
@@ -497,4 +501,6 @@ def dump_config(cfg: RunConfig) -> str:
     if cfg.model.kind != "builtin":
         for key in MODEL_BUILTIN_KEYS:
             raw["model"].pop(key, None)
+    if raw["model"].get("init") is None:  # written only when set (configs stay as they were)
+        raw["model"].pop("init", None)
     return yaml.safe_dump(raw, sort_keys=False)

@@ -77,6 +77,11 @@ class Problem:
         return D.gather_batch(self.node_data, self.batches.indices(t).to(self.device))
 
     def init_theta(self) -> torch.Tensor:
+        if self.cfg.model.init:  # a given start (dice_influence.init_params), every node alike
+            from ._init_load import load_init
+
+            v = load_init(self.cfg.model.init, self.d, self.dtype).to(self.device)
+            return v.expand(self.n, -1).clone()
         return self.fm.init_params(
             self.n, self.cfg.seed, same_init=self.cfg.train.same_init, dtype=self.dtype
         ).to(self.device)
@@ -315,7 +320,10 @@ def load_run_data(cfg: RunConfig, only: int | None = None
         ds, parts = load_nodes(dc.path or "", cfg.topology.n, only=only)
     else:
         ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
-    extra = factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()
+    from ._init_load import init_files
+
+    extra = (*(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
+             *init_files(cfg))
     if extra:
         ds = dataclasses.replace(ds, files=(*ds.files, *extra))
     return ds, parts
@@ -338,7 +346,10 @@ def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
         files = file_records([test_file(dc.path or "")])
     else:
         files = D.dataset_files(dc.dataset, data_dir=dc.data_dir)
-    return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()))
+    from ._init_load import init_files
+
+    return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
+            *init_files(cfg))
 
 
 def _cast(nd: D.NodeData, dtype: torch.dtype, device: torch.device) -> D.NodeData:

@@ -51,6 +51,15 @@ DEFAULT_SOURCES: tuple[str, ...] = (
 """One fortune file per node (paths under :data:`FORTUNES_DIR`): English, German, Spanish,
 Italian, four each."""
 
+PRETRAIN_SOURCES: tuple[str, ...] = (
+    "wisdom", "people", "humorists", "work",
+    "de/fussball", "de/hauptgericht", "de/linuxtag", "de/mathematiker",
+    "es/ciencia.fortunes", "es/humanos.fortunes", "es/poder.fortunes", "es/vida.fortunes",
+    "it/computer", "it/luke", "it/luttazzi", "it/paolotedeschi",
+)
+"""Other fortune files, four per language, that no node holds (``--pretrain-sources
+default``): the text of the shared pretrained model of ``configs/lm-pretrain.yaml``."""
+
 VOCAB = 256
 _WS = re.compile(r"\s+")
 
@@ -114,6 +123,7 @@ class TextCorpus:
     scrambled: dict[int, list[int]] = field(default_factory=dict)
     files: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    pretrain: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -130,6 +140,7 @@ class TextCorpus:
                 "sources": self.sources, "files": self.files, "settings": self.settings,
                 "train_sequences": [len(x) for x, _ in self.nodes],
                 "test_sequences": len(self.test[0]),
+                "pretrain_sequences": [len(x) for x, _ in self.pretrain],
                 "scrambled": {str(k): v for k, v in self.scrambled.items()}}
 
 
@@ -144,20 +155,31 @@ def build_corpus(
     scramble_node: int | None = None,
     scramble_fraction: float = 1.0,
     seed: int = 0,
+    pretrain_sequences: int = 0,
+    pretrain_sources: Sequence[str] | None = None,
 ) -> TextCorpus:
     """One node per source: ``train_sequences`` windows of ``context + 1`` bytes each, plus
     ``test_sequences`` held-out windows per source in the shared test set.
 
     ``texts``: the sources' texts themselves (then ``sources`` only names them and nothing is
     read). ``scramble_node``: the node whose sequences (a seeded share ``scramble_fraction``)
-    get their bytes shuffled. Deterministic given ``seed``."""
-    if context < 1 or train_sequences < 1 or test_sequences < 0:
+    get their bytes shuffled. ``pretrain_sequences``: further held-out windows per source,
+    never scrambled and disjoint from the nodes' and the test set's (:attr:`TextCorpus.pretrain`,
+    for a shared model to start from: ``model.init``); adding them leaves the node and test
+    windows as they are. ``pretrain_sources``: take them from these other files instead
+    (``pretrain_sequences`` windows of each, read under ``root``). Deterministic given
+    ``seed``."""
+    if context < 1 or train_sequences < 1 or test_sequences < 0 or pretrain_sequences < 0:
         raise DataError(f"context={context}, train_sequences={train_sequences}, "
-                        f"test_sequences={test_sequences}: need context >= 1, "
-                        "train_sequences >= 1 and test_sequences >= 0")
+                        f"test_sequences={test_sequences}, pretrain_sequences="
+                        f"{pretrain_sequences}: need context >= 1, train_sequences >= 1 and "
+                        "test_sequences, pretrain_sequences >= 0")
     if not 0.0 <= scramble_fraction <= 1.0:
         raise DataError(f"scramble_fraction={scramble_fraction} must be in [0, 1]")
     sources = list(sources)
+    if pretrain_sources and texts is not None:
+        raise DataError("pretrain_sources are read from fortune files; with texts= give "
+                        "pretrain_sources=None")
     if texts is None:
         paths = [Path(root) / s for s in sources]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -176,17 +198,23 @@ def build_corpus(
     if scramble_node is not None and not 0 <= scramble_node < len(sources):
         raise DataError(f"scramble_node={scramble_node} out of range for {len(sources)} "
                         f"sources (valid: 0..{len(sources) - 1})")
-    need = train_sequences + test_sequences
-    nodes, tx, ty, scrambled = [], [], [], {}
+    other = list(pretrain_sources or [])
+    own_pre = 0 if other else pretrain_sequences
+    need = train_sequences + test_sequences + own_pre
+    nodes, tx, ty, scrambled, pre = [], [], [], {}, []
     for k, (name, text) in enumerate(zip(sources, texts, strict=True)):
         win = windows(encode(text), context)
         if len(win) < need:
             raise DataError(f"source {name!r} gives {len(win)} sequences of {context + 1} "
-                            f"bytes, fewer than train_sequences + test_sequences = {need}; "
+                            f"bytes, fewer than train_sequences + test_sequences + "
+                            f"pretrain_sequences = {need}; "
                             "lower them or pick a longer source")
         rng = np.random.default_rng([seed, k, 0x7E47])
         win = win[rng.permutation(len(win))[:need]]
-        test, train = win[:test_sequences], win[test_sequences:].copy()
+        cut = test_sequences + train_sequences
+        test, train, held = win[:test_sequences], win[test_sequences:cut].copy(), win[cut:]
+        if own_pre:
+            pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
         if k == scramble_node:
             srng = np.random.default_rng([seed, k, 0x5C7A])
             m = int(round(scramble_fraction * len(train)))
@@ -197,17 +225,36 @@ def build_corpus(
         nodes.append((train[:, :-1].copy(), train[:, 1:].copy()))
         tx.append(test[:, :-1])
         ty.append(test[:, 1:])
+    for k, name in enumerate(other):
+        path = Path(root) / name
+        if not path.is_file():
+            raise DataError(f"pretraining fortune file not found: {path}; install the Debian "
+                            f"packages (apt-get install {' '.join(FORTUNE_PACKAGES)}) or name "
+                            "other --pretrain-sources")
+        files.extend(file_records([path]))
+        win = windows(encode(read_source(path)), context)
+        if len(win) < pretrain_sequences:
+            raise DataError(f"pretraining source {name!r} gives {len(win)} sequences of "
+                            f"{context + 1} bytes, fewer than pretrain_sequences = "
+                            f"{pretrain_sequences}; lower it or pick a longer source")
+        rng = np.random.default_rng([seed, 1000 + k, 0x7E47])
+        held = win[rng.permutation(len(win))[:pretrain_sequences]]
+        pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
     settings = {"context": context, "train_sequences": train_sequences,
                 "test_sequences": test_sequences, "scramble_node": scramble_node,
-                "scramble_fraction": scramble_fraction, "seed": seed, "root": str(root)}
+                "scramble_fraction": scramble_fraction, "seed": seed, "root": str(root),
+                "pretrain_sequences": pretrain_sequences, "pretrain_sources": other or None}
     return TextCorpus(sources=sources, nodes=nodes,
                       test=(np.concatenate(tx).copy(), np.concatenate(ty).copy()),
-                      scrambled=scrambled, files=files, settings=settings)
+                      scrambled=scrambled, files=files, settings=settings,
+                      pretrain=pre if pretrain_sequences else [])
 
 
 def write_nodes(corpus: TextCorpus, out: str | Path) -> Path:
     """Write ``node_<k>.npz`` (``x``, ``y``) for every node, ``test.npz`` and ``corpus.json``
-    into ``out`` (atomically, file by file); returns ``out``."""
+    into ``out`` (atomically, file by file); with pretraining windows also ``out/pretrain/``
+    (``node_<k>.npz`` of source ``k``'s clean held-out windows and the same ``test.npz``), a
+    nodes folder of its own for the pretraining run. Returns ``out``."""
     import io
 
     from .._util import atomic_write_bytes, write_json
@@ -223,6 +270,11 @@ def write_nodes(corpus: TextCorpus, out: str | Path) -> Path:
     for k, (x, y) in enumerate(corpus.nodes):
         save(out / f"node_{k}.npz", x, y)
     save(out / "test.npz", *corpus.test)
+    if corpus.pretrain:
+        (out / "pretrain").mkdir(exist_ok=True)
+        for k, (x, y) in enumerate(corpus.pretrain):
+            save(out / "pretrain" / f"node_{k}.npz", x, y)
+        save(out / "pretrain" / "test.npz", *corpus.test)
     write_json(out / "corpus.json", corpus.manifest())
     return out
 
@@ -242,12 +294,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scramble-node", type=int, default=None)
     ap.add_argument("--scramble-fraction", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pretrain-sequences", type=int, default=0,
+                    help="clean held-out windows per source for a shared pretrained model "
+                         "(written to OUT/pretrain/)")
+    ap.add_argument("--pretrain-sources", default="",
+                    help="comma-separated other fortune files to take them from instead "
+                         f"('default': {','.join(PRETRAIN_SOURCES)})")
     a = ap.parse_args(argv)
     try:
         corpus = build_corpus([s for s in a.sources.split(",") if s], root=a.root,
                               context=a.context, train_sequences=a.train_sequences,
                               test_sequences=a.test_sequences, scramble_node=a.scramble_node,
-                              scramble_fraction=a.scramble_fraction, seed=a.seed)
+                              scramble_fraction=a.scramble_fraction, seed=a.seed,
+                              pretrain_sequences=a.pretrain_sequences,
+                              pretrain_sources=(list(PRETRAIN_SOURCES)
+                                                if a.pretrain_sources == "default" else
+                                                [s for s in a.pretrain_sources.split(",") if s]))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -54,6 +54,10 @@ class AlignmentSettings(BaseModel):
     per_node_test: bool = False
     first_round: int | None = Field(None, ge=0, description="earliest event round")
     seed: int = 0
+    batch_events: int | None = Field(
+        None, ge=1, description="events replayed / pushed together in DICE-GT and DICE-E "
+        "(default: 32 / 64): peak memory grows with it, not with the number of events; the "
+        "values do not depend on it")
 
 
 def settings_from(cfg: RunConfig) -> AlignmentSettings:
@@ -118,8 +122,9 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
                 for pr in (st.propagation if cv else ["factual"])]
     log(f"DICE-GT: exact counterfactual replay of {len(events)} events x {st.hops} hops "
         f"(about {len(events) * st.hops} rounds of {cfg.topology.n} nodes)")
+    chunk = {} if st.batch_events is None else {"batch_events": st.batch_events}
     gt = ground_truth(traj, events, hops=st.hops, q=st.q, per_node_test=st.per_node_test,
-                      progress=progress)
+                      progress=progress, **chunk)
     ests = {}
     for i, (ro, cv, pr) in enumerate(variants):
         left = len(variants) - i
@@ -129,7 +134,8 @@ def run_alignment(cfg: RunConfig, out: str | Path, *, progress: bool = True,
             f", propagation {pr}{eta}")
         ests[(ro, cv, pr)] = estimate(
             traj, events, hops=st.hops, curvature=cv, readout=ro, propagation=pr,
-            paths=st.paths, q=st.q, per_node_test=st.per_node_test, progress=progress)
+            paths=st.paths, q=st.q, per_node_test=st.per_node_test, progress=progress,
+            **chunk)
     results = []
     for r in range(1, st.hops + 1):
         g = gt.values(r).numpy()

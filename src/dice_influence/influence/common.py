@@ -122,6 +122,14 @@ def factual_path(traj: Any, start: int, stop: int
     return out
 
 
+def mix_each(mixer: Any, theta: torch.Tensor) -> torch.Tensor:
+    """Gossip ``R`` stacked networks ``(R, n, d)`` one network at a time (each an ``(n, d)``
+    product, the shape training uses). One product over all ``R`` networks at once gives
+    different last bits for different ``R`` (the BLAS blocking depends on the column count),
+    so this keeps DICE-GT and DICE-E bit-identical however the events are chunked."""
+    return torch.stack([mixer(th) for th in theta])
+
+
 def node_weights(n: int, q: str | Sequence[float] | None) -> torch.Tensor:
     """Node weights ``q_k``: ``"uniform"`` (1/n, default), ``"one"`` (the authors' code) or
     an explicit non-negative vector."""

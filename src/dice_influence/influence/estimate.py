@@ -44,6 +44,7 @@ from .common import (
     Event,
     InfluenceResult,
     factual_path,
+    mix_each,
     node_weights,
     reach_masks,
     validate_events,
@@ -85,7 +86,9 @@ def estimate(
     docstring); ``propagation``: ``"factual"`` or ``"midpoint"`` (where each later step's
     Jacobian is taken). Cost: ``hops`` rounds of one Jacobian-vector product per node and event
     (linear in ``hops``), one factual replay of the ``hops`` rounds per event round, and one
-    test gradient per node and round (per event and node for ``readout="midpoint"``)."""
+    test gradient per node and round (per event and node for ``readout="midpoint"``).
+    ``batch_events`` events are pushed together: peak memory grows with it, not with the
+    number of events; the values do not depend on it, to the bit."""
     readout = check_readout(readout)
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation={propagation!r}; choose one of {PROPAGATIONS}")
@@ -236,7 +239,7 @@ def _tangent_chunk(p: Any, path: _Factual, events: list[Event], hops: int, curva
         r = t + s - 1  # the round whose gossip brings the tangent to round t+s
         mix = p.mixer(r) if paths == "exact" else _off_diagonal(p, r)
         with torch.no_grad():
-            dtheta = mix(dtheta)  # optimizer state is local: it is not gossiped
+            dtheta = mix_each(mix, dtheta)  # optimizer state is local: it is not gossiped
             res[:, s, :] = _readout(p, path, s, dtheta, readout, per_node_test)
         if s < hops and curvature:
             dtheta, dstate = _step_jvp(p, path.thetas[s], path.states[s], t + s, dtheta,

@@ -20,7 +20,14 @@ import torch
 
 from .._util import progress_bar
 from ..gossip import functional_step, node_losses, repeat_rows
-from .common import Event, InfluenceResult, node_weights, reach_masks, validate_events
+from .common import (
+    Event,
+    InfluenceResult,
+    mix_each,
+    node_weights,
+    reach_masks,
+    validate_events,
+)
 
 
 def removal_weights(events: Sequence[Event], n: int, batch_size: int, dtype: torch.dtype,
@@ -79,7 +86,8 @@ def ground_truth(
 
     Returns an :class:`InfluenceResult` (positive = harmful) whose ``per_node[e, s, k]`` is
     ``L(θ_k^{t+s}) − L(θ̃_k^{t+s})`` (``s = 0``: the source's half step). ``batch_events``
-    counterfactual networks are replayed together."""
+    counterfactual networks are replayed together (peak memory grows with it, not with the
+    number of events; the values do not depend on it, to the bit)."""
     t0 = time.perf_counter()
     events = validate_events(traj, events, hops)
     p = traj.problem
@@ -117,11 +125,11 @@ def _replay_chunk(p: Any, theta_t: torch.Tensor, state_t: torch.Tensor | None, t
         lh = test_losses(p, half, per_node_test).double()
         src = torch.tensor([e.node for e in events])
         res[torch.arange(len(events)), 0, src] = lh[0, src] - lh[1 + torch.arange(len(events)), src]
-        theta = p.mixer(t)(half)
+        theta = mix_each(p.mixer(t), half)
         for s in range(1, hops + 1):
             ls = test_losses(p, theta, per_node_test).double()
             res[:, s, :] = ls[0] - ls[1:]
             if s < hops:
                 half, state = batched_local_step(p, theta, state, t + s)
-                theta = p.mixer(t + s)(half)
+                theta = mix_each(p.mixer(t + s), half)
     return res
