@@ -179,9 +179,12 @@ def self_influence_scores(traj: Any, node: np.ndarray, pos: np.ndarray,
     return total.numpy()[node, pos]
 
 
-def window_scores(traj: Any, window: int, node: np.ndarray, pos: np.ndarray) -> np.ndarray:
+def window_scores(traj: Any, window: int, node: np.ndarray, pos: np.ndarray,
+                  progress: bool = False) -> np.ndarray:
     """One-hop window attribution of every draw (``attribute(target="hops", hops=1)``,
-    windows of ``window`` rounds), summed over each sample's draws."""
+    windows of ``window`` rounds), summed over each sample's draws (``progress``: a bar over
+    the windows)."""
+    from .._util import progress_bar
     from ..influence.adjoint import attribute
 
     p = traj.problem
@@ -189,12 +192,15 @@ def window_scores(traj: Any, window: int, node: np.ndarray, pos: np.ndarray) -> 
     total = torch.zeros(n * m, dtype=torch.float64)
     base = (torch.arange(n) * m)[:, None]
     T = traj.rounds_done
-    for t0 in range(0, T - 1, window):
-        t1 = min(t0 + window, T - 1)
-        a = attribute(traj, (t0, t1), target="hops", hops=1)
-        for i, r in enumerate(a.rounds):
-            flat = (base + p.batches.indices(r)).reshape(-1)
-            total.index_add_(0, flat, a.scores[i].reshape(-1))
+    starts = range(0, T - 1, window)
+    with progress_bar(progress, len(starts), "window attribution") as advance:
+        for t0 in starts:
+            t1 = min(t0 + window, T - 1)
+            a = attribute(traj, (t0, t1), target="hops", hops=1)
+            for i, r in enumerate(a.rounds):
+                flat = (base + p.batches.indices(r)).reshape(-1)
+                total.index_add_(0, flat, a.scores[i].reshape(-1))
+            advance()
     return total.reshape(n, m).numpy()[node, pos]
 
 
@@ -259,7 +265,7 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
               "self_influence": self_influence_scores(traj, node, pos),
               "random": np.random.default_rng([cfg.seed, 0xC1EA]).random(len(dice))}
     say(f"    baselines: one-hop window attribution, windows of {ex.window} rounds ...")
-    scores["window"] = window_scores(traj, ex.window, node, pos)
+    scores["window"] = window_scores(traj, ex.window, node, pos, progress=progress)
     kk = int(bad.sum())
     detection = {m: {"auroc": auroc(s, bad), "precision_at_k": precision_at(s, bad, kk)}
                  for m, s in scores.items()}
