@@ -120,3 +120,27 @@ def test_contribution_observer_sweep_announces_itself(monkeypatch):
         Loop(problem, [obs]).run(theta, problem.opt.init_state(theta), 0, 3)
     assert seen == [(True, 3, "contribution: reverse sweep"),
                     (False, 3, "contribution: reverse sweep")]
+
+
+def test_bench_progress_rerun_of_one_workload_keeps_the_others(tmp_path, monkeypatch):
+    """`dice bench progress --workloads X` replaces X's record and keeps every other one."""
+    import json
+
+    import dice_influence.bench.progress as BP
+
+    calls: list[str] = []
+
+    def fake_watch(argv, **kw):
+        calls.append(argv[-1])
+        return {"exit_code": 0, "timed_out": False, "seconds": 1.0, "lines": 1,
+                "longest_gap_s": float(len(calls)), "gap_starts_at_s": 0.0,
+                "gap_after_line": "(start)", "gap_ends_with_line": "", "events": []}
+
+    monkeypatch.setattr(BP, "watch", fake_watch)
+    out = tmp_path / "gaps.json"
+    BP.bench_progress(out=out, only=["demo", "snippet"], log=lambda _m: None)
+    BP.bench_progress(out=out, only=["snippet"], log=lambda _m: None)
+    doc = json.loads(out.read_text())
+    assert [r["workload"] for r in doc["results"]] == ["demo", "snippet"]
+    assert [r["longest_gap_s"] for r in doc["results"]] == [1.0, 3.0]
+    assert doc["records_kept_from_an_earlier_run"] == ["demo"]

@@ -11,6 +11,7 @@ long; recorded) and the README's Python API snippet. Numbers go to JSON, never a
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import pty
@@ -137,11 +138,18 @@ def watch(argv: list[str], *, timeout: float = 1800.0, cwd: Path = ROOT,
 def bench_progress(*, out: str | Path | None = None, only: list[str] | None = None,
                    timeout: float = 1800.0, keep_events: bool = False,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every command (or those in ``only``); write and return the JSON."""
+    """Measure every command (or those in ``only``); write and return the JSON. With ``only``,
+    the records of the other workloads already in ``out`` are kept (a partial rerun never drops
+    earlier measurements; each record carries its own load averages)."""
     results = []
+    kept: list[dict[str, Any]] = []
+    if only and out is not None and Path(out).exists():
+        old = json.loads(Path(out).read_text()).get("results", [])
+        kept = [r for r in old if r.get("workload") not in set(only)]
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dice-bench-progress-") as tmpd:
         cmds = commands(Path(tmpd))
+        order = {w: i for i, w in enumerate(cmds)}
         if only:
             unknown = sorted(set(only) - set(cmds))
             if unknown:
@@ -164,8 +172,11 @@ def bench_progress(*, out: str | Path | None = None, only: list[str] | None = No
                             "loadavg_after": os.getloadavg()[0], **res})
             log(f"  {name}: {res['seconds']:.1f} s, longest silence {res['longest_gap_s']:.1f} s "
                 f"after {res['gap_after_line'][:70]!r} (exit {res['exit_code']})")
+    if kept:
+        results = sorted(kept + results, key=lambda r: order.get(r["workload"], len(order)))
     doc = {
         "benchmark": "progress",
+        "records_kept_from_an_earlier_run": [r["workload"] for r in kept],
         "what": "longest time (s) between two changes of what the terminal shows, each command "
                 "under a pseudo-terminal; the target is <= 5 s on a quiet machine",
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
