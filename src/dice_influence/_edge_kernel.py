@@ -10,7 +10,6 @@ stays in cache (measured: column blocking was slower; the kernel is bound by mem
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -23,11 +22,10 @@ ENABLED = True
 
 @lru_cache(maxsize=1)
 def _compiled() -> Callable | None:
-    if os.environ.get("DICE_NO_NUMBA"):
-        return None
-    try:
-        import numba as nb
-    except ImportError:
+    from ._kernels import numba_module
+
+    nb = numba_module()
+    if nb is None:
         return None
 
     @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})  # NaN/inf kept

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +21,22 @@ import torch
 BLOCK = 1024  # columns per block (measured: 1024 beats 256 and 4096 at n = 1024, d = 109k)
 
 
-@lru_cache(maxsize=1)
-def _compiled() -> Callable | None:
+def numba_module() -> Any:
+    """The ``numba`` module, or None when it is not installed or switched off with
+    ``DICE_NO_NUMBA=1`` (every compiled kernel of the project asks here)."""
     if os.environ.get("DICE_NO_NUMBA"):
         return None
     try:
-        import numba as nb
+        import numba
     except ImportError:
+        return None
+    return numba
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> Callable | None:
+    nb = numba_module()
+    if nb is None:
         return None
 
     @nb.njit(parallel=True, cache=True, nogil=True)
