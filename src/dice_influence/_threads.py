@@ -1,11 +1,12 @@
 """How many intra-op (OpenMP) threads torch uses: one rule for every entry point.
 
-On the small models of this project a second thread buys nothing on a quiet machine (plain
-training of the 50-node Fashion-MNIST MLP: 0.0108 vs 0.0107 s/round) and costs a lot where the
+On the smallest runs of this project (the demo, the digits experiments: per-round work of
+1e6-4e6) a second thread buys at most 4 % on a quiet machine, and it costs a lot where the
 cores are shared: a parallel region waits for its slowest thread, and a thread that shares its
-core with another job runs at a fraction of the speed. Larger per-round work does pay on idle
-cores (the same run tracking proximal influence every round, i.e. per-node test gradients:
-0.032 vs 0.022 s/round; ``benchmarks/bench-proximal*.json``). So the rule
+core with another job runs at a fraction of the speed. From about 1e7 it pays on idle cores
+(plain training of the Fashion-MNIST MLP on 8 / 16 / 32 / 50 nodes, 1.3e7-8.1e7: 1.31x / 1.35x /
+1.68x / 1.66x faster with two; measured with ``run_rounds`` after numba's thread reset was
+fixed, which had made earlier "one thread" timings run on two). So the rule
 (:func:`choose_threads`) is:
 
 1. an explicit count wins: ``--threads`` on the command line (:func:`request`), then
@@ -35,12 +36,11 @@ import sys
 import time
 from typing import Any
 
-WORK_PER_EXTRA_THREAD = 1.0e8
+WORK_PER_EXTRA_THREAD = 1.0e7
 """Per-round work (``n × d × (B + T)``) from which a second thread is considered: plain training
-of the 50-node Fashion-MNIST MLP is 8e7 (no gain from a second thread), the same run tracking
-proximal influence every round 2.5e8 (1.45x faster with two), the 256-node Fashion-MNIST run
-1.8e9; the demo 6e5, the alignment experiment 4e6, the contribution experiment 1e6 (+ its test
-gradients)."""
+of the 8-node Fashion-MNIST MLP (784-64-10) is 1.3e7 (1.31x faster with two threads on an idle
+2-core machine), 50 nodes 8.1e7 (1.66x), the 256-node benchmark run 1.8e9; below it: the demo
+6e5, the alignment experiment 4e6, the contribution experiment 1e6 (+ its test gradients)."""
 
 SAMPLE_S = 0.1
 """Seconds over which idle cores are measured (only for work above the threshold)."""
