@@ -84,20 +84,7 @@ def _compiled() -> Callable | None:
                         o[c] += w0 * x0[c]
                     p += 1
 
-    from ._threads import sync_numba
-
-    sync_numba()  # numba's threads = the thread rule's count (its start-up resets torch's)
     return spmm
-
-
-def _numba_threads(k: int) -> None:
-    """Run the kernel on the thread count torch was given (dice_influence._threads), not on
-    numba's default of every core."""
-    import numba
-
-    k = max(1, min(k, numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != k:
-        numba.set_num_threads(k)
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -116,6 +103,8 @@ def csr_kernel(csr: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], bool
     fn = _compiled()
     if fn is None:
         return None
+    from ._threads import sync_numba
+
     indptr = csr.crow_indices().cpu().numpy().astype(np.int64)
     indices = csr.col_indices().cpu().numpy().astype(np.int64)
     vals = {torch.float32: csr.values().cpu().numpy().astype(np.float32),
@@ -126,7 +115,7 @@ def csr_kernel(csr: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], bool
                 or not (_plain(theta) and _plain(out)) or out.data_ptr() == theta.data_ptr():
             return False
         k = torch.get_num_threads()
-        _numba_threads(k)
+        sync_numba(k)  # the kernel runs on torch's count, not numba's default of every core
         fn(indptr, indices, vals[theta.dtype], theta.numpy(), out.numpy(), BLOCK)
         if torch.get_num_threads() != k:  # numba's OpenMP start-up set the process's count
             torch.set_num_threads(k)

@@ -190,20 +190,22 @@ def use_threads(work: float | None = None, *, threads: int | None = None) -> int
     return k
 
 
-def sync_numba() -> None:
-    """Give numba's parallel kernels the decided count, then re-apply it to torch: numba's
-    OpenMP layer, when it starts, sets OpenMP's count for the calling thread to all cores,
-    which torch then reads as its own. Before any decision: torch's current count. No-op until
-    numba is imported."""
+def sync_numba(k: int | None = None) -> None:
+    """Give numba's parallel kernels ``k`` threads (default: the decided count, before any
+    decision torch's current one), then re-apply ``k`` to torch: numba's OpenMP layer, when it
+    starts, sets OpenMP's count for the calling thread to all cores, which torch then reads as
+    its own. No-op until numba is imported; cheap when nothing changes (the compiled gossip
+    kernel calls it every round)."""
     nb = sys.modules.get("numba")
     if nb is None:
         return
     import torch
 
-    k = _last.get("threads") or torch.get_num_threads()
-
+    k = int(k or _last.get("threads") or torch.get_num_threads())
     try:
-        nb.set_num_threads(max(1, min(int(k), nb.config.NUMBA_NUM_THREADS)))
+        m = max(1, min(k, nb.config.NUMBA_NUM_THREADS))
+        if nb.get_num_threads() != m:
+            nb.set_num_threads(m)
     except (ValueError, RuntimeError, AttributeError):  # pragma: no cover - odd numba setups
         pass
     if torch.get_num_threads() != k:
