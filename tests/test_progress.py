@@ -144,3 +144,16 @@ def test_bench_progress_rerun_of_one_workload_keeps_the_others(tmp_path, monkeyp
     assert [r["workload"] for r in doc["results"]] == ["demo", "snippet"]
     assert [r["longest_gap_s"] for r in doc["results"]] == [1.0, 3.0]
     assert doc["records_kept_from_an_earlier_run"] == ["demo"]
+
+
+def test_read_benchmark_keeps_only_its_own_readable_file(tmp_path):
+    """What a partial benchmark rerun may keep: the same benchmark's readable JSON, else nothing."""
+    from dice_influence._util import read_benchmark
+
+    f = tmp_path / "b.json"
+    assert read_benchmark(f, "train") is None and read_benchmark(None, "train") is None
+    f.write_text('{"benchmark": "train", "results": [{"n": 4}]}')
+    assert read_benchmark(f, "train") == {"benchmark": "train", "results": [{"n": 4}]}
+    assert read_benchmark(f, "progress") is None
+    f.write_text('{"benchmark": "tra')
+    assert read_benchmark(f, "train") is None

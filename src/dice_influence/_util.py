@@ -151,6 +151,19 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
+def read_benchmark(path: str | Path | None, benchmark: str) -> dict[str, Any] | None:
+    """The JSON an earlier run of ``benchmark`` wrote at ``path`` (its ``"benchmark"`` key), so
+    that a partial rerun can keep the records it does not replace; None when there is no such
+    file, it cannot be read, or another benchmark wrote it."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("benchmark") == benchmark else None
+
+
 def json_safe(o: Any) -> Any:
     """``o`` with arrays/tensors as lists, numpy/torch scalars as Python numbers and
     non-finite floats as ``None``."""

@@ -11,7 +11,6 @@ long; recorded) and the README's Python API snippet. Numbers go to JSON, never a
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import pty
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._util import write_json
+from .._util import read_benchmark, write_json
 
 ROOT = Path(__file__).resolve().parents[3]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
@@ -142,10 +141,8 @@ def bench_progress(*, out: str | Path | None = None, only: list[str] | None = No
     the records of the other workloads already in ``out`` are kept (a partial rerun never drops
     earlier measurements; each record carries its own load averages)."""
     results = []
-    kept: list[dict[str, Any]] = []
-    if only and out is not None and Path(out).exists():
-        old = json.loads(Path(out).read_text()).get("results", [])
-        kept = [r for r in old if r.get("workload") not in set(only)]
+    old = read_benchmark(out, "progress") if only else None
+    kept = [r for r in (old or {}).get("results", []) if r.get("workload") not in set(only or [])]
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dice-bench-progress-") as tmpd:
         cmds = commands(Path(tmpd))

@@ -141,16 +141,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 def _kept(out: str | Path | None, loads: tuple[str, ...], commands: dict[str, str]
           ) -> list[dict[str, Any]]:
     """Records of the phases not run now from an existing JSON of the same workloads."""
-    import json
+    from .._util import read_benchmark
 
-    if out is None or set(loads) == set(LOADS) or not Path(out).is_file():
-        return []
-    try:
-        old = json.loads(Path(out).read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(old, dict) or old.get("benchmark") != "threads" or \
-            _shape(old.get("workloads", {})) != _shape(commands):
+    old = None if set(loads) == set(LOADS) else read_benchmark(out, "threads")
+    if old is None or _shape(old.get("workloads", {})) != _shape(commands):
         return []
     return [r for r in old.get("results", []) if r.get("load") not in loads]
 

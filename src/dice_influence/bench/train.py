@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._util import write_json
+from .._util import read_benchmark, write_json
 
 
 def _timeit(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
@@ -164,10 +164,8 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
     ``keep_others``: keep the records of other ``n`` already in ``out`` (each record carries
     its own load average and thread count). ``config``: time that run config (its model, data,
     loss, batch; ``n`` from ``ns``) instead of the built-in Fashion-MNIST MLP setting."""
-    results = []
-    if keep_others and out is not None and Path(out).exists():
-        old = json.loads(Path(out).read_text()).get("results", [])
-        results = [r for r in old if r["n"] not in ns]
+    old = read_benchmark(out, "train") if keep_others else None
+    results = [r for r in (old or {}).get("results", []) if r["n"] not in ns]
     for n in ns:
         log(f"bench train: n={n} ...")
         cmd = [sys.executable, "-m", "dice_influence.bench.train", "train-one", str(n), str(rounds),
