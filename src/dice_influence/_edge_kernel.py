@@ -16,14 +16,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ._kernels import _plain, numba_module
+
 ENABLED = True
 """Use the compiled kernel when available (benchmarks switch it off to compare)."""
 
 
 @lru_cache(maxsize=1)
 def _compiled() -> Callable | None:
-    from ._kernels import numba_module
-
     nb = numba_module()
     if nb is None:
         return None
@@ -48,12 +48,10 @@ def edge_dots(a: torch.Tensor, b: torch.Tensor, rows: np.ndarray, cols: np.ndarr
     matrices of one dtype (the caller then takes the dense product)."""
     fn = _compiled() if ENABLED else None
     if fn is None or a.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0 \
-            or a.dtype != b.dtype or a.dtype not in (torch.float32, torch.float64):
+            or a.dtype != b.dtype:
         return None
-    for t in (a, b):
-        if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad \
-                or torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return None
+    if not all(_plain(t) and not t.requires_grad for t in (a, b)):
+        return None
     out = np.empty(len(rows), dtype=np.float64)
     fn(a.numpy(), b.numpy(), np.ascontiguousarray(rows, dtype=np.int64),
        np.ascontiguousarray(cols, dtype=np.int64), out)
