@@ -12,7 +12,6 @@ for seeds / epochs of 2**32 and more, the caller uses NumPy itself.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -23,12 +22,12 @@ LIMIT = 1 << 32  # SeedSequence splits larger integers into several words: NumPy
 
 @lru_cache(maxsize=1)
 def _compiled() -> tuple[Callable, Callable] | None:
-    if os.environ.get("DICE_NO_NUMBA"):
+    from ._kernels import numba_module
+
+    if numba_module() is None:
         return None
-    try:
-        from ._perm_numba import batch_rows, permutation
-    except ImportError:
-        return None
+    from ._perm_numba import batch_rows, permutation
+
     return batch_rows, permutation
 
 
