@@ -296,11 +296,15 @@ class Loop:
 
             use_threads_for(problem, self._test_rows())
 
+    def _per_node_test(self) -> bool:
+        """Whether the receivers read their own test splits (else the shared test set)."""
+        return self._test_set == "own" or (self._test_set == "auto"
+                                           and self.problem.node_test is not None)
+
     def _test_rows(self) -> int:
         """Test samples per node whose gradients :meth:`_test_grads` takes (0 if none)."""
         p = self.problem
-        per_node = self._test_set == "own" or (self._test_set == "auto"
-                                               and p.node_test is not None)
+        per_node = self._per_node_test()
         if per_node and p.node_test is None:
             return 0  # refused with a clear error when first used
         rows = int(p.test_set(per_node)[1].shape[-1])
@@ -321,10 +325,8 @@ class Loop:
         from ._mlp import grads  # the built-in MLP's batched pass, else torch.func
 
         if self._test is None:
-            p = self.problem
-            per_node = self._test_set == "own" or (
-                self._test_set == "auto" and p.node_test is not None)
-            x, y = p.test_set(per_node)
+            per_node = self._per_node_test()
+            x, y = self.problem.test_set(per_node)
             if per_node and self._test_batch is not None and self._test_batch < y.shape[1]:
                 x, y = x[:, : self._test_batch].contiguous(), y[:, : self._test_batch].contiguous()
             self._test = (x, y)
