@@ -18,15 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..influence import proximal as _prox
-from ..influence.proximal import (
-    READOUTS,
-    ProximalTracker,
-    dot_matrix,
-    edge_matrix,
-    edge_support,
-    support_edges,
-)
+from ..influence.proximal import READOUTS, ProximalTracker, dot_matrix, edge_support, support_edges
 from ..loop import Observer, RoundView
 
 
@@ -81,9 +73,7 @@ class ProximalObserver(Observer):
         if key != self._support_key:  # a static schedule: once
             self._support, self._support_key = edge_support(*Ws), key
             self._edges = support_edges(self._support)
-        S = edge_matrix(G, view.update(), self._edges, self._support.shape) \
-            if _prox.SPARSE_DOTS else None
-        return S if S is not None else dot_matrix(G, view.update(), self._support)
+        return dot_matrix(G, view.update(), self._support, edges=self._edges)
 
     def before_gossip(self, view: RoundView) -> None:
         self._S = None

@@ -44,17 +44,19 @@ SPARSE_DOTS = True
 benchmarks and tests switch it off to compare)."""
 
 
-def dot_matrix(G: torch.Tensor, U: torch.Tensor, support: np.ndarray | None = None
-               ) -> torch.Tensor:
+def dot_matrix(G: torch.Tensor, U: torch.Tensor, support: np.ndarray | None = None, *,
+               edges: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
     """``S[k, j] = G_k · u_j`` (n_G, n_U) in float64; non-finite entries (a diverged sender or
     receiver) become ``+inf``: a malformed update is treated as maximally harmful.
 
     ``support`` (bool, same shape): the entries the caller reads. When it is at most a quarter
     of the matrix (and the compiled edge kernel is available) only those entries are computed
     (:func:`dice_influence._edge_kernel.edge_dots`) and the others are 0; the values equal the
-    dense product's up to float rounding."""
+    dense product's up to float rounding. ``edges``: :func:`support_edges` of ``support``
+    when the caller keeps it (a static schedule), else computed here."""
     if support is not None and SPARSE_DOTS:
-        S = edge_matrix(G, U, support_edges(support), support.shape)
+        S = edge_matrix(G, U, edges if edges is not None else support_edges(support),
+                        support.shape)
         if S is not None:
             return S
     S = (G @ U.T).to(torch.float64)
