@@ -249,6 +249,7 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
     from ..influence.wholerun import replay_without
     from ..simulator import train
 
+    say = log or (lambda _m: None)
     scfg = _scenario_cfg(cfg, sc)
     t = time.perf_counter()
     traj = train(scfg, progress=progress)
@@ -259,7 +260,6 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
     t_sweep = time.perf_counter() - t
     node, pos, bad = dice.node, dice.position, dice.corrupted
     theta_T = traj.params_at(traj.rounds_done)[0]
-    say = log or (lambda _m: None)
     say("    baselines: per-sample loss at the end, self-influence over the run ...")
     scores = {"dice": dice.score, "loss": loss_scores(p, theta_T, node, pos),
               "self_influence": self_influence_scores(traj, node, pos),
@@ -269,9 +269,8 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
     kk = int(bad.sum())
     detection = {m: {"auroc": auroc(s, bad), "precision_at_k": precision_at(s, bad, kk)}
                  for m, s in scores.items()}
-    if log:
-        log(f"    {sc.name}: trained {t_train:.1f} s, sweep {t_sweep:.1f} s; AUROC "
-            + ", ".join(f"{m} {_f(d['auroc'])}" for m, d in detection.items()))
+    say(f"    {sc.name}: trained {t_train:.1f} s, sweep {t_sweep:.1f} s; AUROC "
+        + ", ".join(f"{m} {_f(d['auroc'])}" for m, d in detection.items()))
     fid = None
     if fidelity and ex.fidelity_samples:
         rng = np.random.default_rng([cfg.seed, 0xF1D])
@@ -286,10 +285,9 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
                "sign_agreement": float(np.mean(np.sign(est) == np.sign(gt))),
                "samples": [{"node": int(node[i]), "position": int(pos[i]), "dice": float(e),
                             "gt": float(g)} for i, e, g in zip(pick, est, gt, strict=True)]}
-        if log:
-            log(f"    fidelity vs exact replay ({len(pick)} samples): Pearson "
-                f"{fid['pearson']:.3f}, Spearman {fid['spearman']:.3f}, sign "
-                f"{fid['sign_agreement']:.2f}")
+        say(f"    fidelity vs exact replay ({len(pick)} samples): Pearson "
+            f"{fid['pearson']:.3f}, Spearman {fid['spearman']:.3f}, sign "
+            f"{fid['sign_agreement']:.2f}")
     # the corrupted samples dice ranks as least harmful, replayed exactly: are they missed by
     # the estimate, or is their removal truly no help to the test loss?
     lowest = None
@@ -301,10 +299,9 @@ def run_scenario(cfg: RunConfig, ex: CleaningConfig, sc: Scenario, *, fidelity: 
         lowest = {"samples": len(low), "dice": dice.score[low].tolist(), "gt": gt_low.tolist(),
                   "dice_helpful_fraction": float(np.mean(dice.score[low] < 0)),
                   "gt_helpful_fraction": float(np.mean(gt_low < 0))}
-        if log:
-            log(f"    the {len(low)} corrupted samples dice scores lowest: exact replay finds "
-                f"{np.mean(gt_low < 0):.0%} of them helpful (dice: "
-                f"{np.mean(dice.score[low] < 0):.0%})")
+        say(f"    the {len(low)} corrupted samples dice scores lowest: exact replay finds "
+            f"{np.mean(gt_low < 0):.0%} of them helpful (dice: "
+            f"{np.mean(dice.score[low] < 0):.0%})")
     # retraining without the top-k of each method (and without exactly the corrupted ones)
     N, n, m = len(dice), p.n, p.node_data.max_size
     masks, keys = [], []
