@@ -13,6 +13,11 @@ from ..cli_support import console, esc, friendly, overwrite_option
 from ..folders import claim_file
 
 
+def _log(message: str) -> None:
+    """A benchmark's progress line, printed as plain text (it may quote a command's output)."""
+    console.print(message, markup=False, highlight=False)
+
+
 def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
     """Add the ``dice bench`` commands."""
 
@@ -42,7 +47,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
             nodes = str(n_cfg) if nodes == "4,16,64,256" else nodes
         ns = [int(v) for v in nodes.split(",") if v.strip()]
         res = run(ns, rounds=rounds, loop_max=loop_max, out=json_path, data_dir=data_dir,
-                  keep_others=keep_others, log=console.print, config=config)
+                  keep_others=keep_others, log=_log, config=config)
         table = Table(title=f"dice bench train ({res['setting']})" if config is not None else
                       "dice bench train (MLP 784-128-64-10, Fashion-MNIST, batch 64)")
         for col in ("n", "vectorized s/round", "floor s/round", "ratio", "loop s/round",
@@ -73,7 +78,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         from .influence import bench_influence
 
         res = bench_influence(max_hops=max_hops, batched=batched, out=json_path,
-                              log=console.print)
+                              log=_log)
         t = Table(title="dice bench influence (s per event)")
         for c in ("hops", "GT x1", f"GT x{batched}", "E lin x1", f"E lin x{batched}",
                   f"E mid x{batched}"):
@@ -111,7 +116,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         from .wholerun import bench_wholerun
 
         res = bench_wholerun(out=json_path, repeats=repeats, fmnist_nodes=nodes,
-                             fmnist_rounds=rounds, window=window, log=console.print)
+                             fmnist_rounds=rounds, window=window, log=_log)
         for r in res["results"]:
             m = r["memory"]
             console.print(f"{r['setting']}: sweep {r['sweep_seconds']:.2f} s = "
@@ -160,7 +165,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         from .contribution import DEFAULT_CONFIGS, bench_contribution
 
         res = bench_contribution(config or DEFAULT_CONFIGS, repeats=repeats, out=json_path,
-                                 log=lambda m: console.print(m, markup=False))
+                                 log=_log)
         for r in res["results"]:
             for arm, a in r["arms"].items():
                 console.print(f"{r['config']} [{arm}]: {a['online_overhead']:.2f}x plain "
@@ -188,7 +193,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         claim_file(json_path, "threads", overwrite=overwrite)
         only = [w.strip() for w in workloads.split(",") if w.strip()]
         res = bench_threads(out=json_path, quick=quick, only=only, timeout=timeout,
-                            loads=LOADS if load == "both" else (load,), log=console.print)
+                            loads=LOADS if load == "both" else (load,), log=_log)
         t = Table(title="dice bench threads (wall-clock s per command)")
         t.add_column("workload")
         for load in LOADS:
@@ -219,7 +224,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
 
         only = [w.strip() for w in workloads.split(",") if w.strip()] or None
         res = bench_progress(out=json_path, only=only, timeout=timeout, keep_events=events,
-                             log=console.print)
+                             log=_log)
         t = Table(title="dice bench progress (longest silence under a terminal)")
         for c in ("workload", "settings", "seconds", "longest silence s", "after"):
             t.add_column(c)
@@ -244,7 +249,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         from .distributed import bench_distributed as run
 
         ns = [int(v) for v in peers.split(",") if v.strip()]
-        res = run(ns, rounds=rounds, out=json_path, log=console.print)
+        res = run(ns, rounds=rounds, out=json_path, log=_log)
         table = Table(title=f"dice bench distributed ({res['setting']})")
         for col in ("peers", "p2p rounds/s", "simulator rounds/s", "slowdown", "bytes/peer/round"):
             table.add_column(col, justify="right")
