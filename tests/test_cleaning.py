@@ -70,3 +70,38 @@ def test_bad_settings_are_named():
         C.parse_experiment(_cfg(removal_fractions=[1.5]))
     with pytest.raises(ConfigError, match="names must differ"):
         C.parse_experiment(_cfg(scenarios=[{"name": "a", "corruptions": []}] * 2))
+
+
+def test_poisoning_scenario_flags_exactly_the_relabelled_samples():
+    """The targeted-poisoning scenario (a label_flip with a permutation that moves only the 3s
+    to 8): the corrupted flags are exactly the samples whose label changed, all once 3s."""
+    from dice_influence.problem import build_problem
+
+    ex = C.parse_experiment(load_config({
+        "seed": 0, "data": {"dataset": "digits", "samples_per_node": 40},
+        "topology": {"name": "ring", "n": 16}, "train": {"rounds": 2}}))
+    poison = next(s for s in ex.scenarios if s.name == "poison-3-as-8")
+    cfg = _cfg(scenarios=[poison.model_dump(mode="json")])
+    cfg = cfg.model_copy(update={"topology": cfg.topology.model_copy(update={"n": 16})})
+    clean = build_problem(C._scenario_cfg(cfg, None)).node_data
+    bad = build_problem(C._scenario_cfg(cfg, poison)).node_data
+    changed = bad.y != clean.y
+    assert bool(changed.any()) and bool((changed == bad.corrupted).all())
+    assert bool((clean.y[changed] == 3).all()) and bool((bad.y[changed] == 8).all())
+    # about half of the 3s on every node (only the drawn half of the samples is touched)
+    share = changed.sum().item() / (clean.y == 3).sum().item()
+    assert 0.3 < share < 0.7
+
+
+def test_test_fraction_moves_the_held_out_split_and_is_refused_where_the_split_is_fixed():
+    from dice_influence.problem import build_problem
+
+    base = {"seed": 0, "data": {"dataset": "digits", "samples_per_node": 40,
+                                "validation_samples": 300}, "topology": {"name": "ring", "n": 4}}
+    p = build_problem(load_config({**base, "data": {**base["data"], "test_fraction": 0.28}}))
+    assert p.dataset.y_test.shape[0] == pytest.approx(0.28 * 1797, abs=10)
+    assert p.val_y.shape[0] == 300
+    assert build_problem(load_config(base)).dataset.y_test.shape[0] == pytest.approx(
+        0.2 * 1797, abs=10)
+    with pytest.raises(ConfigError, match="official test split"):
+        build_problem(load_config({"data": {"dataset": "fashion-mnist", "test_fraction": 0.3}}))

@@ -80,6 +80,9 @@ class DataConfig(_Strict):
     validation_samples: int | None = Field(
         None, ge=1, description="size of the shared test set z' (default: the whole test split)"
     )
+    test_fraction: float | None = Field(
+        None, gt=0, lt=1, description="digits and synthetic only (the others have an official "
+        "split): share of the data set held out as the test split (default 0.2)")
     corruptions: list[CorruptionConfig] = []
     size_multipliers: list[float] | None = Field(
         None, description="node k holds round(m_k * samples_per_node) samples (iid partition)"

@@ -319,7 +319,12 @@ def load_run_data(cfg: RunConfig, only: int | None = None
     elif dc.dataset == "nodes":
         ds, parts = load_nodes(dc.path or "", cfg.topology.n, only=only)
     else:
-        ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed)
+        if dc.test_fraction is not None and dc.dataset not in ("digits", "synthetic"):
+            raise ConfigError(f"data.test_fraction={dc.test_fraction}: {dc.dataset} has an "
+                              "official test split; remove data.test_fraction")
+        ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed,
+                            **({} if dc.test_fraction is None
+                               else {"test_fraction": dc.test_fraction}))
     from ._init_load import init_files
 
     extra = (*(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),

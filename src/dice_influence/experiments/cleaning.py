@@ -63,6 +63,10 @@ def _default_scenarios() -> list[Scenario]:
             kind="label_flip", nodes=list(range(16)), fraction=0.05)]),
         Scenario(name="noisy-node", corruptions=[CorruptionConfig(
             kind="gaussian_noise", nodes=[0], fraction=0.5, sigma=3.0)]),
+        # targeted poisoning: half of every node's 3s labelled 8 (only changed labels count)
+        Scenario(name="poison-3-as-8", corruptions=[CorruptionConfig(
+            kind="label_flip", nodes=list(range(16)), fraction=0.5,
+            permutation=[0, 1, 2, 8, 4, 5, 6, 7, 8, 9])]),
     ]
 
 
