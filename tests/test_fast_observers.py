@@ -104,7 +104,7 @@ def _old_paths(monkeypatch):
     monkeypatch.setattr(M, "FAST", False)
     monkeypatch.setattr(A, "FAST_MLP", False)
     monkeypatch.setattr(IP, "SPARSE_DOTS", False)
-    monkeypatch.setattr(K, "_compiled", lambda: None)
+    monkeypatch.setattr(K, "_compiled", lambda *a: None)
 
 
 class _AddEdge:

@@ -114,6 +114,7 @@ class ContributionObserver(Observer):
         self._edge_cache: tuple[bytes, np.ndarray] | None = None  # (W^t bytes, its edges)
         # (b): the window's recorded rounds and the per-round values after each sweep
         self._rec: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+        self._batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the loop's, kept
         self._start: int | None = None
         self.b_rounds: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, int]] = []
@@ -134,6 +135,8 @@ class ContributionObserver(Observer):
             if self._start is None:
                 self._start = view.t
             self._rec[view.t] = (view.theta.clone(), view.update().clone(), None)
+            if view.batch is not None:  # the sweep reuses the round's batches (no re-gather)
+                self._batches[view.t] = view.batch
         self.seconds["online"] += time.perf_counter() - t0
 
     def after_gossip(self, view: RoundView, W_used: np.ndarray) -> None:
@@ -169,8 +172,8 @@ class ContributionObserver(Observer):
         S = self.prox.last_dots if self.prox.readout == "pre" else None
         if S is None:
             S = dot_matrix(G, U, edge if view.is_full else None)
-        gn = torch.linalg.vector_norm(G, dim=1, dtype=torch.float64).numpy()
-        un = torch.linalg.vector_norm(U, dim=1, dtype=torch.float64).numpy()
+        gn = np.sqrt(row_dots(G, G))  # float64 norms (one pass each, no float64 copies)
+        un = np.sqrt(row_dots(U, U))
         with np.errstate(all="ignore"):
             C = -S.numpy() / np.maximum(gn[:, None] * un[None, :], 1e-300)
         C = np.where(np.isfinite(C) & (un[None, :] > 0) & edge, C, 0.0)
@@ -202,7 +205,7 @@ class ContributionObserver(Observer):
         for t, v in zip(rounds, vals, strict=True):
             self.b_rounds[t] = v
         self.windows.append((rounds[0], rounds[-1] + 1))
-        self._rec, self._start = {}, None
+        self._rec, self._batches, self._start = {}, {}, None
         self.seconds["sweep"] += time.perf_counter() - t0
         self.seconds["sweep_cpu"] += time.process_time() - c0
 
@@ -251,7 +254,7 @@ class ContributionObserver(Observer):
         from ..influence.pullback import step_pullback
 
         a, a_st, _ = step_pullback(self.problem, theta, None, t, lam, lam_st,
-                                   curvature=self.curvature)
+                                   curvature=self.curvature, batch=self._batches.get(t))
         return a, a_st
 
     # ------------------------------------------------------------------ read-outs
