@@ -126,6 +126,10 @@ class RoundView:
     - ``batch``: the receivers' training batches ``(x, y)`` of the round when the runtime
       passes them (the simulator does; else None): a plug-in that needs them later (the
       contribution observer's reverse sweep) keeps them instead of gathering them again.
+
+    In the simulator (:class:`Loop`) ``theta``, ``update()`` and ``batch`` are this round's own
+    tensors, never written after the observers have seen them: a plug-in may keep them without
+    a copy (``tests/test_fast_observers.py`` holds the loop to it).
     """
 
     def __init__(

@@ -134,9 +134,11 @@ class ContributionObserver(Observer):
         if self.horizon != "off" and view.is_full:
             if self._start is None:
                 self._start = view.t
-            self._rec[view.t] = (view.theta.clone(), view.update().clone(), None)
-            if view.batch is not None:  # the sweep reuses the round's batches (no re-gather)
-                self._batches[view.t] = view.batch
+            if view.batch is not None:  # the simulator's: fresh tensors, kept without a copy
+                self._rec[view.t] = (view.theta, view.update(), None)
+                self._batches[view.t] = view.batch  # the sweep reuses them (no re-gather)
+            else:
+                self._rec[view.t] = (view.theta.clone(), view.update().clone(), None)
         self.seconds["online"] += time.perf_counter() - t0
 
     def after_gossip(self, view: RoundView, W_used: np.ndarray) -> None:
@@ -232,6 +234,7 @@ class ContributionObserver(Observer):
         a_st = torch.zeros_like(a) if self.problem.opt.stateful else None
         out: list[np.ndarray] = [np.zeros(0)] * len(rounds)
         WT: dict[bytes, torch.Tensor] = {}  # W^t transposed, once per distinct matrix
+        rows = np.arange(math.prod(a.shape[:-1]))  # row_dots' pairs (lam row, U row % n)
         with torch.no_grad():
             for i in range(len(rounds) - 1, -1, -1):
                 t = rounds[i]
@@ -240,7 +243,7 @@ class ContributionObserver(Observer):
                 if key not in WT:
                     WT[key] = torch.as_tensor(W.T.copy(), dtype=a.dtype)
                 lam = torch.matmul(WT[key], a)
-                out[i] = row_dots(lam, U)
+                out[i] = row_dots(lam, U, rows)
                 if i > 0:
                     a, a_st = self._jt(t, theta, lam, a_st)
                 if advance is not None:
@@ -324,15 +327,17 @@ class ContributionObserver(Observer):
                              np.asarray(state["a_values"]), strict=True)}
 
 
-def row_dots(lam: torch.Tensor, U: torch.Tensor) -> np.ndarray:
+def row_dots(lam: torch.Tensor, U: torch.Tensor, rows: np.ndarray | None = None) -> np.ndarray:
     """``Σ_c lam[..., j, c] U[j, c]`` in float64 (products and sum), shape ``lam.shape[:-1]``:
-    the compiled edge kernel (no float64 copies of the operands), else torch."""
+    the compiled edge kernel (no float64 copies of the operands), else torch. ``rows``:
+    ``arange`` of ``lam``'s row count when the caller keeps one (a sweep, every round)."""
     from .._edge_kernel import edge_dots
 
     n, d = U.shape
     flat = lam.reshape(-1, d)
-    rows = np.arange(flat.shape[0])
-    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
+    if rows is None:
+        rows = np.arange(flat.shape[0])
+    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n if len(rows) > n else rows)
     if v is None:
         return (lam.double() * U.double()).sum(-1).numpy()
     return v.reshape(lam.shape[:-1]).numpy()
