@@ -244,3 +244,4 @@ def test_loop_never_writes_a_rounds_tensors_after_its_observers():
         assert torch.equal(kept[0], theta_t)
         x, y = p.batch(t)
         assert torch.equal(kept[2], x) and torch.equal(kept[3], y)
+

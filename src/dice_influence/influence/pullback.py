@@ -245,9 +245,10 @@ def _mlp_hvp_and_sample_dots(p: Any, theta: torch.Tensor, c: torch.Tensor, x: to
     out = _slot_views(p.fm, flat)  # written in place: no concatenation (measured 30 % here)
     for i in range(L - 1, -1, -1):
         wn, bn = layers[i]
-        dgW = torch.bmm(dG.transpose(1, 2), hs[i], out=out[wn])  # into the slot, no copy
+        dgW = torch.bmm(dG.transpose(1, 2), hs[i])
         if dhs[i] is not None:
-            dgW.baddbmm_(G.transpose(1, 2), dhs[i])
+            dgW = dgW.baddbmm(G.transpose(1, 2), dhs[i])
+        out[wn].copy_(dgW)
         torch.sum(dG, 1, out=out[bn])
         if i > 0:
             W, V = prm[wn], tan[wn]
