@@ -104,7 +104,7 @@ def _old_paths(monkeypatch):
     monkeypatch.setattr(M, "FAST", False)
     monkeypatch.setattr(A, "FAST_MLP", False)
     monkeypatch.setattr(IP, "SPARSE_DOTS", False)
-    monkeypatch.setattr(K, "_compiled", lambda: None)
+    monkeypatch.setattr(K, "_compiled", lambda *a: None)
 
 
 class _AddEdge:
@@ -188,3 +188,60 @@ def test_compiled_gossip_keeps_the_thread_count():
         assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_parallel_edge_kernel_equals_serial_bits(monkeypatch):
+    """The edges shared out over two threads give the serial kernel's bits (each edge's sum is
+    taken whole by one thread); the thread count is left as it was."""
+    import dice_influence._edge_kernel as K
+    from dice_influence._kernels import numba_module
+
+    if numba_module() is None:
+        pytest.skip("the edge kernel needs numba (DICE_NO_NUMBA=1 or numba missing)")
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(40, 997, generator=gen)
+    b = torch.randn(40, 997, generator=gen)
+    rows = np.repeat(np.arange(40), 3)
+    cols = (rows * 7 + np.tile([1, 2, 5], 40)) % 40
+    before = torch.get_num_threads()
+    monkeypatch.setattr(K, "PARALLEL_WORK", 1)
+    try:
+        torch.set_num_threads(1)
+        serial = K.edge_dots(a, b, rows, cols)
+        torch.set_num_threads(2)
+        parallel = K.edge_dots(a, b, rows, cols)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(serial, parallel)
+    ref = (a[rows].double() * b[cols].double()).sum(1)
+    torch.testing.assert_close(serial, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_loop_never_writes_a_rounds_tensors_after_its_observers():
+    """Plug-ins keep ``view.theta``, ``view.update()`` and ``view.batch`` without copying them
+    (the contribution observer's record): the loop must not reuse those tensors."""
+    from dice_influence.loop import Loop, Observer, run_rounds
+
+    class Keep(Observer):
+        def __init__(self):
+            self.kept, self.copies = [], []
+
+        def before_gossip(self, view):
+            pair = (view.theta, view.update(), *view.batch)
+            self.kept.append(pair)
+            self.copies.append(tuple(t.clone() for t in pair))
+
+    p = build_problem(_cfg(n=6, momentum=0.5))
+    th = _theta(p)
+    st = p.opt.init_state(th)
+    obs = Keep()
+    Loop(p, [obs]).run(th, st, 0, 5)
+    for t, (kept, copy) in enumerate(zip(obs.kept, obs.copies, strict=True)):
+        for a, b in zip(kept, copy, strict=True):
+            assert torch.equal(a, b), f"round {t}: a kept tensor was written later"
+        theta_t, _ = run_rounds(p, th, st, 0, t)
+        assert torch.equal(kept[0], theta_t)
+        x, y = p.batch(t)
+        assert torch.equal(kept[2], x) and torch.equal(kept[3], y)
+

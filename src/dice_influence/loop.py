@@ -122,7 +122,14 @@ class RoundView:
       on sender ``j``;
     - ``update()``: ``u^t`` of the senders, ``test_grad("pre" | "post")``: receivers' test-loss
       gradients at ``θ^t`` / ``θ^{t+1}`` — each computed once, on demand, and cached;
-    - ``theta_next``: ``θ^{t+1}`` of the receivers (set after aggregation).
+    - ``theta_next``: ``θ^{t+1}`` of the receivers (set after aggregation);
+    - ``batch``: the receivers' training batches ``(x, y)`` of the round when the runtime
+      passes them (the simulator does; else None): a plug-in that needs them later (the
+      contribution observer's reverse sweep) keeps them instead of gathering them again.
+
+    In the simulator (:class:`Loop`) ``theta``, ``update()`` and ``batch`` are this round's own
+    tensors, never written after the observers have seen them: a plug-in may keep them without
+    a copy (``tests/test_fast_observers.py`` holds the loop to it).
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class RoundView:
         test_grad_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pre_grad: torch.Tensor | None = None,
         lr: float = 0.0,
+        batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.t, self.n = t, n
         self.receivers = np.asarray(receivers, dtype=np.int64)
@@ -146,6 +154,7 @@ class RoundView:
         self.theta, self.half = theta, half
         self.W_nominal = W_nominal
         self.lr = lr
+        self.batch = batch
         self.theta_next: torch.Tensor | None = None
         self._update = update
         self._test_grad_fn = test_grad_fn
@@ -375,12 +384,12 @@ class Loop:
                     theta, spare = spare, theta
                 else:
                     theta, spare = self._general(t, prev, theta, U, busy, decide, agg, ids,
-                                                 spare, lr)
+                                                 spare, lr, (x, y))
                 if on_round is not None:
                     on_round(t + 1, theta, state)
         return theta, state
 
-    def _general(self, t, prev, half, U, busy, decide, agg, ids, spare, lr):
+    def _general(self, t, prev, half, U, busy, decide, agg, ids, spare, lr, batch):
         p = self.problem
         W_nom = p.W(t)
         pre = None
@@ -388,7 +397,7 @@ class Loop:
             pre = self._carry_grad[1]
         self._carry_grad = None
         view = RoundView(t, p.n, ids, ids, prev, half, W_nom, update=U,
-                         test_grad_fn=self._test_grads, pre_grad=pre, lr=lr)
+                         test_grad_fn=self._test_grads, pre_grad=pre, lr=lr, batch=batch)
         for o in busy:
             o.before_gossip(view)
         W = self.policy.decide(view) if decide else W_nom

@@ -114,6 +114,7 @@ class ContributionObserver(Observer):
         self._edge_cache: tuple[bytes, np.ndarray] | None = None  # (W^t bytes, its edges)
         # (b): the window's recorded rounds and the per-round values after each sweep
         self._rec: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+        self._batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the loop's, kept
         self._start: int | None = None
         self.b_rounds: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, int]] = []
@@ -133,7 +134,11 @@ class ContributionObserver(Observer):
         if self.horizon != "off" and view.is_full:
             if self._start is None:
                 self._start = view.t
-            self._rec[view.t] = (view.theta.clone(), view.update().clone(), None)
+            if view.batch is not None:  # the simulator's: fresh tensors, kept without a copy
+                self._rec[view.t] = (view.theta, view.update(), None)
+                self._batches[view.t] = view.batch  # the sweep reuses them (no re-gather)
+            else:
+                self._rec[view.t] = (view.theta.clone(), view.update().clone(), None)
         self.seconds["online"] += time.perf_counter() - t0
 
     def after_gossip(self, view: RoundView, W_used: np.ndarray) -> None:
@@ -169,8 +174,8 @@ class ContributionObserver(Observer):
         S = self.prox.last_dots if self.prox.readout == "pre" else None
         if S is None:
             S = dot_matrix(G, U, edge if view.is_full else None)
-        gn = torch.linalg.vector_norm(G, dim=1, dtype=torch.float64).numpy()
-        un = torch.linalg.vector_norm(U, dim=1, dtype=torch.float64).numpy()
+        gn = np.sqrt(row_dots(G, G))  # float64 norms (one pass each, no float64 copies)
+        un = np.sqrt(row_dots(U, U))
         with np.errstate(all="ignore"):
             C = -S.numpy() / np.maximum(gn[:, None] * un[None, :], 1e-300)
         C = np.where(np.isfinite(C) & (un[None, :] > 0) & edge, C, 0.0)
@@ -202,7 +207,7 @@ class ContributionObserver(Observer):
         for t, v in zip(rounds, vals, strict=True):
             self.b_rounds[t] = v
         self.windows.append((rounds[0], rounds[-1] + 1))
-        self._rec, self._start = {}, None
+        self._rec, self._batches, self._start = {}, {}, None
         self.seconds["sweep"] += time.perf_counter() - t0
         self.seconds["sweep_cpu"] += time.process_time() - c0
 
@@ -229,6 +234,7 @@ class ContributionObserver(Observer):
         a_st = torch.zeros_like(a) if self.problem.opt.stateful else None
         out: list[np.ndarray] = [np.zeros(0)] * len(rounds)
         WT: dict[bytes, torch.Tensor] = {}  # W^t transposed, once per distinct matrix
+        rows = np.arange(math.prod(a.shape[:-1]))  # row_dots' pairs (lam row, U row % n)
         with torch.no_grad():
             for i in range(len(rounds) - 1, -1, -1):
                 t = rounds[i]
@@ -237,7 +243,7 @@ class ContributionObserver(Observer):
                 if key not in WT:
                     WT[key] = torch.as_tensor(W.T.copy(), dtype=a.dtype)
                 lam = torch.matmul(WT[key], a)
-                out[i] = row_dots(lam, U)
+                out[i] = row_dots(lam, U, rows)
                 if i > 0:
                     a, a_st = self._jt(t, theta, lam, a_st)
                 if advance is not None:
@@ -251,7 +257,7 @@ class ContributionObserver(Observer):
         from ..influence.pullback import step_pullback
 
         a, a_st, _ = step_pullback(self.problem, theta, None, t, lam, lam_st,
-                                   curvature=self.curvature)
+                                   curvature=self.curvature, batch=self._batches.get(t))
         return a, a_st
 
     # ------------------------------------------------------------------ read-outs
@@ -321,15 +327,17 @@ class ContributionObserver(Observer):
                              np.asarray(state["a_values"]), strict=True)}
 
 
-def row_dots(lam: torch.Tensor, U: torch.Tensor) -> np.ndarray:
+def row_dots(lam: torch.Tensor, U: torch.Tensor, rows: np.ndarray | None = None) -> np.ndarray:
     """``Σ_c lam[..., j, c] U[j, c]`` in float64 (products and sum), shape ``lam.shape[:-1]``:
-    the compiled edge kernel (no float64 copies of the operands), else torch."""
+    the compiled edge kernel (no float64 copies of the operands), else torch. ``rows``:
+    ``arange`` of ``lam``'s row count when the caller keeps one (a sweep, every round)."""
     from .._edge_kernel import edge_dots
 
     n, d = U.shape
     flat = lam.reshape(-1, d)
-    rows = np.arange(flat.shape[0])
-    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n)
+    if rows is None:
+        rows = np.arange(flat.shape[0])
+    v = edge_dots(flat.contiguous(), U.contiguous(), rows, rows % n if len(rows) > n else rows)
     if v is None:
         return (lam.double() * U.double()).sum(-1).numpy()
     return v.reshape(lam.shape[:-1]).numpy()

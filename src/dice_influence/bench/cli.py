@@ -134,7 +134,7 @@ def register(app: Any, experiment_app: Any, bench_app: Any) -> None:
         json_path: Path = typer.Option(Path("bench-proximal.json"), "--json"),
         config: Path = typer.Option(None, help="Config to time (default: anomaly-blog)."),
         rounds: int = typer.Option(30, help="Timed rounds per measurement."),
-        repeats: int = typer.Option(3, help="Repetitions (the minimum is kept)."),
+        repeats: int = typer.Option(5, help="Alternated repetitions (the minimum is kept)."),
         overwrite: bool = overwrite_option(),
     ) -> None:
         """Overhead of online proximal influence vs plain training (s/round, ratios)."""

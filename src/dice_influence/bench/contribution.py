@@ -16,8 +16,9 @@ Keys per config: ``online_overhead`` = CPU time (``process_time``) of training w
 sweep / plain training of the rounds it covers (the whole run), CPU time (``_wall``: wall
 time), ``online_over_training`` = the observer's per-round work (test gradients, ledger,
 alignment; wall) / plain training.
-``loadavg`` is recorded before and after: the machine may be shared. Nothing here asserts a
-time.
+Every arm of a config runs with one thread count (``threads``), chosen once by the project's
+rule for the observer's workload. ``loadavg`` is recorded before and after: the machine may be
+shared. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -88,23 +89,33 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
         path = ROOT / path
     cfg, problem = _setting(path, sets)
     arms = _arms(cfg, problem)
-    for fn in arms.values():  # warm-up: first calls of torch.func and numba compile
-        fn()
+    from .. import _threads
+    from ..loop import Loop
+
+    saved_request = _threads._request
+    # one count for every arm (plain training too): the rule's, for the observer's workload
+    threads = _threads.use_threads_for(problem, Loop(problem, [])._test_rows())
+    _threads.request(threads)
     wall: dict[str, list[float]] = {k: [] for k in arms}
     cpu: dict[str, list[float]] = {k: [] for k in arms}
     seconds: dict[str, dict[str, float]] = {}
-    for r in range(repeats):
-        for name, fn in arms.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            obs = fn()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-            if obs is not None:
-                best = min(wall[name]) == wall[name][-1]
-                if best or name not in seconds:
-                    seconds[name] = dict(obs.seconds)
-        if log:
-            log(f"  {path.name}: repeat {r + 1}/{repeats} done")
+    try:
+        for fn in arms.values():  # warm-up: first calls of torch.func and numba compile
+            fn()
+        for r in range(repeats):
+            for name, fn in arms.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                obs = fn()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+                if obs is not None:
+                    best = min(wall[name]) == wall[name][-1]
+                    if best or name not in seconds:
+                        seconds[name] = dict(obs.seconds)
+            if log:
+                log(f"  {path.name}: repeat {r + 1}/{repeats} done")
+    finally:
+        _threads.request(saved_request)
     base_w, base_c = min(wall["plain"]), min(cpu["plain"])
     out: dict[str, Any] = {
         "config": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
@@ -112,7 +123,7 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
         "setting": f"n={problem.n}, {cfg.data.dataset}, model {cfg.model.name} "
                    f"{cfg.model.hidden}, d={problem.d}, batch {cfg.train.batch_size}, "
                    f"{cfg.train.rounds} rounds, best of {repeats}",
-        "plain_seconds": base_w, "plain_cpu_seconds": base_c, "arms": {},
+        "plain_seconds": base_w, "plain_cpu_seconds": base_c, "threads": threads, "arms": {},
     }
     for name in arms:
         if name == "plain":

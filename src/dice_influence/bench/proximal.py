@@ -9,8 +9,15 @@ batch 32) by default. Ratios are against plain training in the same loop; the co
 split); their ``error_vs_full_test_set`` compares the cumulative proximal influence with the
 full split's (same training: tracking never changes it). The modes marked ``(fast paths off)``
 run with the observers' fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the
-cost before they existed, in the same run. ``loadavg`` is recorded before and after (the machine
-may be shared). Numbers are written to JSON, never asserted.
+cost before they existed, in the same run.
+
+The modes run alternately, ``repeats`` times after one warm-up each, and per mode the fastest
+repeat counts (other jobs only add time; alternating spreads a changing load over every mode
+alike). ``s_per_round`` / ``ratio`` are wall clock, ``cpu_s_per_round`` / ``cpu_ratio`` process
+CPU time (what a loaded machine distorts least with one thread). Every mode runs with one
+thread count, chosen once by the project's rule for the tracked workload
+(:func:`dice_influence._threads.use_threads_for`) and recorded. ``loadavg`` is recorded before
+and after (the machine may be shared). Numbers are written to JSON, never asserted.
 """
 
 from __future__ import annotations
@@ -27,16 +34,6 @@ from .._util import write_json
 from .fastpaths import fast_paths
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "anomaly-blog.yaml"
-
-
-def _time(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def score_error(P: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -56,10 +53,11 @@ def bench_proximal(
     config: str | Path | None = None,
     *,
     rounds: int = 30,
-    repeats: int = 3,
+    repeats: int = 5,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Time each mode for ``rounds`` rounds (best of ``repeats``); write and return the JSON."""
+    """Time each mode for ``rounds`` rounds (best of ``repeats``, alternated); write and return
+    the JSON."""
     from ..apps.defense import GuardOptions, guarded_train
     from ..config import load_config
     from ..simulator import build_problem, run_rounds
@@ -87,27 +85,52 @@ def bench_proximal(
     slow = {f"{name} (fast paths off)": modes[name] for name in
             ("track every round, pre", "track every 5th round, pre")}
     modes.update(slow)
-    results = []
-    core = _time(lambda: run_rounds(problem, theta, None, 0, rounds), repeats) / rounds
-    base = None
-    full: dict[int, Any] = {}
-    for name, opts in modes.items():
-        def run(o: Any = opts, fast: bool = name not in slow) -> Any:
-            with fast_paths(fast):
-                return guarded_train(problem, None, o, rounds=rounds)
+    from .. import _threads
 
-        s = _time(run, repeats) / rounds
-        base = base or s
-        rec: dict[str, Any] = {"mode": name, "s_per_round": s, "ratio": s / base}
-        if opts.track_every and opts.defense is None and opts.readout == "pre" \
-                and name not in slow:
-            P = run().tracker.cum
-            if opts.test_batch is None:
-                full[opts.track_every] = P
-            else:
-                rec["error_vs_full_test_set"] = score_error(P, full[opts.track_every])
-        results.append(rec)
-    results.append({"mode": "core simulator run_rounds", "s_per_round": core, "ratio": core / base})
+    saved_request = _threads._request
+    threads = _threads.use_threads_for(problem, m)
+    _threads.request(threads)  # every mode (and the plain loop) runs with this count
+    try:
+        def runner(o: Any, fast: bool) -> Any:
+            def run() -> Any:
+                with fast_paths(fast):
+                    return guarded_train(problem, None, o, rounds=rounds)
+            return run
+
+        def core() -> Any:
+            return run_rounds(problem, theta, None, 0, rounds)
+
+        runs = {name: runner(o, name not in slow) for name, o in modes.items()}
+        runs["core simulator run_rounds"] = core
+        wall = {name: float("inf") for name in runs}
+        cpu = dict(wall)
+        for fn in runs.values():  # warm-up: first calls of torch.func, numba compile
+            fn()
+        for _ in range(repeats):  # alternated: a changing load hits every mode alike
+            for name, fn in runs.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[name] = min(wall[name], time.perf_counter() - w0)
+                cpu[name] = min(cpu[name], time.process_time() - c0)
+        base = next(iter(modes))
+        results = []
+        full: dict[int, Any] = {}
+        for name in runs:
+            rec: dict[str, Any] = {
+                "mode": name, "s_per_round": wall[name] / rounds,
+                "ratio": wall[name] / wall[base], "cpu_s_per_round": cpu[name] / rounds,
+                "cpu_ratio": cpu[name] / cpu[base]}
+            opts = modes.get(name)
+            if opts is not None and opts.track_every and opts.defense is None \
+                    and opts.readout == "pre" and name not in slow:
+                P = runs[name]().tracker.cum
+                if opts.test_batch is None:
+                    full[opts.track_every] = P
+                else:
+                    rec["error_vs_full_test_set"] = score_error(P, full[opts.track_every])
+            results.append(rec)
+    finally:
+        _threads.request(saved_request)
     doc = {
         "benchmark": "proximal",
         "command": "dice bench proximal --json benchmarks/bench-proximal.json",
@@ -116,10 +139,10 @@ def bench_proximal(
         if path.resolve().is_relative_to(DEFAULT_CONFIG.parents[1]) else str(path),
         "setting": f"n={cfg.topology.n}, {cfg.data.dataset}, model {cfg.model.name} "
         f"{cfg.model.hidden}, batch {cfg.train.batch_size}, per-node test split "
-        f"{cfg.data.test_samples_per_node}, {rounds} rounds, best of {repeats}",
+        f"{cfg.data.test_samples_per_node}, {rounds} rounds, best of {repeats} alternated",
         "machine": {
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },

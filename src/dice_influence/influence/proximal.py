@@ -149,7 +149,7 @@ class ProximalTracker:
         self.history_score: list[torch.Tensor] = []  # per recorded round, (n, n) float32
         self.history_actual: list[torch.Tensor] = []
         self._last_full: np.ndarray | None = None
-        self._offdiag: torch.Tensor | None = None
+        self._coef: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # W bytes -> (q W, edges)
 
     @property
     def window_score(self) -> torch.Tensor:
@@ -188,19 +188,33 @@ class ProximalTracker:
 
     def _increments(self, receivers: np.ndarray, senders: np.ndarray, S: torch.Tensor,
                     W: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        W = np.asarray(W, dtype=np.float64)
         full = self._full(receivers, senders)
-        Wb = torch.as_tensor(W if full else W[np.ix_(receivers, senders)])
         S = S.to(torch.float64).cpu()
-        if full:
-            if self._offdiag is None:
-                self._offdiag = ~torch.eye(self.n, dtype=torch.bool)
-            edges = (Wb != 0) & self._offdiag
-        else:
-            edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
-        q = self.q if full else self.q[receivers]
+        if full:  # the simulator: ``q_k W[k, j]`` and the edges cached per weight matrix
+            coef, edges = self._coefficients(W)
+            with np.errstate(invalid="ignore"):
+                inc = np.where(edges, coef * S.numpy(), 0.0)
+            return torch.from_numpy(inc), torch.from_numpy(edges)
+        W = np.asarray(W, dtype=np.float64)
+        Wb = torch.as_tensor(W[np.ix_(receivers, senders)])
+        edges = (Wb != 0) & torch.as_tensor(receivers[:, None] != senders[None, :])
+        q = self.q[receivers]
         inc = torch.where(edges, q[:, None] * Wb * S, torch.zeros_like(S))
         return inc, edges
+
+    def _coefficients(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(q_k W[k, j]`` (n, n) float64, edges ``W[k, j] != 0, k != j``) of a full (n, n)
+        weight matrix; the last few matrices are kept (a schedule repeats them every round)."""
+        W = np.asarray(W, dtype=np.float64)
+        key = W.tobytes()
+        hit = self._coef.get(key)
+        if hit is None:
+            if len(self._coef) >= 4:
+                self._coef.pop(next(iter(self._coef)))
+            edges = W != 0
+            np.fill_diagonal(edges, False)
+            hit = self._coef[key] = (self.q.numpy()[:, None] * W, edges)
+        return hit
 
     def record_nominal(self, t: int, receivers: np.ndarray, senders: np.ndarray,
                        S: torch.Tensor, W_nominal: np.ndarray) -> torch.Tensor:
