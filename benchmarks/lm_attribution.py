@@ -10,8 +10,14 @@ Run from the repository root (docs/language-model.md), after writing both data f
         --folders runs/lm-fortunes-data
     python benchmarks/lm_attribution.py --json benchmarks/lm-attribution-half.json \
         --folders runs/lm-fortunes-half-data
+    # the one-language design (configs/lm-english.yaml; its header writes the data):
+    python -m dice_influence.data.text runs/lm-english-half-data --sources english \
+        --scramble-node 3 --scramble-fraction 0.5 --test-sequences 8
+    python benchmarks/lm_attribution.py --config configs/lm-english.yaml --window 0 \
+        --json benchmarks/lm-attribution-english.json \
+        --folders runs/lm-english-data,runs/lm-english-half-data
 
-Trains configs/lm-fortunes.yaml (no observers; every node starts from the pretrained
+Trains configs/lm-fortunes.yaml or ``--config`` (no observers; every node starts from the pretrained
 runs/lm-pretrain.npy) on each folder, scores every training sequence
 of every node drawn in the last ``--window`` rounds (default 20) with one reverse sweep (``influence.adjoint.attribute``, target
 = the nodes' mean test loss at the last round, factual read-out), sums each sequence's scores
@@ -68,8 +74,8 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(roc_auc_score(truth, scores)) if 0 < truth.sum() < len(truth) else float("nan")
 
 
-def one(folder: str, seed: int, window: int) -> dict:
-    cfg = load_config(CONFIG, [f"data.path={folder}", "observers=[]", f"seed={seed}"])
+def one(folder: str, seed: int, window: int, config: str = CONFIG) -> dict:
+    cfg = load_config(config, [f"data.path={folder}", "observers=[]", f"seed={seed}"])
     t0 = time.perf_counter()
     traj = train(cfg)
     t_train = time.perf_counter() - t0
@@ -120,17 +126,19 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/lm-attribution.json")
     ap.add_argument("--folders", default="runs/lm-fortunes-data,runs/lm-fortunes-half-data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=CONFIG,
+                    help="the run config (configs/lm-english.yaml: the one-language design)")
     ap.add_argument("--window", type=int, default=20,
                     help="score the sequences of the last WINDOW rounds (0: the whole run)")
     a = ap.parse_args()
-    results = [one(f, a.seed, a.window) for f in a.folders.split(",") if f]
+    results = [one(f, a.seed, a.window, a.config) for f in a.folders.split(",") if f]
     write_json(a.json, {
         "benchmark": "lm-attribution",
         "sign": "influence = loss with the sequence - loss without it; positive = harmful",
-        "config": CONFIG, "window": f"the last {a.window} rounds" if a.window else "the whole run",
+        "config": a.config, "window": f"the last {a.window} rounds" if a.window else "the whole run",
         "target": "horizon (mean test loss at the last round)", "readout": "factual", "k": K,
         "command": f"python benchmarks/lm_attribution.py --json {a.json} --folders {a.folders} "
-                   f"--window {a.window}",
+                   f"--window {a.window}" + (f" --config {a.config}" if a.config != CONFIG else ""),
         "load_average": list(os.getloadavg()), "results": results})
 
 

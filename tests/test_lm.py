@@ -16,10 +16,14 @@ from dice_influence.config import load_config
 from dice_influence.data.errors import DataError
 from dice_influence.data.text import (
     DEFAULT_SOURCES,
+    ENGLISH_PRETRAIN_SOURCES,
+    ENGLISH_SOURCES,
     FORTUNES_DIR,
+    PRETRAIN_SOURCES,
     build_corpus,
     decode,
     encode,
+    main,
     parse_fortunes,
     windows,
     write_nodes,
@@ -252,6 +256,35 @@ def test_real_fortunes_corpus():
     assert all(" der " in t or " die " in t for t in text[4:8])  # German files
     assert all(" que " in t or " de " in t for t in text[8:12])  # Spanish files
     assert c.scrambled_mask(3).all()
+
+
+def test_named_source_sets_are_disjoint_and_english_is_one_language():
+    assert len(ENGLISH_SOURCES) == len(ENGLISH_PRETRAIN_SOURCES) == 16
+    assert not set(ENGLISH_SOURCES) & set(ENGLISH_PRETRAIN_SOURCES)  # pretraining sees none
+    assert not set(DEFAULT_SOURCES) & set(PRETRAIN_SOURCES)
+    assert not any("/" in s for s in ENGLISH_SOURCES + ENGLISH_PRETRAIN_SOURCES)  # English
+
+
+@pytest.mark.skipif(not Path(FORTUNES_DIR, ENGLISH_SOURCES[0]).is_file(),
+                    reason="the Debian fortunes package is not installed (apt-get install "
+                    "fortunes, as ./quickstart.sh does)")
+def test_cli_named_english_set_writes_the_configs_corpus(tmp_path: Path):
+    out = tmp_path / "en"
+    assert main([str(out), "--sources", "english", "--scramble-node", "3",
+                 "--test-sequences", "8", "--pretrain-sequences", "256",
+                 "--pretrain-sources", "english"]) == 0  # the settings of lm-english.yaml
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["sources"] == list(ENGLISH_SOURCES) and meta["scrambled"]["3"] == list(range(128))
+    assert meta["settings"]["pretrain_sources"] == list(ENGLISH_PRETRAIN_SOURCES)
+    with np.load(out / "test.npz", allow_pickle=False) as z:
+        assert z["x"].shape == (128, 64)
+    with np.load(out / "pretrain" / "node_15.npz", allow_pickle=False) as z:
+        assert z["x"].shape == (256, 64)
+    with np.load(out / "node_0.npz", allow_pickle=False) as z:
+        assert " the " in decode(z["x"].reshape(-1))
+    # a comma-separated list still names files one by one
+    assert main([str(tmp_path / "two"), "--sources", "art,law", "--train-sequences", "4"]) == 0
+    assert json.loads((tmp_path / "two" / "corpus.json").read_text())["sources"] == ["art", "law"]
 
 
 # --------------------------------------------------------------------- DICE on the LM, exact

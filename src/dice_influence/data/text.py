@@ -60,6 +60,26 @@ PRETRAIN_SOURCES: tuple[str, ...] = (
 """Other fortune files, four per language, that no node holds (``--pretrain-sources
 default``): the text of the shared pretrained model of ``configs/lm-pretrain.yaml``."""
 
+ENGLISH_SOURCES: tuple[str, ...] = (
+    "art", "computers", "cookie", "definitions", "education", "food", "humorists", "kids",
+    "law", "literature", "love", "medicine", "politics", "riddles", "science", "sports",
+)
+"""One English fortune file per node (``--sources english``): 16 topics of one language, so
+the nodes differ by source only (``configs/lm-english.yaml``)."""
+
+ENGLISH_PRETRAIN_SOURCES: tuple[str, ...] = (
+    "people", "wisdom", "work", "songs-poems", "men-women", "knghtbrd", "linux",
+    "miscellaneous", "perl", "tao", "zippy", "drugs", "platitudes", "startrek", "ethnic",
+    "fortunes",
+)
+"""Other English fortune files that no node of :data:`ENGLISH_SOURCES` holds
+(``--pretrain-sources english``): the text of ``configs/lm-english-pretrain.yaml``."""
+
+SOURCE_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_SOURCES,
+                                           "english": ENGLISH_SOURCES}
+PRETRAIN_SETS: dict[str, tuple[str, ...]] = {"default": PRETRAIN_SOURCES,
+                                             "english": ENGLISH_PRETRAIN_SOURCES}
+
 VOCAB = 256
 _WS = re.compile(r"\s+")
 
@@ -279,6 +299,11 @@ def write_nodes(corpus: TextCorpus, out: str | Path) -> Path:
     return out
 
 
+def _named(arg: str, sets: dict[str, tuple[str, ...]]) -> list[str]:
+    """A named set's files, or the comma-separated file names of ``arg``."""
+    return list(sets[arg]) if arg in sets else [s for s in arg.split(",") if s]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dice_influence.data.text",
@@ -286,8 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "corpus.json) for data: {dataset: nodes, path: DIR}.")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--root", default=FORTUNES_DIR, help="folder holding the fortune files")
-    ap.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
-                    help="comma-separated fortune files, one per node")
+    ap.add_argument("--sources", default="default",
+                    help="comma-separated fortune files, one per node, or a named set: "
+                         + "; ".join(f"'{k}': {','.join(v)}" for k, v in SOURCE_SETS.items()))
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--train-sequences", type=int, default=128)
     ap.add_argument("--test-sequences", type=int, default=4)
@@ -298,18 +324,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="clean held-out windows per source for a shared pretrained model "
                          "(written to OUT/pretrain/)")
     ap.add_argument("--pretrain-sources", default="",
-                    help="comma-separated other fortune files to take them from instead "
-                         f"('default': {','.join(PRETRAIN_SOURCES)})")
+                    help="comma-separated other fortune files to take them from instead, or "
+                         "a named set: " + "; ".join(f"'{k}': {','.join(v)}"
+                                                     for k, v in PRETRAIN_SETS.items()))
     a = ap.parse_args(argv)
     try:
-        corpus = build_corpus([s for s in a.sources.split(",") if s], root=a.root,
+        corpus = build_corpus(_named(a.sources, SOURCE_SETS), root=a.root,
                               context=a.context, train_sequences=a.train_sequences,
                               test_sequences=a.test_sequences, scramble_node=a.scramble_node,
                               scramble_fraction=a.scramble_fraction, seed=a.seed,
                               pretrain_sequences=a.pretrain_sequences,
-                              pretrain_sources=(list(PRETRAIN_SOURCES)
-                                                if a.pretrain_sources == "default" else
-                                                [s for s in a.pretrain_sources.split(",") if s]))
+                              pretrain_sources=_named(a.pretrain_sources, PRETRAIN_SETS))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
