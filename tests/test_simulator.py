@@ -286,3 +286,30 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     if not platform.system() == "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert keep_freed_memory() is True and keep_freed_memory() is True  # idempotent
+
+
+def test_huge_page_buffers_hold_the_same_values_and_training_the_same_bits(monkeypatch):
+    """The loop's own buffers may sit on huge pages (large runs); only the page size differs:
+    the values, and so the bits of training and replays, are the same as on ordinary memory."""
+    import gc
+
+    from dice_influence import _alloc
+
+    t = torch.randn(5, 7, dtype=torch.float64)
+    monkeypatch.setattr(_alloc, "HUGE_MIN_BYTES", 0)  # every buffer on its own mapping
+    c = _alloc.clone_huge(t)
+    assert torch.equal(c, t) and c.is_contiguous() and c.data_ptr() != t.data_ptr()
+    e = _alloc.empty_huge((3, 4), torch.float32)
+    assert e.shape == (3, 4) and e.dtype == torch.float32
+    e.fill_(2.0)
+    assert float(e.sum()) == 24.0
+    p = build_problem(tiny_cfg(topology__n=40, data__samples_per_node=24, train__rounds=3,
+                               train__momentum=0.9))
+    theta0 = p.init_theta()
+    state0 = p.opt.init_state(theta0)
+    huge = run_rounds(p, theta0, state0, 0, 3)
+    monkeypatch.setattr(_alloc, "HUGE_MIN_BYTES", 1 << 62)  # never
+    plain = run_rounds(p, theta0, state0, 0, 3)
+    assert torch.equal(huge[0], plain[0]) and torch.equal(huge[1], plain[1])
+    del c, e, huge
+    gc.collect()  # the mappings go with their tensors (no error, nothing left to check)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._alloc import clone_huge, empty_huge
 from .gossip import Mixer, Optimizer, node_grad_list, param_views
 from .models import FunctionalModel
 
@@ -364,10 +365,13 @@ class Loop:
         ``on_round(t+1, theta, state)`` is called after each round (``theta`` = ``θ^{t+1}``)."""
         p = self.problem
         fm = p.fm
-        theta = theta.clone()
-        state = None if state is None else state.clone()
+        # the round's own buffers on huge pages where they are large (the gossip's column
+        # blocks touch one page per node row: fewer TLB misses; same values, _alloc.py)
+        theta = clone_huge(theta)
+        state = None if state is None else clone_huge(state)
         state_views = None if state is None else param_views(fm, state)
-        spare = torch.empty_like(theta)
+        spare = empty_huge(theta.shape, theta.dtype) if theta.device.type == "cpu" \
+            else torch.empty_like(theta)
         agg = p.aggregator
         ids = np.arange(p.n)
         with torch.no_grad():
