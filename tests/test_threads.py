@@ -203,3 +203,14 @@ def test_bench_phase_run_alone_keeps_the_other_phase(tmp_path):
     assert B._kept(f, ("loaded",), dict(now, demo="dice demo --rounds 5")) == []  # other settings
     with pytest.raises(ValueError, match="--load busy"):
         B.bench_threads(loads=("busy",))
+
+
+def test_a_threads_request_reaches_child_processes(monkeypatch):
+    """`dice --threads 1 bench train` times each size in a subprocess: the request must travel."""
+    from dice_influence import _threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_threads, "_request", None)
+    assert "OMP_NUM_THREADS" not in _threads.child_env()
+    monkeypatch.setattr(_threads, "_request", 1)
+    assert _threads.child_env()["OMP_NUM_THREADS"] == "1"

@@ -61,6 +61,15 @@ def request(threads: int | None) -> None:
     _request = threads
 
 
+def child_env() -> dict[str, str]:
+    """A copy of this process's environment for a child Python process, carrying an explicit
+    ``--threads`` request as ``OMP_NUM_THREADS`` (a child does not see this module's state)."""
+    env = os.environ.copy()
+    if _request is not None:
+        env["OMP_NUM_THREADS"] = str(_request)
+    return env
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     try:

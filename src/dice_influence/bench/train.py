@@ -164,13 +164,15 @@ def bench_train(ns: list[int], *, rounds: int = 20, loop_max: int = 64,
     ``keep_others``: keep the records of other ``n`` already in ``out`` (each record carries
     its own load average and thread count). ``config``: time that run config (its model, data,
     loss, batch; ``n`` from ``ns``) instead of the built-in Fashion-MNIST MLP setting."""
+    from .._threads import child_env
+
     old = read_benchmark(out, "train") if keep_others else None
     results = [r for r in (old or {}).get("results", []) if r["n"] not in ns]
     for n in ns:
         log(f"bench train: n={n} ...")
         cmd = [sys.executable, "-m", "dice_influence.bench.train", "train-one", str(n), str(rounds),
                "1" if n <= loop_max else "0", str(data_dir or ""), str(config or "")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark for n={n} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
