@@ -40,28 +40,25 @@ def _compiled(parallel: bool = False) -> Callable | None:
         return None
     fm = {"reassoc", "contract", "nsz"}  # NaN/inf kept
 
+    @nb.njit(cache=True, nogil=True, fastmath=fm)
+    def row_dot(ar, br):  # pragma: no cover - compiled; 1-d rows: the reduction vectorizes
+        acc = 0.0
+        for c in range(ar.shape[0]):
+            acc += np.float64(ar[c]) * np.float64(br[c])
+        return acc
+
     if parallel:
         @nb.njit(parallel=True, cache=True, nogil=True, fastmath=fm)
         def pdots(a, b, rows, cols, out):  # pragma: no cover - compiled
             for e in nb.prange(rows.shape[0]):  # each edge's sum alone: same bits as serial
-                ar = a[rows[e]]
-                br = b[cols[e]]
-                acc = 0.0
-                for c in range(ar.shape[0]):
-                    acc += np.float64(ar[c]) * np.float64(br[c])
-                out[e] = acc
+                out[e] = row_dot(a[rows[e]], b[cols[e]])
 
         return pdots
 
     @nb.njit(cache=True, nogil=True, fastmath=fm)
     def dots(a, b, rows, cols, out):  # pragma: no cover - compiled
         for e in range(rows.shape[0]):
-            ar = a[rows[e]]  # 1-d rows: the reduction vectorizes
-            br = b[cols[e]]
-            acc = 0.0
-            for c in range(ar.shape[0]):
-                acc += np.float64(ar[c]) * np.float64(br[c])
-            out[e] = acc
+            out[e] = row_dot(a[rows[e]], b[cols[e]])
 
     return dots
 
