@@ -112,14 +112,14 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def contribution(repeats: int) -> None:
+def contribution(repeats: int, config: str = "configs/contribution-digits-clean.yaml") -> None:
     import dice_influence.apps.contribution as AC
     import dice_influence.apps.proximal as AP
     import dice_influence.influence.pullback as PB
     import dice_influence.loop as L
     from dice_influence.bench.contribution import _arms, _setting
 
-    cfg, problem = _setting(ROOT / "configs/contribution-digits-clean.yaml")
+    cfg, problem = _setting(ROOT / config)
     arms = _arms(cfg, problem)
     arms.pop("observer, fast paths off")
     acc: dict[str, float] = defaultdict(float)
@@ -164,11 +164,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--only", choices=("proximal", "contribution"), default=None)
+    ap.add_argument("--config", default="configs/contribution-digits-clean.yaml",
+                    help="the contribution profile's config (relative to the repository)")
     args = ap.parse_args()
     if args.only in (None, "proximal"):
         proximal(args.repeats)
     if args.only in (None, "contribution"):
-        contribution(args.repeats)
+        contribution(args.repeats, args.config)
 
 
 if __name__ == "__main__":

@@ -450,3 +450,28 @@ def test_real_peers_keep_their_rows_and_launch_writes_the_summed_ledger(tmp_path
     np.testing.assert_allclose(led["proximal_out"], sim["proximal_out"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(led["reciprocity"], sim["reciprocity"], atol=1e-3, rtol=1e-3)
     assert np.abs(led["proximal_out"]).max() > 1e-3  # not vacuous
+
+
+def test_attack_transposes_are_the_vjp_bit_for_bit():
+    """The reverse sweeps take the built-in update attacks' transpose written out (no noise
+    drawn, no vjp per round); it must equal the vjp through the attack's forward map."""
+    import torch
+    from torch.func import vjp
+
+    from dice_influence.attacks import AttackPlan, AttackSpec, UpdateAttacks
+    from dice_influence.influence.pullback import transform_transpose
+
+    specs = [AttackSpec(kind="scale", nodes=[0, 1], scale=3.7),
+             AttackSpec(kind="sign_flip", nodes=[1, 2]),
+             AttackSpec(kind="free_rider", nodes=[3]),
+             AttackSpec(kind="free_rider_noise", nodes=[4], sigma=0.01),
+             AttackSpec(kind="update_noise", nodes=[0, 5], sigma=0.1),
+             AttackSpec(kind="scale", nodes=[6], scale=0.3, start=5)]
+    tr = UpdateAttacks(AttackPlan.resolve(specs, 8, seed=0))
+    lam = torch.randn(10, 33, dtype=torch.float64)
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 1, 6]  # stacked copies repeat ids
+    for t in (2, 7):
+        fast = transform_transpose([tr], t, ids, lam)
+        slow = vjp(lambda u, t=t: tr.transform(t, ids, u), torch.zeros_like(lam))[1](lam)[0]
+        assert torch.equal(fast, slow)
+    assert fast[3].abs().sum() == 0 and torch.equal(fast[5], lam[5])

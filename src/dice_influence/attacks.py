@@ -185,6 +185,28 @@ class AttackPlan:
         return sorted(set(changed))
 
 
+    def transpose_updates(self, lam: torch.Tensor, t: int,
+                          ids: Sequence[int] | None = None) -> torch.Tensor:
+        """The transpose of :meth:`apply_updates`'s map at round ``t`` applied to ``lam`` (a new
+        tensor): every update attack is a per-row scale (``scale``, ``sign_flip``), a zeroing
+        (``free_rider``, ``free_rider_noise``) or an added constant (``update_noise``: no
+        linear part), so its transpose scales, zeroes or keeps the row; no noise is drawn."""
+        ids = list(range(lam.shape[0])) if ids is None else [int(k) for k in ids]
+        out = lam.clone()
+        # reverse order, as the vjp of the forward map runs (same bits where scales stack)
+        for spec, ks in reversed(list(zip(self.specs, self.nodes, strict=True))):
+            mine = set(ks)
+            rows = [r for r, k in enumerate(ids) if k in mine]
+            if spec.level != "update" or not rows or t < spec.start:
+                continue
+            idx = torch.tensor(rows, device=lam.device)
+            if spec.kind in ("scale", "sign_flip"):
+                out[idx] *= spec.scale
+            elif spec.kind in ("free_rider", "free_rider_noise"):
+                out[idx] = 0.0
+        return out
+
+
 class UpdateAttacks(Transform):
     """The plan's update-level attacks as a transform of the one loop (part of the round, so
     replays repeat them)."""
@@ -200,6 +222,9 @@ class UpdateAttacks(Transform):
 
     def apply(self, t: int, ids: Sequence[int], U: torch.Tensor) -> list[int]:
         return self.plan.apply_updates(U, t, ids)
+
+    def transpose(self, t: int, ids: Sequence[int], lam: torch.Tensor) -> torch.Tensor:
+        return self.plan.transpose_updates(lam, t, ids)
 
 
 def attack_transforms(plan: AttackPlan | None) -> tuple[Transform, ...]:

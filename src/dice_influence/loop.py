@@ -81,6 +81,12 @@ class Transform(Plugin):
         self.apply(t, ids, out)
         return out
 
+    def transpose(self, t: int, ids: Sequence[int], lam: torch.Tensor) -> torch.Tensor | None:
+        """The transpose of this round's map ``U -> transform(U)`` applied to the cotangent
+        ``lam`` (a new tensor), for a transform that knows it; None (the default): the reverse
+        sweeps take it by ``vjp`` through :meth:`transform`."""
+        return None
+
 
 class Observer(Plugin):
     """Reads a round; never changes it."""

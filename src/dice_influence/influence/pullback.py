@@ -48,6 +48,13 @@ def transform_transpose(transforms: Sequence[Any], t: int, ids: Sequence[int],
     active = [tr for tr in transforms if tr.active(t)]
     if not active:
         return lam
+    out = lam
+    for tr in reversed(active):  # written-out transposes (the built-in attacks), else vjp
+        out = tr.transpose(t, list(ids), out) if hasattr(tr, "transpose") else None
+        if out is None:
+            break
+    else:
+        return out
 
     def f(u: torch.Tensor) -> torch.Tensor:
         for tr in active:
