@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ._kernels import _plain, numba_module
+from ._kernels import _plain, numba_module, run_parallel
 
 ENABLED = True
 """Use the compiled kernel when available (benchmarks switch it off to compare)."""
@@ -73,8 +73,7 @@ def edge_dots(a: torch.Tensor, b: torch.Tensor, rows: np.ndarray, cols: np.ndarr
         return None
     if not all(_plain(t) and not t.requires_grad for t in (a, b)):
         return None
-    k = torch.get_num_threads()
-    parallel = k > 1 and len(rows) * a.shape[1] >= PARALLEL_WORK
+    parallel = torch.get_num_threads() > 1 and len(rows) * a.shape[1] >= PARALLEL_WORK
     fn = _compiled(parallel)
     if fn is None:
         return None
@@ -82,12 +81,7 @@ def edge_dots(a: torch.Tensor, b: torch.Tensor, rows: np.ndarray, cols: np.ndarr
     args = (a.numpy(), b.numpy(), np.ascontiguousarray(rows, dtype=np.int64),
             np.ascontiguousarray(cols, dtype=np.int64), out)
     if parallel:
-        from ._threads import sync_numba
-
-        sync_numba(k)  # torch's count, not numba's default of every core
-        fn(*args)
-        if torch.get_num_threads() != k:  # numba's OpenMP start-up set the process's count
-            torch.set_num_threads(k)
+        run_parallel(fn, *args)
     else:
         fn(*args)
     return torch.from_numpy(out)

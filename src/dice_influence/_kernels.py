@@ -97,14 +97,25 @@ def _plain(t: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def run_parallel(fn: Callable, *args: Any) -> None:
+    """Call the parallel compiled kernel ``fn(*args)`` on torch's intra-op thread count (not
+    numba's default of every core), and give torch that count back afterwards: numba's OpenMP
+    start-up, on a first parallel call, sets the process's count to every core."""
+    from ._threads import sync_numba
+
+    k = torch.get_num_threads()
+    sync_numba(k)
+    fn(*args)
+    if torch.get_num_threads() != k:
+        torch.set_num_threads(k)
+
+
 def csr_kernel(csr: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], bool] | None:
     """A function ``(theta, out) -> bool`` computing ``out = W @ theta`` with the compiled
     kernel (True), or declining (False: the caller falls back to torch). None without numba."""
     fn = _compiled()
     if fn is None:
         return None
-    from ._threads import sync_numba
-
     indptr = csr.crow_indices().cpu().numpy().astype(np.int64)
     indices = csr.col_indices().cpu().numpy().astype(np.int64)
     vals = {torch.float32: csr.values().cpu().numpy().astype(np.float32),
@@ -114,11 +125,7 @@ def csr_kernel(csr: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], bool
         if theta.ndim != 2 or out.shape != theta.shape or out.dtype != theta.dtype \
                 or not (_plain(theta) and _plain(out)) or out.data_ptr() == theta.data_ptr():
             return False
-        k = torch.get_num_threads()
-        sync_numba(k)  # the kernel runs on torch's count, not numba's default of every core
-        fn(indptr, indices, vals[theta.dtype], theta.numpy(), out.numpy(), BLOCK)
-        if torch.get_num_threads() != k:  # numba's OpenMP start-up set the process's count
-            torch.set_num_threads(k)
+        run_parallel(fn, indptr, indices, vals[theta.dtype], theta.numpy(), out.numpy(), BLOCK)
         return True
 
     return run
