@@ -214,3 +214,23 @@ def test_a_threads_request_reaches_child_processes(monkeypatch):
     assert "OMP_NUM_THREADS" not in _threads.child_env()
     monkeypatch.setattr(_threads, "_request", 1)
     assert _threads.child_env()["OMP_NUM_THREADS"] == "1"
+
+
+def test_pinned_for_holds_one_count_and_gives_the_request_back(monkeypatch):
+    """The benchmarks run every arm inside pinned_for: one decided count, requested for the
+    block, and the caller's own request (here none) restored after it, also on an error."""
+    from types import SimpleNamespace
+
+    from dice_influence import _threads
+
+    monkeypatch.setattr(_threads, "_request", None)
+    monkeypatch.setattr(_threads, "use_threads_for", lambda problem, rows: 3)
+    with _threads.pinned_for(SimpleNamespace(), 0) as k:
+        assert k == 3 and _threads._request == 3
+    assert _threads._request is None
+    try:
+        with _threads.pinned_for(SimpleNamespace(), 0):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert _threads._request is None

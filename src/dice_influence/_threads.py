@@ -31,9 +31,11 @@ same function.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 WORK_PER_EXTRA_THREAD = 1.0e7
@@ -226,6 +228,21 @@ def use_threads_for(problem: Any, test_rows: int = 0) -> int:
     ``test_rows`` test gradients per node and round)."""
     return use_threads(problem_work(problem, test_rows),
                        threads=getattr(problem.cfg.train, "threads", None))
+
+
+@contextlib.contextmanager
+def pinned_for(problem: Any, test_rows: int = 0) -> Iterator[int]:
+    """Decide the count once for ``problem`` (:func:`use_threads_for`) and hold it as the
+    process-wide request inside the block, so that every run there (a benchmark's arms) uses
+    the same count; the earlier request comes back afterwards. Yields the count."""
+    global _request
+    saved = _request
+    k = use_threads_for(problem, test_rows)
+    request(k)
+    try:
+        yield k
+    finally:
+        _request = saved
 
 
 def decision() -> dict[str, Any]:

@@ -92,14 +92,11 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
     from .. import _threads
     from ..loop import Loop
 
-    saved_request = _threads._request
-    # one count for every arm (plain training too): the rule's, for the observer's workload
-    threads = _threads.use_threads_for(problem, Loop(problem, [])._test_rows())
-    _threads.request(threads)
     wall: dict[str, list[float]] = {k: [] for k in arms}
     cpu: dict[str, list[float]] = {k: [] for k in arms}
     seconds: dict[str, dict[str, float]] = {}
-    try:
+    # one count for every arm (plain training too): the rule's, for the observer's workload
+    with _threads.pinned_for(problem, Loop(problem, [])._test_rows()) as threads:
         for fn in arms.values():  # warm-up: first calls of torch.func and numba compile
             fn()
         for r in range(repeats):
@@ -114,8 +111,6 @@ def bench_config(path: str | Path, *, repeats: int = 5, log: Callable[[str], Non
                         seconds[name] = dict(obs.seconds)
             if log:
                 log(f"  {path.name}: repeat {r + 1}/{repeats} done")
-    finally:
-        _threads.request(saved_request)
     base_w, base_c = min(wall["plain"]), min(cpu["plain"])
     out: dict[str, Any] = {
         "config": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),

@@ -87,10 +87,8 @@ def bench_proximal(
     modes.update(slow)
     from .. import _threads
 
-    saved_request = _threads._request
-    threads = _threads.use_threads_for(problem, m)
-    _threads.request(threads)  # every mode (and the plain loop) runs with this count
-    try:
+    # every mode (and the plain loop) runs with one count, decided once
+    with _threads.pinned_for(problem, m) as threads:
         def runner(o: Any, fast: bool) -> Any:
             def run() -> Any:
                 with fast_paths(fast):
@@ -129,8 +127,6 @@ def bench_proximal(
                 else:
                     rec["error_vs_full_test_set"] = score_error(P, full[opts.track_every])
             results.append(rec)
-    finally:
-        _threads.request(saved_request)
     doc = {
         "benchmark": "proximal",
         "command": "dice bench proximal --json benchmarks/bench-proximal.json",
