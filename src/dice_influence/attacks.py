@@ -152,6 +152,17 @@ class AttackPlan:
                 )
         return out
 
+    def _update_rows(self, t: int, ids: list[int]) -> list[tuple[int, AttackSpec, list[int]]]:
+        """``(spec index, spec, row positions)`` of the update attacks active at round ``t``
+        on some row of ``ids`` (ids may repeat: stacked copies), in the plan's order."""
+        out = []
+        for i, (spec, ks) in enumerate(zip(self.specs, self.nodes, strict=True)):
+            mine = set(ks)
+            rows = [r for r, k in enumerate(ids) if k in mine]
+            if spec.level == "update" and rows and t >= spec.start:
+                out.append((i, spec, rows))
+        return out
+
     def apply_updates(self, U: torch.Tensor, t: int, ids: Sequence[int] | None = None) -> list[int]:
         """Replace attackers' honest updates in place with what they send at round ``t``.
 
@@ -161,11 +172,7 @@ class AttackPlan:
         holds only its own row draws the same noise as the simulator."""
         ids = list(range(U.shape[0])) if ids is None else [int(k) for k in ids]
         changed: list[int] = []
-        for i, (spec, ks) in enumerate(zip(self.specs, self.nodes, strict=True)):
-            mine = set(ks)
-            rows = [r for r, k in enumerate(ids) if k in mine]  # ids may repeat (stacked copies)
-            if spec.level != "update" or not rows or t < spec.start:
-                continue
+        for i, spec, rows in self._update_rows(t, ids):
             idx = torch.tensor(rows, device=U.device)
             if spec.kind in ("scale", "sign_flip"):
                 U[idx] *= spec.scale
@@ -184,7 +191,6 @@ class AttackPlan:
             changed.extend(rows)
         return sorted(set(changed))
 
-
     def transpose_updates(self, lam: torch.Tensor, t: int,
                           ids: Sequence[int] | None = None) -> torch.Tensor:
         """The transpose of :meth:`apply_updates`'s map at round ``t`` applied to ``lam`` (a new
@@ -194,11 +200,7 @@ class AttackPlan:
         ids = list(range(lam.shape[0])) if ids is None else [int(k) for k in ids]
         out = lam.clone()
         # reverse order, as the vjp of the forward map runs (same bits where scales stack)
-        for spec, ks in reversed(list(zip(self.specs, self.nodes, strict=True))):
-            mine = set(ks)
-            rows = [r for r, k in enumerate(ids) if k in mine]
-            if spec.level != "update" or not rows or t < spec.start:
-                continue
+        for _, spec, rows in reversed(self._update_rows(t, ids)):
             idx = torch.tensor(rows, device=lam.device)
             if spec.kind in ("scale", "sign_flip"):
                 out[idx] *= spec.scale
