@@ -308,7 +308,6 @@ def load_run_data(cfg: RunConfig, only: int | None = None
     split by ``data.partition``). ``only=k``: a peer's view (node ``k``'s file only). The
     files of ``model.factory``'s module are recorded with the data files (run identity)."""
     from .data.own import load_nodes, load_npz
-    from .models import factory_files
 
     dc = cfg.data
     parts = None
@@ -325,10 +324,7 @@ def load_run_data(cfg: RunConfig, only: int | None = None
         ds = D.load_dataset(dc.dataset, data_dir=dc.data_dir, seed=cfg.seed,
                             **({} if dc.test_fraction is None
                                else {"test_fraction": dc.test_fraction}))
-    from ._init_load import init_files
-
-    extra = (*(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
-             *init_files(cfg))
+    extra = _model_files(cfg)
     if extra:
         ds = dataclasses.replace(ds, files=(*ds.files, *extra))
     return ds, parts
@@ -340,7 +336,6 @@ def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
     nodes' files) and ``model.factory``'s module."""
     from .data.files import file_records
     from .data.own import test_file
-    from .models import factory_files
 
     dc = cfg.data
     if dc.dataset == "api":
@@ -351,9 +346,16 @@ def peer_source_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
         files = file_records([test_file(dc.path or "")])
     else:
         files = D.dataset_files(dc.dataset, data_dir=dc.data_dir)
-    from ._init_load import init_files
+    return (*files, *_model_files(cfg))
 
-    return (*files, *(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
+
+def _model_files(cfg: RunConfig) -> tuple[dict[str, Any], ...]:
+    """File records of the model's own inputs: the factory's module (``model.kind: python``)
+    and the ``model.init`` vector; part of the run identity beside the data files."""
+    from ._init_load import init_files
+    from .models import factory_files
+
+    return (*(factory_files(cfg.model.factory) if cfg.model.kind == "python" else ()),
             *init_files(cfg))
 
 

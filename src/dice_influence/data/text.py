@@ -234,7 +234,7 @@ def build_corpus(
         cut = test_sequences + train_sequences
         test, train, held = win[:test_sequences], win[test_sequences:cut].copy(), win[cut:]
         if own_pre:
-            pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
+            pre.append(_pairs(held))
         if k == scramble_node:
             srng = np.random.default_rng([seed, k, 0x5C7A])
             m = int(round(scramble_fraction * len(train)))
@@ -242,7 +242,7 @@ def build_corpus(
             for i in chosen:
                 train[i] = train[i][srng.permutation(context + 1)]
             scrambled[k] = chosen.tolist()
-        nodes.append((train[:, :-1].copy(), train[:, 1:].copy()))
+        nodes.append(_pairs(train))
         tx.append(test[:, :-1])
         ty.append(test[:, 1:])
     for k, name in enumerate(other):
@@ -259,7 +259,7 @@ def build_corpus(
                             f"{pretrain_sequences}; lower it or pick a longer source")
         rng = np.random.default_rng([seed, 1000 + k, 0x7E47])
         held = win[rng.permutation(len(win))[:pretrain_sequences]]
-        pre.append((held[:, :-1].copy(), held[:, 1:].copy()))
+        pre.append(_pairs(held))
     settings = {"context": context, "train_sequences": train_sequences,
                 "test_sequences": test_sequences, "scramble_node": scramble_node,
                 "scramble_fraction": scramble_fraction, "seed": seed, "root": str(root),
@@ -297,6 +297,12 @@ def write_nodes(corpus: TextCorpus, out: str | Path) -> Path:
         save(out / "pretrain" / "test.npz", *corpus.test)
     write_json(out / "corpus.json", corpus.manifest())
     return out
+
+
+def _pairs(win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets ``(w[:, :-1], w[:, 1:])`` of ``(N, context + 1)`` windows
+    (contiguous copies)."""
+    return win[:, :-1].copy(), win[:, 1:].copy()
 
 
 def _named(arg: str, sets: dict[str, tuple[str, ...]]) -> list[str]:
