@@ -16,7 +16,9 @@ in the process and are used by the loop itself.
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,7 +55,9 @@ HUGE_MIN_BYTES = 64 << 20
 """Buffers from this size on (the stacked parameters of large runs) get huge pages."""
 
 
+@lru_cache(maxsize=1)
 def _huge_ok() -> bool:
+    """Whether Linux offers transparent huge pages here (read once)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             return "[never]" not in f.read()
@@ -77,13 +81,11 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     import torch
 
     shape = tuple(int(s) for s in shape)
-    count = 1
-    for s in shape:
-        count *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = count * itemsize
+    count = math.prod(shape)
+    proto = torch.empty((), dtype=dtype)
+    nbytes = count * proto.element_size()
     if (nbytes < HUGE_MIN_BYTES or not sys.platform.startswith("linux")
-            or not hasattr(mmap, "MADV_HUGEPAGE") or not _huge_cached()):
+            or not hasattr(mmap, "MADV_HUGEPAGE") or not _huge_ok()):
         return torch.empty(shape, dtype=dtype)
     size = -(-nbytes // HUGE) * HUGE
     free = _pool.get(size)
@@ -100,8 +102,7 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
 
     import numpy as np
 
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=off).reshape(shape)
+    arr = np.frombuffer(mm, dtype=proto.numpy().dtype, count=count, offset=off).reshape(shape)
     weakref.finalize(arr, _release, size, mm, off)
     return torch.from_numpy(arr)
 
@@ -121,18 +122,19 @@ def _release(size: int, mm: object, off: int) -> None:
         _pool.setdefault(size, []).append((mm, off))
 
 
-_huge_state: list[bool] = []
+def empty_like_huge(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous uninitialised tensor shaped like ``t``: on :func:`empty_huge` memory where
+    ``t`` is a CPU tensor (large enough, see there), ``torch.empty_like`` elsewhere."""
+    import torch
 
-
-def _huge_cached() -> bool:
-    if not _huge_state:
-        _huge_state.append(_huge_ok())
-    return _huge_state[0]
+    if t.device.type != "cpu":
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return empty_huge(t.shape, t.dtype)
 
 
 def clone_huge(t: torch.Tensor) -> torch.Tensor:
-    """``t.clone()`` (contiguous) on :func:`empty_huge` memory where ``t`` is a large CPU
-    tensor; ``t.clone()`` otherwise."""
-    if t.device.type != "cpu" or t.requires_grad or t.numel() * t.element_size() < HUGE_MIN_BYTES:
+    """``t.clone()`` (contiguous) on :func:`empty_like_huge` memory; a tensor that autograd
+    tracks is cloned by torch (the copy stays in the graph)."""
+    if t.requires_grad:
         return t.clone()
-    return empty_huge(t.shape, t.dtype).copy_(t)
+    return empty_like_huge(t).copy_(t)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._alloc import clone_huge, empty_huge
+from ._alloc import clone_huge, empty_like_huge
 from .gossip import Mixer, Optimizer, node_grad_list, param_views
 from .models import FunctionalModel
 
@@ -376,8 +376,7 @@ class Loop:
         theta = clone_huge(theta)
         state = None if state is None else clone_huge(state)
         state_views = None if state is None else param_views(fm, state)
-        spare = empty_huge(theta.shape, theta.dtype) if theta.device.type == "cpu" \
-            else torch.empty_like(theta)
+        spare = empty_like_huge(theta)
         agg = p.aggregator
         ids = np.arange(p.n)
         with torch.no_grad():
