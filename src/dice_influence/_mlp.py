@@ -99,11 +99,17 @@ def _act_grad(act: Any, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def cached_layers(module: Any) -> tuple[list[tuple[str, str]], Any] | None:
     """:func:`mlp_layers` of ``module``, walked once per module (the sweeps ask every round)."""
-    hit = _SPECS.get(id(module))
-    if hit is None or hit[0] is not module:
-        if len(_SPECS) > 64:
-            _SPECS.clear()
-        hit = _SPECS[id(module)] = (module, mlp_layers(module))
+    return _by_identity(_SPECS, module, mlp_layers)
+
+
+def _by_identity(store: dict[int, tuple[Any, Any]], obj: Any, build: Any) -> Any:
+    """``build(obj)``, kept in ``store`` under ``id(obj)`` (the object is kept beside it, so a
+    recycled id is never taken for it; at most 64 entries)."""
+    hit = store.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        if len(store) > 64:
+            store.clear()
+        hit = store[id(obj)] = (obj, build(obj))
     return hit[1]
 
 
@@ -115,18 +121,12 @@ def _slot_views(fm: Any, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     if flat.ndim != 2 or flat.stride(1) != 1 or flat.requires_grad:
         return {s.name: flat[:, s.offset : s.offset + s.numel].view(n, *s.shape)
                 for s in fm.slots}
-    key = id(fm.slots)
-    hit = _STRIDES.get(key)
-    if hit is None or hit[0] is not fm.slots:
-        if len(_STRIDES) > 64:
-            _STRIDES.clear()
-        hit = _STRIDES[key] = (fm.slots, [
-            (s.name, s.offset, tuple(s.shape),
-             tuple(math.prod(s.shape[i + 1:]) for i in range(len(s.shape))))
-            for s in fm.slots])
+    layout = _by_identity(_STRIDES, fm.slots, lambda slots: [
+        (s.name, s.offset, tuple(s.shape),
+         tuple(math.prod(s.shape[i + 1:]) for i in range(len(s.shape)))) for s in slots])
     r, base = flat.stride(0), flat.storage_offset()
     return {name: flat.as_strided((n, *shape), (r, *inner), base + off)
-            for name, off, shape, inner in hit[1]}
+            for name, off, shape, inner in layout}
 
 
 _STRIDES: dict[int, tuple[Any, list]] = {}  # id(fm.slots) -> (slots, [(name, offset, shape, strides)])
