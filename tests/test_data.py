@@ -417,6 +417,42 @@ def test_corruptions_exact_fraction_only_on_requested_nodes() -> None:
     assert torch.equal(perm.y[0], 3 - clean.y[0])
 
 
+def test_inject_flip_appends_flagged_mislabelled_copies_and_keeps_the_clean_data() -> None:
+    """Injected poison: each listed node keeps its samples bit for bit and gets, after them,
+    copies of the samples label_flip would flip (same seed and fraction), with the flipped
+    label, flagged corrupted and carrying their source's dataset index; the stacked tensors
+    grow to the largest node, and removing exactly the flagged samples gives the clean data."""
+    ds = load_dataset("synthetic", synthetic_samples=600, synthetic_classes=4)
+    parts = partition(ds.y_train, 4, samples_per_node=40, seed=1)
+    clean = make_node_data(ds, parts)
+    perm = (0, 2, 2, 3)  # only class 1 moves (to 2)
+    flip = make_node_data(ds, parts, corruptions=[Corruption("label_flip", (1, 2), 0.5,
+                                                             permutation=perm)])
+    nd = make_node_data(ds, parts, corruptions=[Corruption("inject_flip", (1, 2), 0.5,
+                                                           permutation=perm)])
+    extra = flip.corrupted.sum(1)
+    assert extra.tolist()[0] == 0 and extra.tolist()[3] == 0 and int(extra.sum()) > 0
+    assert nd.sizes.tolist() == (clean.sizes + extra).tolist()
+    assert nd.max_size == int(nd.sizes.max()) > clean.max_size
+    assert torch.equal(nd.x[:, :40], clean.x) and torch.equal(nd.y[:, :40], clean.y)
+    assert torch.equal(nd.index[:, :40], clean.index) and not nd.corrupted[:, :40].any()
+    for k in range(4):
+        src = flip.corrupted[k].nonzero().flatten()
+        new = slice(40, 40 + len(src))
+        assert torch.equal(nd.x[k, new], clean.x[k, src])
+        assert torch.equal(nd.y[k, new], flip.y[k, src]) and bool((nd.y[k, new] == 2).all())
+        assert torch.equal(nd.index[k, new], clean.index[k, src])
+        assert bool(nd.corrupted[k, new].all()) and int(nd.corrupted[k].sum()) == len(src)
+        assert bool((nd.index[k, 40 + len(src):] == -1).all())  # padding stays padding
+    keep = nd.mask & ~nd.corrupted  # the oracle clean-up: exactly the clean samples are left
+    assert torch.equal(nd.x[keep], clean.x[clean.mask])
+    assert torch.equal(nd.y[keep], clean.y[clean.mask])
+    # the default map y -> y + 1 copies every drawn sample
+    dflt = make_node_data(ds, parts, corruptions=[Corruption("inject_flip", (0,), 0.25)])
+    assert dflt.sizes.tolist() == [50, 40, 40, 40]
+    assert torch.equal(dflt.y[0, 40:], (ds.y_train[dflt.index[0, 40:]] + 1) % 4)
+
+
 def test_corruption_validation() -> None:
     ds, parts = _tiny_dataset(), [np.arange(10), np.arange(10, 20)]
     with pytest.raises(DataError, match="unknown corruption kind 'blur'"):
@@ -427,6 +463,8 @@ def test_corruption_validation() -> None:
         make_node_data(ds, parts, corruptions=[Corruption("label_flip", (2,))])
     with pytest.raises(DataError, match="permutation"):
         make_node_data(ds, parts, corruptions=[Corruption("label_flip", (0,), permutation=(1, 0))])
+    with pytest.raises(DataError, match="inject_flip permutation"):
+        make_node_data(ds, parts, corruptions=[Corruption("inject_flip", (0,), permutation=(1,))])
 
 
 def test_node_test_splits() -> None:

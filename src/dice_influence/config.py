@@ -37,7 +37,7 @@ class _Strict(BaseModel):
 class CorruptionConfig(_Strict):
     """Data corruption on chosen nodes (see :class:`dice_influence.data.Corruption`)."""
 
-    kind: Literal["label_flip", "random_labels", "gaussian_noise"]
+    kind: Literal["label_flip", "random_labels", "gaussian_noise", "inject_flip"]
     nodes: list[int]
     fraction: float = Field(1.0, ge=0.0, le=1.0)
     sigma: float = Field(1.0, ge=0.0)

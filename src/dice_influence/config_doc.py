@@ -30,11 +30,13 @@ DESCRIPTIONS: dict[str, str] = {
     "data.classes_per_node": "classes each node holds under the shards partition",
     "data.corruptions": "corrupted data on chosen nodes (label flips, random labels, "
                         "Gaussian noise)",
-    "data.corruptions.kind": "label_flip, random_labels or gaussian_noise",
+    "data.corruptions.kind": "label_flip, random_labels, gaussian_noise or inject_flip "
+                             "(mislabelled copies added to the node's data)",
     "data.corruptions.nodes": "node ids whose data is corrupted",
     "data.corruptions.fraction": "share of each such node's samples corrupted (0..1)",
     "data.corruptions.sigma": "standard deviation of gaussian_noise (in pixel units)",
-    "data.corruptions.permutation": "label map of label_flip (default: a seeded derangement)",
+    "data.corruptions.permutation": "label map of label_flip and inject_flip (default: "
+                                    "y -> y + 1 mod C)",
     "data.corruptions.seed": "seed of the corruption's own random draws",
     "topology": "the graph and its mixing matrix W (W[k][j] = weight receiver k puts on "
                 "sender j; rows sum to 1)",

@@ -30,7 +30,7 @@ from .readers import _read_cifar_batch, file_records, parse_idx
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
-CORRUPTION_KINDS = ("label_flip", "random_labels", "gaussian_noise")
+CORRUPTION_KINDS = ("label_flip", "random_labels", "gaussian_noise", "inject_flip")
 
 ENV_DATA_DIR = "DICE_DATA_DIR"
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -27,8 +27,12 @@ class Corruption:
 
     kinds: "label_flip" (y -> permutation[y], default (y + 1) mod C), "random_labels" (uniform
     over the C - 1 wrong labels, so every chosen sample really changes), "gaussian_noise" (adds
-    N(0, sigma^2) to every feature, in normalised feature units). The number of altered samples
-    on node k is round(fraction * size_k).
+    N(0, sigma^2) to every feature, in normalised feature units), "inject_flip" (injected
+    poison: the node keeps all its samples and gets, appended after them, a copy of each chosen
+    sample whose label ``permutation`` changes, with that changed label; only the copies count
+    as corrupted, they carry their source's dataset index, and the node grows by their number).
+    The number of samples chosen on node k is round(fraction * size_k); ``inject_flip`` chooses
+    exactly the samples a ``label_flip`` with the same seed, fraction and nodes would flip.
     """
 
     kind: str
@@ -63,11 +67,11 @@ class Corruption:
                 raise DataError(
                     f"{self.kind}: node id {k} out of range for n={n_nodes} nodes (use 0..{n_nodes - 1})"
                 )
-        if self.kind == "label_flip" and self.permutation is not None:
+        if self.kind in ("label_flip", "inject_flip") and self.permutation is not None:
             p = self.permutation
             if len(p) != num_classes or any(not 0 <= c < num_classes for c in p):
                 raise DataError(
-                    f"label_flip permutation {p} must map each of the {num_classes} classes to a "
+                    f"{self.kind} permutation {p} must map each of the {num_classes} classes to a "
                     f"class in 0..{num_classes - 1}"
                 )
         if self.kind == "random_labels" and num_classes < 2:
@@ -172,7 +176,9 @@ def make_node_data(
     corrupted = torch.zeros((n, m_max), dtype=torch.bool, device=dev)
     for c in corruptions:
         c.validate(n, dataset.num_classes)
-        kind_id = CORRUPTION_KINDS.index(c.kind)
+        # inject_flip draws the samples label_flip would: the same images, copied not relabelled
+        kind_id = CORRUPTION_KINDS.index("label_flip" if c.kind == "inject_flip" else c.kind)
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for k in c.nodes:
             size = int(sizes[k])
             cnt = c.count(size)
@@ -180,13 +186,16 @@ def make_node_data(
                 continue
             rng = _rng(c.seed, k, kind_id)
             pos = torch.from_numpy(np.sort(rng.choice(size, size=cnt, replace=False))).to(dev)
-            if c.kind == "label_flip":
+            if c.kind in ("label_flip", "inject_flip"):
                 if c.permutation is None:
                     new = (y[k, pos] + 1) % dataset.num_classes
                 else:
                     mapping = torch.tensor(c.permutation, dtype=torch.int64, device=dev)
                     new = mapping[y[k, pos]]
                 changed = new != y[k, pos]
+                if c.kind == "inject_flip":
+                    copies[k] = (pos[changed], new[changed])
+                    continue
                 y[k, pos] = new
                 corrupted[k, pos[changed]] = True
             elif c.kind == "random_labels":  # shift by 1..C-1: uniform over the wrong labels
@@ -197,9 +206,38 @@ def make_node_data(
                 noise = rng.normal(0.0, c.sigma, size=(cnt, *x.shape[2:])).astype(np.float32)
                 x[k, pos] += torch.from_numpy(noise).to(dev)
                 corrupted[k, pos] = True
+        if copies:
+            x, y, sizes, index, corrupted = _append_copies(x, y, sizes, index, corrupted, copies)
     return NodeData(
         x=x, y=y, sizes=sizes, index=index, corrupted=corrupted, corruptions=tuple(corruptions)
     )
+
+
+def _append_copies(
+    x: torch.Tensor, y: torch.Tensor, sizes: torch.Tensor, index: torch.Tensor,
+    corrupted: torch.Tensor, copies: dict[int, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``inject_flip``: append to node k, after its samples, copies of its samples at positions
+    ``copies[k][0]`` labelled ``copies[k][1]``, flagged corrupted; the tensors grow (zero
+    padding) when a node outgrows ``m_max``. Positions below the old sizes are untouched."""
+    new_sizes = sizes.clone()
+    for k, (pos, _) in copies.items():
+        new_sizes[k] += len(pos)
+    n, m_old = index.shape
+    m_new = max(m_old, int(new_sizes.max()))
+    if m_new > m_old:
+        pad = m_new - m_old
+        x = torch.cat([x, x.new_zeros((n, pad, *x.shape[2:]))], 1)
+        y = torch.cat([y, y.new_zeros((n, pad, *y.shape[2:]))], 1)
+        index = torch.cat([index, index.new_full((n, pad), -1)], 1)
+        corrupted = torch.cat([corrupted, corrupted.new_zeros((n, pad))], 1)
+    for k, (pos, new) in copies.items():
+        a, b = int(sizes[k]), int(new_sizes[k])
+        x[k, a:b] = x[k, pos]
+        y[k, a:b] = new
+        index[k, a:b] = index[k, pos]
+        corrupted[k, a:b] = True
+    return x, y, new_sizes, index, corrupted
 
 
 def test_partition(
