@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dice_influence.config import ConfigError, load_config
 from dice_influence.experiments import cleaning as C
@@ -91,6 +92,39 @@ def test_poisoning_scenario_flags_exactly_the_relabelled_samples():
     # about half of the 3s on every node (only the drawn half of the samples is touched)
     share = changed.sum().item() / (clean.y == 3).sum().item()
     assert 0.3 < share < 0.7
+
+
+def test_injected_poison_runs_alone_and_its_oracle_removal_leaves_the_clean_data(tmp_path):
+    """``inject-3-as-8`` style scenario (inject_flip: mislabelled copies added, the clean data
+    kept) run alone through ``experiment.only``: only the copies count as corrupted, the oracle
+    mask (corrupted samples removed) leaves exactly the clean run's samples, and the scenario
+    keeps its place in the list for ``fidelity_scenarios`` (second here: no replay check)."""
+    from dice_influence.problem import build_problem
+
+    inject = {"name": "inject", "corruptions": [
+        {"kind": "inject_flip", "nodes": list(range(6)), "fraction": 0.5,
+         "permutation": [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]}]}
+    flip = {"name": "flip", "corruptions": [{"kind": "label_flip", "nodes": [0], "fraction": 0.2}]}
+    cfg = _cfg(scenarios=[flip, inject], only=["inject"], fidelity_scenarios=1,
+               removal_fractions=[0.05])
+    ex = C.parse_experiment(cfg)
+    clean = build_problem(C._scenario_cfg(cfg, None)).node_data
+    bad = build_problem(C._scenario_cfg(cfg, ex.scenarios[1])).node_data
+    copies = int(bad.corrupted.sum())
+    assert copies > 0 and int(bad.sizes.sum()) == int(clean.sizes.sum()) + copies
+    assert bool((bad.y[bad.corrupted] == 8).all())
+    assert not bool(bad.corrupted[:, :48].any())  # the node's own 48 samples are untouched
+    keep = bad.mask & ~bad.corrupted
+    assert torch.equal(bad.x[keep], clean.x[clean.mask]) and torch.equal(bad.y[keep],
+                                                                          clean.y[clean.mask])
+    m = C.run_experiment(cfg, tmp_path)
+    assert list(m["scenarios"]) == ["inject"] and m["scenario"] == "inject"
+    sc = m["scenarios"]["inject"]
+    assert sc["corrupted_samples"] == [copies] and sc["samples"] == int(bad.sizes.sum())
+    assert sc["fidelity"] is None and sc["oracle_removal"]["after_removal"] is not None
+    assert 0 <= m["detection"]["dice"]["auroc"] <= 1
+    with pytest.raises(ConfigError, match="experiment.only"):
+        C.parse_experiment(_cfg(only=["nope"]))
 
 
 def test_test_fraction_moves_the_held_out_split_and_is_refused_where_the_split_is_fixed():
