@@ -70,7 +70,9 @@ def test_peer_holds_exactly_its_simulator_partition():
                 "dataset": "digits",
                 "samples_per_node": 30,
                 "test_samples_per_node": 10,
-                "corruptions": [{"kind": "label_flip", "nodes": [1], "fraction": 0.5}],
+                # node 3 gets 15 injected copies: its batches run over 45 samples
+                "corruptions": [{"kind": "label_flip", "nodes": [1], "fraction": 0.5},
+                                {"kind": "inject_flip", "nodes": [3], "fraction": 0.5}],
             },
             "topology": {"name": "ring", "n": 4},
             "model": {"name": "mlp", "hidden": [8]},
@@ -78,6 +80,7 @@ def test_peer_holds_exactly_its_simulator_partition():
         }
     )
     p = build_problem(cfg)
+    assert p.node_data.sizes.tolist() == [30, 30, 30, 45]
     theta0 = p.init_theta()
     for k in (0, 1, 3):
         lp = build_local(cfg, k)
@@ -87,7 +90,7 @@ def test_peer_holds_exactly_its_simulator_partition():
         )
         assert torch.equal(lp.test_x, p.node_test.x[k]) and torch.equal(lp.test_y, p.node_test.y[k])
         assert torch.equal(lp.init_theta()[0], theta0[k])
-        for t in (0, 7):
+        for t in (0, 7, 11):
             x, y = p.batch(t)
             lx, ly = lp.batch(t)
             assert torch.equal(lx[0], x[k]) and torch.equal(ly[0], y[k])

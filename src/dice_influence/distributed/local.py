@@ -110,6 +110,7 @@ def build_local(
     parts = given if given is not None else S.build_partition(cfg, ds)
     nd = D.make_node_data(ds, _only(parts, k), split="train", corruptions=S.build_corruptions(cfg))
     index = nd.index[k, : int(nd.sizes[k])].clone().cpu()
+    own_size = int(nd.sizes[k])  # the partition's, plus any injected copies (inject_flip)
     x, y = _row(S.group_data(cfg, nd, ds.num_classes), k, dtype, dev)
     del nd
     own = test_set == "own" or (test_set == "auto" and dc.test_samples_per_node is not None)
@@ -124,6 +125,7 @@ def build_local(
     else:
         test_x, test_y = val_x, val_y
     sizes = [len(p) for p in parts]
+    sizes[k] = own_size
     if given is not None:  # other nodes' files are not read; node k's batches need only its size
         sizes = [sizes[k] if j == k else max(sizes[k], cfg.train.batch_size) for j in range(n)]
     batches = D.BatchSchedule(sizes, cfg.train.batch_size, seed=cfg.seed)
