@@ -142,3 +142,22 @@ def test_bad_values_get_one_clear_error():
     bad = cfg().model_copy(update={"experiment": {"tracking": {"test_batch_order": "random"}}})
     with pytest.raises(ConfigError, match=r"test_batch_order"):
         parse_experiment(bad)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_contribution_outflow_reads_the_same_rotating_rows(every):
+    """The contribution observer's (a) goes through the loop's one rule (its ``every`` sets
+    the rotation), so it equals the column sums of a proximal observer's ledger."""
+    from dice_influence.simulator import train
+
+    c = cfg(rounds=4)
+    obs = {"test_batch": 8, "every": every}
+    contrib = load_config({**c.model_dump(mode="json"), "observers": [
+        {"kind": "contribution", "horizon": "off", **obs}]})
+    a = train(contrib).plugins.find("contribution").a_rounds
+    prox = guarded_train(build_problem(c), None, GuardOptions(track_every=every, test_batch=8))
+    hist = prox.tracker.history("actual")
+    assert sorted(a) == prox.tracker.rounds == list(range(0, 4, every))
+    for i, t in enumerate(prox.tracker.rounds):
+        np.testing.assert_allclose(a[t], hist[i].astype(np.float64).sum(0), rtol=1e-5,
+                                   atol=1e-9)
