@@ -19,7 +19,7 @@ from dice_influence.distributed import build_local
 from dice_influence.distributed.peer import Peer
 from dice_influence.gossip import loss_grads
 from dice_influence.influence.proximal import proximal_matrix
-from dice_influence.loop import Loop, readout_rows
+from dice_influence.loop import ROTATE_HOLD, Loop, readout_rows
 from dice_influence.simulator import build_problem
 
 SPLIT = 20  # test samples per node in these configs
@@ -41,17 +41,19 @@ def cfg(**train):
 @given(total=st.integers(1, 70), m=st.integers(1, 80), every=st.integers(1, 6),
        first=st.integers(0, 5))
 def test_rotation_reads_every_sample_equally_often(total, m, every, first):
-    """Any ``total / gcd(total, m)`` consecutive tracked rounds read each row ``m / gcd`` times;
-    ``first`` always reads rows 0..m-1; m >= total reads the whole split (None)."""
-    cycle = total // math.gcd(total, m)
-    tracked = [(first + c) * every for c in range(cycle)]
+    """Any ``2·total / gcd(total, m)`` consecutive tracked rounds, from a slice's first round,
+    read each row ``2·m / gcd`` times, two rounds per slice; ``first`` always reads rows
+    0..m-1; m >= total reads the whole split (None)."""
+    cycle = ROTATE_HOLD * total // math.gcd(total, m)
+    tracked = [(ROTATE_HOLD * first + c) * every for c in range(cycle)]
     rows = [readout_rows(t, total, m, "rotate", every) for t in tracked]
     if m >= total:
         assert all(r is None for r in rows)
         assert readout_rows(0, total, m, "first") is None
         return
     counts = np.bincount(torch.cat(rows).numpy(), minlength=total)
-    assert (counts == m // math.gcd(total, m)).all()
+    assert (counts == ROTATE_HOLD * m // math.gcd(total, m)).all()
+    assert torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2 % cycle])
     for t, r in zip(tracked, rows, strict=True):
         assert len(r) == m and len(set(r.tolist())) == m
         # rounds between tracked ones read the slice of the last tracked round
@@ -75,9 +77,9 @@ def test_whole_split_is_the_default_bit_for_bit(tb, order):
 @pytest.mark.parametrize("readout,every,order", [
     ("pre", 1, "rotate"), ("midpoint", 1, "rotate"), ("pre", 2, "rotate"), ("post", 1, "first")])
 def test_each_tracked_round_reads_its_slice(readout, every, order):
-    """Round t's increment is Def. 4 with G_k on rows (c·m + i) mod split, c = t // every
+    """Round t's increment is Def. 4 with G_k on rows (s·m + i) mod split, s = t // every // 2
     (midpoint: pre and post on the same rows; wraps around the split's end)."""
-    m, R = 8, 5
+    m, R = 8, 9
     c = cfg(rounds=R)
     p = build_problem(c)
     res = guarded_train(p, None, GuardOptions(readout=readout, track_every=every, test_batch=m,
@@ -91,7 +93,7 @@ def test_each_tracked_round_reads_its_slice(readout, every, order):
         nxt, _ = p.round(th, None, t)
         if t % every == 0:
             r = readout_rows(t, SPLIT, m, order, every)
-            start = (t // every) * m % SPLIT if order == "rotate" else 0
+            start = (t // every // 2) * m % SPLIT if order == "rotate" else 0
             assert r.tolist() == [(start + i) % SPLIT for i in range(m)]
             xs, ys = x[:, r], y[:, r]
             W = torch.tensor(p.W(t), dtype=torch.float64)
@@ -123,7 +125,8 @@ def test_simulator_and_peer_read_the_same_rows(order, every):
             assert torch.allclose(g_peer, g_sim, atol=1e-12, rtol=1e-9)
     # and different rounds really read different rows when rotating
     if order == "rotate":
-        assert not torch.equal(loop._test_grads(theta, 0), loop._test_grads(theta, every))
+        assert torch.equal(loop._test_grads(theta, 0), loop._test_grads(theta, every))
+        assert not torch.equal(loop._test_grads(theta, 0), loop._test_grads(theta, 2 * every))
 
 
 def test_bad_values_get_one_clear_error():

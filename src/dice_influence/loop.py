@@ -280,18 +280,23 @@ class Gossip(Aggregator):
 # ----------------------------------------------------------------------------- test mini-batches
 
 TEST_BATCH_ORDERS = ("rotate", "first")
+ROTATE_HOLD = 2  # tracked rounds that read one slice before ``rotate`` moves to the next
 
 
 def readout_rows(t: int, total: int, batch: int | None, order: str = "rotate",
-                    every: int = 1) -> torch.Tensor | None:
+                 every: int = 1) -> torch.Tensor | None:
     """Which of a receiver's ``total`` test samples round ``t`` reads (docs/method.md §5).
 
     ``None``: all of them (``batch`` is None or at least ``total``). Else ``batch`` = m row
     indices: ``first`` reads rows ``0..m-1`` every round; ``rotate`` gives tracked round
-    ``c = t // every`` rows ``(c·m + i) mod total``, ``i = 0..m-1`` — consecutive tracked rounds
-    read consecutive slices, wrapping around, so each block of ``total / gcd(total, m)`` tracked
-    rounds reads every sample exactly ``m / gcd(total, m)`` times. A function of ``t`` and the
-    settings only: the simulator, every peer and a resumed run read the same rows."""
+    ``c = t // every`` the slice ``s = c // ROTATE_HOLD``, rows ``(s·m + i) mod total``,
+    ``i = 0..m-1``: each slice is read for two consecutive tracked rounds, then the next one,
+    wrapping around, so each block of ``2·total / gcd(total, m)`` tracked rounds reads every
+    sample exactly ``2·m / gcd(total, m)`` times. (Two rounds per slice: updates alternate in
+    sign from one round to the next at the usual learning rates, and a slice that changed every
+    round would add that alternation up instead of cancelling it; docs/anomaly.md.) A function
+    of ``t`` and the settings only: the simulator, every peer and a resumed run read the same
+    rows."""
     if order not in TEST_BATCH_ORDERS:
         raise ValueError(f"test_batch_order={order!r}: choose rotate or first")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int | np.integer)
@@ -302,7 +307,7 @@ def readout_rows(t: int, total: int, batch: int | None, order: str = "rotate",
         raise ValueError(f"every={every} must be >= 1")
     if batch is None or batch >= total:
         return None
-    start = (t // every) * batch % total if order == "rotate" else 0
+    start = (t // every // ROTATE_HOLD) * batch % total if order == "rotate" else 0
     return torch.arange(start, start + batch) % total
 
 
