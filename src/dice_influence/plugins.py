@@ -58,8 +58,8 @@ class ProximalSettings(PluginSettings):
         None, ge=1, description="read m test samples per tracked round (default: the whole "
         "split; more than the split: the whole split)")
     test_batch_order: Literal["rotate", "first"] = Field(
-        "rotate", description="with test_batch: tracked round c reads samples c*m .. c*m+m-1 "
-        "(mod the split; every sample equally often), or always the first m")
+        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
+        "tracked rounds, wrapping around (every sample equally often), or always the first m")
 
 
 class ContributionSettings(PluginSettings):
@@ -87,8 +87,8 @@ class ContributionSettings(PluginSettings):
         None, ge=1, description="read m test samples per tracked round (default: the whole "
         "split; more than the split: the whole split)")
     test_batch_order: Literal["rotate", "first"] = Field(
-        "rotate", description="with test_batch: tracked round c reads samples c*m .. c*m+m-1 "
-        "(mod the split; every sample equally often), or always the first m")
+        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
+        "tracked rounds, wrapping around (every sample equally often), or always the first m")
     free_rider_rule: Literal["rms", "t"] = Field(
         "rms", description="flag a neighbour whose updates' alignment with the receiver's "
         "descent direction is noise-sized (rms) or has no consistent sign (t)")

@@ -6,8 +6,9 @@ and ``post`` every round), on the anomaly-blog setting (50 nodes, Fashion-MNIST,
 batch 32) by default. Ratios are against plain training in the same loop; the core simulator's
 ``run_rounds`` is timed too for reference. Evaluation is switched off while timing. Modes with
 ``test_batch`` read ``m`` of each receiver's test samples per tracked round (a quarter and a
-half of its split): a rotating slice (``test_batch_order: rotate``, the default: every sample
-equally often over the rounds) or, marked ``first``, always the first ``m``. Their
+half of its split): a rotating slice (``test_batch_order: rotate``, the default: each slice
+for two tracked rounds, every sample equally often over the rounds) or, marked ``first``, always
+the first ``m``. Their
 ``error_vs_full_test_set`` compares the cumulative proximal influence after the timed rounds
 with the full split's (same training: tracking never changes it), and
 ``error_vs_full_test_set_by_rounds`` the same after ``error_rounds`` (default: the config's
