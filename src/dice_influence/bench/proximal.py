@@ -8,13 +8,12 @@ batch 32) by default. Ratios are against plain training in the same loop; the co
 ``test_batch`` read ``m`` of each receiver's test samples per tracked round (a quarter and a
 half of its split): a rotating slice (``test_batch_order: rotate``, the default: each slice
 for two tracked rounds, every sample equally often over the rounds) or, marked ``first``, always
-the first ``m``. Their
-``error_vs_full_test_set`` compares the cumulative proximal influence after the timed rounds
-with the full split's (same training: tracking never changes it), and
+the first ``m``. Their ``error_vs_full_test_set`` compares the cumulative proximal influence
+after the timed rounds with the full split's (same training: tracking never changes it), and
 ``error_vs_full_test_set_by_rounds`` the same after ``error_rounds`` (default: the config's
-whole run too; untimed runs). The modes marked ``(fast paths off)``
-run with the observers' fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the
-cost before they existed, in the same run.
+whole run too; untimed runs). The modes marked ``(fast paths off)`` run with the observers'
+fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the cost before they existed,
+in the same run.
 
 The modes run alternately, ``repeats`` times after one warm-up each, and per mode the fastest
 repeat counts (other jobs only add time; alternating spreads a changing load over every mode

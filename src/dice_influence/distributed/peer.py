@@ -178,9 +178,10 @@ class Peer:
         """This peer's test-loss gradient at ``theta`` on the test rows round ``t`` reads (the
         simulator's rule, :func:`~dice_influence.loop.readout_rows`)."""
         x, y = self.lp.test_x, self.lp.test_y
-        rows = readout_rows(t, int(y.shape[0]), getattr(self.prox, "test_batch", None),
-                               getattr(self.prox, "test_batch_order", "rotate"),
-                               self.prox.every) if self.lp.own_test else None  # as the simulator
+        rows = None  # the whole split; the shared validation set is never cut (as the simulator)
+        if self.lp.own_test:
+            rows = readout_rows(t, int(y.shape[0]), getattr(self.prox, "test_batch", None),
+                                getattr(self.prox, "test_batch_order", "rotate"), self.prox.every)
         if rows is not None:
             r = rows.to(y.device)
             x, y = x.index_select(0, r), y.index_select(0, r)
@@ -231,8 +232,8 @@ class Peer:
             rows = torch.cat([half if j == k else recv[j][0] for j in senders])
             us = torch.cat([u if j == k else recv[j][1] for j in senders])
             view = RoundView(t, self.n, np.array([k]), np.array(senders), prev, rows, W,
-                             update=us, test_grad_fn=lambda th: self._test_grad(th, t), pre_grad=pre,
-                             lr=lr)
+                             update=us, test_grad_fn=lambda th: self._test_grad(th, t),
+                             pre_grad=pre, lr=lr)
             for o in busy:
                 o.before_gossip(view)
             W_used = self.policy.decide(view) if decide else W
