@@ -118,7 +118,7 @@ def test_simulator_and_peer_read_the_same_rows(order, every):
     obs.test_batch, obs.test_batch_order = 8, order
     loop = Loop(p, [obs], test_batch=8, test_batch_order=order)
     for k in (0, 3):
-        peer = SimpleNamespace(lp=build_local(c, k), prox=obs)
+        peer = SimpleNamespace(lp=build_local(c, k), reader=obs)
         for t in (0, 2, 3, 7):
             g_sim = loop._test_grads(theta, t)[k]
             g_peer = Peer._test_grad(peer, theta[k:k + 1], t)[0]
@@ -164,3 +164,29 @@ def test_contribution_outflow_reads_the_same_rotating_rows(every):
     for i, t in enumerate(prox.tracker.rounds):
         np.testing.assert_allclose(a[t], hist[i].astype(np.float64).sum(0), rtol=1e-5,
                                    atol=1e-9)
+
+
+def test_simulator_and_peers_take_the_test_rows_from_the_same_observer(tmp_path):
+    """A contribution observer listed before the peers' proximal one sets the test rows of
+    both runtimes (the peer's reader is the loop's)."""
+    from dice_influence.distributed.settings import peer_plugin_config
+    from dice_influence.loop import readout_observer
+    from dice_influence.plugins import build
+
+    raw = cfg().model_dump(mode="json")
+    raw["observers"] = [{"kind": "contribution", "horizon": "off", "test_batch": 8,
+                         "test_batch_order": "first", "every": 3}]
+    pcfg = peer_plugin_config(load_config(raw))
+    assert [o["kind"] for o in pcfg.observers] == ["contribution", "proximal"]
+    p = build_problem(pcfg)
+    plugins = build(pcfg, p)
+    o = readout_observer(plugins.observers)
+    assert o.name == "contribution" and (o.test_batch, o.test_batch_order, o.every) == (8, "first", 3)
+    loop = Loop.from_plugins(p, plugins)
+    assert (loop._test_batch, loop._test_order, loop._test_every) == (8, "first", 3)
+    peer = Peer(load_config(raw), 2, tmp_path)  # in-process: no network until it runs
+    assert peer.reader.name == "contribution" and peer.reader.test_batch == 8
+    theta = p.init_theta()
+    for t in (0, 4):
+        assert torch.allclose(peer._test_grad(theta[2:3], t)[0], loop._test_grads(theta, t)[2],
+                              atol=1e-12, rtol=1e-9)

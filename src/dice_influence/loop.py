@@ -311,6 +311,13 @@ def readout_rows(t: int, total: int, batch: int | None, order: str = "rotate",
     return torch.arange(start, start + batch) % total
 
 
+def readout_observer(observers: Sequence[Any]) -> Any:
+    """The observer whose ``test_set`` / ``test_batch`` / ``test_batch_order`` / ``every`` a
+    runtime reads (the first that names a test set; None if none): the simulator and a peer
+    pick the same one."""
+    return next((o for o in observers if hasattr(o, "test_set")), None)
+
+
 # ----------------------------------------------------------------------------- the simulator
 
 
@@ -344,8 +351,7 @@ class Loop:
         self._test_batch = test_batch
         self._test_order = test_batch_order
         # rotation advances once per tracked round of the observer that names the test set
-        named = [o for o in self.observers if hasattr(o, "test_set")]
-        self._test_every = int(getattr(named[0], "every", 1)) if named else 1
+        self._test_every = int(getattr(readout_observer(self.observers), "every", 1))
         self._carry_grad: tuple[int, int | None, torch.Tensor] | None = None
         if any(hasattr(o, "test_set") for o in self.observers):  # test gradients every round
             from ._threads import use_threads_for
@@ -370,10 +376,10 @@ class Loop:
     def from_plugins(cls, problem: Problem, plugins: Any) -> Loop:
         """A loop with the observers and policy of :func:`dice_influence.plugins.build`; the
         test sets are those the first observer that names one asks for."""
-        named = [o for o in plugins.observers if hasattr(o, "test_set")]
-        test_set = named[0].test_set if named else "auto"
-        test_batch = named[0].test_batch if named else None
-        order = getattr(named[0], "test_batch_order", "rotate") if named else "rotate"
+        o = readout_observer(plugins.observers)
+        test_set = getattr(o, "test_set", "auto")
+        test_batch = getattr(o, "test_batch", None)
+        order = getattr(o, "test_batch_order", "rotate")
         return cls(problem, plugins.observers, plugins.policy, test_set=test_set,
                    test_batch=test_batch, test_batch_order=order)
 

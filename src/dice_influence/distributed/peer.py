@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .._util import atomic_path, atomic_write_text, json_safe, write_json
 from ..config import ConfigError, RunConfig, dump_config
 from ..gossip import loss_grads, node_grads, param_views
-from ..loop import Gossip, RoundView, local_step_, readout_rows
+from ..loop import Gossip, RoundView, local_step_, readout_observer, readout_rows
 from ..manifest import RunDirError, RunIdentity
 from ..plugins import build, pack_states, unpack_states
 from ..problem import peer_source_files
@@ -112,12 +112,14 @@ class Peer:
         self.out = Path(out) / f"peer-{rank}"
         pcfg = peer_plugin_config(cfg)
         self.prox_cfg = next(o for o in pcfg.observers if o["kind"] == "proximal")
-        self.lp: LocalProblem = build_local(cfg, rank,
-                                            test_set=self.prox_cfg.get("test_set", "auto"),
+        # z'_k as the simulator reads it: the first observer that names a test set
+        reader = next(o for o in pcfg.observers if o["kind"] in ("proximal", "contribution"))
+        self.lp: LocalProblem = build_local(cfg, rank, test_set=reader.get("test_set", "auto"),
                                             device=device)
         self.n = self.lp.n
         self.plugins = build(pcfg, self.lp)
         self.prox = self.plugins.find("proximal")
+        self.reader = readout_observer(self.plugins.observers)  # test_batch, order, every
         self.policy = self.plugins.policy
         self.aggregator = self.lp.aggregator or Gossip()
         # a final prune (no re-admission) is told to the sender, which then stops sending
@@ -180,8 +182,9 @@ class Peer:
         x, y = self.lp.test_x, self.lp.test_y
         rows = None  # the whole split; the shared validation set is never cut (as the simulator)
         if self.lp.own_test:
-            rows = readout_rows(t, int(y.shape[0]), getattr(self.prox, "test_batch", None),
-                                getattr(self.prox, "test_batch_order", "rotate"), self.prox.every)
+            o = self.reader
+            rows = readout_rows(t, int(y.shape[0]), getattr(o, "test_batch", None),
+                                getattr(o, "test_batch_order", "rotate"), getattr(o, "every", 1))
         if rows is not None:
             r = rows.to(y.device)
             x, y = x.index_select(0, r), y.index_select(0, r)
