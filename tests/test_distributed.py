@@ -226,3 +226,14 @@ def test_defended_scenario_same_on_peers_as_in_the_simulator(tmp_path, n):
     assert torch.allclose(sim.theta, ref.theta, atol=1e-12, rtol=0)
     assert sorted((t, k, j) for t, k, j, s in sim.plugins.policy.prune_log if s > 0) == \
         sorted(ref.drops)
+
+
+def test_rotating_test_batch_same_on_peers_as_in_the_simulator(tmp_path):
+    """``test_batch`` below the split: every peer reads the rotating slice the simulator reads
+    (rounds wrap around the 20-sample split; midpoint reads pre and post on one slice)."""
+    raw = cfg_for(4, rounds=6).model_dump(mode="json")
+    raw["observers"] = [{"kind": "proximal", "readout": "midpoint", "test_batch": 8}]
+    cfg = load_config(raw)
+    assert_matches(launch(cfg, 4, tmp_path, wall_timeout=WALL), cfg)
+    raw["observers"][0]["test_batch_order"] = "first"  # another estimate: the test can fail
+    assert not np.allclose(simulate(load_config(raw)).P, simulate(cfg).P, atol=10 * TOL, rtol=0)

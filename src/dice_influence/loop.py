@@ -277,6 +277,47 @@ class Gossip(Aggregator):
         return out
 
 
+# ----------------------------------------------------------------------------- test mini-batches
+
+TEST_BATCH_ORDERS = ("rotate", "first")
+ROTATE_HOLD = 2  # tracked rounds that read one slice before ``rotate`` moves to the next
+
+
+def readout_rows(t: int, total: int, batch: int | None, order: str = "rotate",
+                 every: int = 1) -> torch.Tensor | None:
+    """Which of a receiver's ``total`` test samples round ``t`` reads (docs/method.md §5).
+
+    ``None``: all of them (``batch`` is None or at least ``total``). Else ``batch`` = m row
+    indices: ``first`` reads rows ``0..m-1`` every round; ``rotate`` gives tracked round
+    ``c = t // every`` the slice ``s = c // ROTATE_HOLD``, rows ``(s·m + i) mod total``,
+    ``i = 0..m-1``: each slice is read for two consecutive tracked rounds, then the next one,
+    wrapping around, so each block of ``2·total / gcd(total, m)`` tracked rounds reads every
+    sample exactly ``2·m / gcd(total, m)`` times. (Two rounds per slice: updates alternate in
+    sign from one round to the next at the usual learning rates, and a slice that changed every
+    round would add that alternation up instead of cancelling it; docs/anomaly.md.) A function
+    of ``t`` and the settings only: the simulator, every peer and a resumed run read the same
+    rows."""
+    if order not in TEST_BATCH_ORDERS:
+        raise ValueError(f"test_batch_order={order!r}: choose rotate or first")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int | np.integer)
+                              or batch < 1):
+        raise ValueError(f"test_batch={batch!r}: use a whole number >= 1 of test samples "
+                         "per receiver, or None for the whole split")
+    if every < 1:
+        raise ValueError(f"every={every} must be >= 1")
+    if batch is None or batch >= total:
+        return None
+    start = (t // every // ROTATE_HOLD) * batch % total if order == "rotate" else 0
+    return torch.arange(start, start + batch) % total
+
+
+def readout_observer(observers: Sequence[Any]) -> Any:
+    """The observer whose ``test_set`` / ``test_batch`` / ``test_batch_order`` / ``every`` a
+    runtime reads (the first that names a test set; None if none): the simulator and a peer
+    pick the same one."""
+    return next((o for o in observers if hasattr(o, "test_set")), None)
+
+
 # ----------------------------------------------------------------------------- the simulator
 
 
@@ -295,18 +336,23 @@ class Loop:
         *,
         test_set: str = "auto",
         test_batch: int | None = None,
+        test_batch_order: str = "rotate",
     ) -> None:
         if test_set not in ("auto", "own", "shared"):
             raise ValueError(f"test_set={test_set!r}: choose auto, own or shared")
+        readout_rows(0, 1, test_batch, test_batch_order)  # one clear error for bad values
         self.problem = problem
         self.observers = list(observers)
         self.policy = policy
         self.recorded: dict[int, np.ndarray] = {}
         self._mixers: dict[bytes, Mixer] = {}
-        self._test = None
+        self._test: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # by first row
         self._test_set = test_set
         self._test_batch = test_batch
-        self._carry_grad: tuple[int, torch.Tensor] | None = None
+        self._test_order = test_batch_order
+        # rotation advances once per tracked round of the observer that names the test set
+        self._test_every = int(getattr(readout_observer(self.observers), "every", 1))
+        self._carry_grad: tuple[int, int | None, torch.Tensor] | None = None
         if any(hasattr(o, "test_set") for o in self.observers):  # test gradients every round
             from ._threads import use_threads_for
 
@@ -330,23 +376,36 @@ class Loop:
     def from_plugins(cls, problem: Problem, plugins: Any) -> Loop:
         """A loop with the observers and policy of :func:`dice_influence.plugins.build`; the
         test sets are those the first observer that names one asks for."""
-        named = [o for o in plugins.observers if hasattr(o, "test_set")]
-        test_set = named[0].test_set if named else "auto"
-        test_batch = named[0].test_batch if named else None
+        o = readout_observer(plugins.observers)
+        test_set = getattr(o, "test_set", "auto")
+        test_batch = getattr(o, "test_batch", None)
+        order = getattr(o, "test_batch_order", "rotate")
         return cls(problem, plugins.observers, plugins.policy, test_set=test_set,
-                   test_batch=test_batch)
+                   test_batch=test_batch, test_batch_order=order)
 
     # the receivers' test-loss gradients (per-node test splits when the problem has them)
-    def _test_grads(self, theta: torch.Tensor) -> torch.Tensor:
+    def _test_slice(self, t: int) -> tuple[int | None, torch.Tensor | None]:
+        """(first row, rows) of the per-node test split round ``t`` reads (None: all of it;
+        :func:`readout_rows`)."""
+        nt = self.problem.node_test
+        if self._test_batch is None or nt is None or not self._per_node_test():
+            return None, None  # the whole split (a missing one is refused when first read)
+        total = int(nt.y.shape[1])
+        rows = readout_rows(t, total, self._test_batch, self._test_order, self._test_every)
+        return (None, None) if rows is None else (int(rows[0]), rows)
+
+    def _test_grads(self, theta: torch.Tensor, t: int = 0) -> torch.Tensor:
         from ._mlp import grads  # the built-in MLP's batched pass, else torch.func
 
-        if self._test is None:
-            per_node = self._per_node_test()
-            x, y = self.problem.test_set(per_node)
-            if per_node and self._test_batch is not None and self._test_batch < y.shape[1]:
-                x, y = x[:, : self._test_batch].contiguous(), y[:, : self._test_batch].contiguous()
-            self._test = (x, y)
-        return grads(self.problem.fm, theta, *self._test)
+        key, rows = self._test_slice(t)
+        xy = self._test.get(key)
+        if xy is None:
+            x, y = self.problem.test_set(self._per_node_test())
+            if rows is not None:  # contiguous copies, kept (at most total distinct slices)
+                r = rows.to(y.device)
+                x, y = x.index_select(1, r), y.index_select(1, r)
+            xy = self._test[key] = (x, y)
+        return grads(self.problem.fm, theta, *xy)
 
     def _mixer(self, W: np.ndarray) -> Mixer:
         key = W.tobytes()
@@ -402,11 +461,13 @@ class Loop:
         p = self.problem
         W_nom = p.W(t)
         pre = None
-        if self._carry_grad is not None and self._carry_grad[0] == t:
-            pre = self._carry_grad[1]
+        key = self._test_slice(t)[0]
+        if self._carry_grad is not None and self._carry_grad[:2] == (t, key):  # same rows
+            pre = self._carry_grad[2]
         self._carry_grad = None
         view = RoundView(t, p.n, ids, ids, prev, half, W_nom, update=U,
-                         test_grad_fn=self._test_grads, pre_grad=pre, lr=lr, batch=batch)
+                         test_grad_fn=lambda th: self._test_grads(th, t), pre_grad=pre, lr=lr,
+                         batch=batch)
         for o in busy:
             o.before_gossip(view)
         W = self.policy.decide(view) if decide else W_nom
@@ -423,7 +484,7 @@ class Loop:
         for o in busy:
             o.after_gossip(view, W)
         if view.has_grad("post"):
-            self._carry_grad = (t + 1, view.test_grad("post"))
+            self._carry_grad = (t + 1, key, view.test_grad("post"))
         return nxt, spare
 
 

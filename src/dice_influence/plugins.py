@@ -54,7 +54,12 @@ class ProximalSettings(PluginSettings):
     test_set: Literal["auto", "own", "shared"] = Field(
         "auto", description="z'_k: each node's own split (auto: when "
         "data.test_samples_per_node is set) or the shared validation set")
-    test_batch: int | None = Field(None, ge=1, description="use only the first m test samples")
+    test_batch: int | None = Field(
+        None, ge=1, description="read m test samples per tracked round (default: the whole "
+        "split; more than the split: the whole split)")
+    test_batch_order: Literal["rotate", "first"] = Field(
+        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
+        "tracked rounds, wrapping around (every sample equally often), or always the first m")
 
 
 class ContributionSettings(PluginSettings):
@@ -78,7 +83,12 @@ class ContributionSettings(PluginSettings):
         "shared", description="z' of (b): the shared validation set or each node's own split")
     q: Literal["uniform", "one"] = Field("uniform", description="node weight q_k: 1/n or 1")
     test_set: Literal["auto", "own", "shared"] = Field("auto", description="z'_k of (a)")
-    test_batch: int | None = Field(None, ge=1, description="use only the first m test samples")
+    test_batch: int | None = Field(
+        None, ge=1, description="read m test samples per tracked round (default: the whole "
+        "split; more than the split: the whole split)")
+    test_batch_order: Literal["rotate", "first"] = Field(
+        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
+        "tracked rounds, wrapping around (every sample equally often), or always the first m")
     free_rider_rule: Literal["rms", "t"] = Field(
         "rms", description="flag a neighbour whose updates' alignment with the receiver's "
         "descent direction is noise-sized (rms) or has no consistent sign (t)")

@@ -98,7 +98,8 @@ class ContributionObserver(Observer):
             raise ValueError(f"rule={rule!r}: choose rms or t")
         self.z, self.quorum, self.rule = float(z), float(quorum), rule
         self.d = None if self.problem is None else int(self.problem.d)
-        self.test_set, self.test_batch = "auto", None  # z'_k of (a), read by the runtime
+        # z'_k of (a), read by the runtime (loop.readout_rows; the sweep (b) reads its own)
+        self.test_set, self.test_batch, self.test_batch_order = "auto", None, "rotate"
         if self.horizon != "off":
             p = self.problem
             if p.aggregator is not None:
@@ -122,6 +123,11 @@ class ContributionObserver(Observer):
         self.progress = False  # a bar over the reverse sweep's rounds (set by long callers)
 
     # ------------------------------------------------------------------ the loop's seams
+
+    @property
+    def every(self) -> int:
+        """(a) is tracked every ``every``-th round (the test mini-batch rotates with it)."""
+        return self.prox.every
 
     def active(self, t: int) -> bool:
         return self.horizon != "off" or self.prox.active(t)
@@ -480,4 +486,5 @@ def from_settings(s: Any, ctx: Any) -> ContributionObserver:
         exclude_self=s.exclude_self, adjoint_test=s.adjoint_test, z=s.z,
         quorum=s.quorum, rule=s.free_rider_rule)
     obs.test_set, obs.test_batch = s.test_set, s.test_batch
+    obs.test_batch_order = s.test_batch_order
     return obs

@@ -236,6 +236,7 @@ class GuardOptions:
     trim: float = 0.2
     eval_every: int = 10
     test_batch: int | None = None  # None: whole per-node test split
+    test_batch_order: str = "rotate"  # or "first" (loop.readout_rows)
     repair: str = "rescale"
 
 
@@ -317,7 +318,8 @@ def guarded_train(
                                  check_every=opts.check_every, start=opts.start,
                                  readmit=opts.readmit, max_norm_ratio=opts.max_norm_ratio,
                                  repair=opts.repair)
-    loop = Loop(run_problem, observers, policy, test_batch=opts.test_batch)
+    loop = Loop(run_problem, observers, policy, test_batch=opts.test_batch,
+                test_batch_order=opts.test_batch_order)
     theta = run_problem.init_theta()
     state = run_problem.opt.init_state(theta)
     evals = [_eval(run_problem, theta, honest, 0)] if opts.eval_every > 0 else []

@@ -53,7 +53,8 @@ class ProximalObserver(Observer):
         self._edges: tuple[np.ndarray, np.ndarray] | None = None
         self.last_actual: torch.Tensor | None = None  # the last round's increments to ``cum``
         self.last_round: int | None = None
-        self.test_set, self.test_batch = "auto", None  # which z'_k the runtime reads
+        # which z'_k the runtime reads (loop.readout_rows)
+        self.test_set, self.test_batch, self.test_batch_order = "auto", None, "rotate"
 
     def active(self, t: int) -> bool:
         return t % self.every == 0
@@ -127,4 +128,5 @@ def from_settings(s: Any, ctx: Any) -> ProximalObserver:
     obs = ProximalObserver(ctx.n, node_weight_vector(ctx.n, s.q), readout=s.readout,
                            every=s.every, window=s.window, history=s.history)
     obs.test_set, obs.test_batch = s.test_set, s.test_batch
+    obs.test_batch_order = s.test_batch_order
     return obs

@@ -5,11 +5,15 @@ with tracking off (plain training), tracking every round and every 5th round (``
 and ``post`` every round), on the anomaly-blog setting (50 nodes, Fashion-MNIST, MLP 784-64-10,
 batch 32) by default. Ratios are against plain training in the same loop; the core simulator's
 ``run_rounds`` is timed too for reference. Evaluation is switched off while timing. Modes with
-``test_batch`` read each receiver's first ``m`` test samples only (a quarter and a half of its
-split); their ``error_vs_full_test_set`` compares the cumulative proximal influence with the
-full split's (same training: tracking never changes it). The modes marked ``(fast paths off)``
-run with the observers' fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the
-cost before they existed, in the same run.
+``test_batch`` read ``m`` of each receiver's test samples per tracked round (a quarter and a
+half of its split): a rotating slice (``test_batch_order: rotate``, the default: each slice
+for two tracked rounds, every sample equally often over the rounds) or, marked ``first``, always
+the first ``m``. Their ``error_vs_full_test_set`` compares the cumulative proximal influence
+after the timed rounds with the full split's (same training: tracking never changes it), and
+``error_vs_full_test_set_by_rounds`` the same after ``error_rounds`` (default: the config's
+whole run too; untimed runs). The modes marked ``(fast paths off)`` run with the observers'
+fast paths switched off (:mod:`dice_influence.bench.fastpaths`): the cost before they existed,
+in the same run.
 
 The modes run alternately, ``repeats`` times after one warm-up each, and per mode the fastest
 repeat counts (other jobs only add time; alternating spreads a changing load over every mode
@@ -55,16 +59,21 @@ def bench_proximal(
     rounds: int = 30,
     repeats: int = 5,
     out: str | Path | None = None,
+    error_rounds: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Time each mode for ``rounds`` rounds (best of ``repeats``, alternated); write and return
-    the JSON."""
+    the JSON. ``error_rounds``: run lengths at which the ``test_batch`` modes' error is also
+    measured (default: ``rounds`` and the config's ``train.rounds``)."""
     from ..apps.defense import GuardOptions, guarded_train
     from ..config import load_config
     from ..simulator import build_problem, run_rounds
 
     load0 = list(os.getloadavg())
     path = Path(config) if config is not None else DEFAULT_CONFIG
+    full_run = load_config(path).train.rounds
     cfg = load_config(path, [f"train.rounds={rounds}", f"train.eval_every={10**6}"])
+    if error_rounds is None:
+        error_rounds = tuple(sorted({rounds, full_run}))
     problem = build_problem(cfg)
     theta = problem.init_theta()
     modes = {
@@ -78,10 +87,13 @@ def bench_proximal(
     m = cfg.data.test_samples_per_node
     for tb in sorted({max(1, m // 4), max(1, m // 2)}):
         if tb < m:
-            modes[f"track every round, pre, test_batch {tb}"] = GuardOptions(
-                track_every=1, readout="pre", eval_every=0, test_batch=tb)
-            modes[f"track every 5th round, pre, test_batch {tb}"] = GuardOptions(
-                track_every=5, readout="pre", eval_every=0, test_batch=tb)
+            for order, tag in (("rotate", ""), ("first", ", first")):
+                modes[f"track every round, pre, test_batch {tb}{tag}"] = GuardOptions(
+                    track_every=1, readout="pre", eval_every=0, test_batch=tb,
+                    test_batch_order=order)
+                modes[f"track every 5th round, pre, test_batch {tb}{tag}"] = GuardOptions(
+                    track_every=5, readout="pre", eval_every=0, test_batch=tb,
+                    test_batch_order=order)
     slow = {f"{name} (fast paths off)": modes[name] for name in
             ("track every round, pre", "track every 5th round, pre")}
     modes.update(slow)
@@ -112,7 +124,7 @@ def bench_proximal(
                 cpu[name] = min(cpu[name], time.process_time() - c0)
         base = next(iter(modes))
         results = []
-        full: dict[int, Any] = {}
+        full: dict[tuple[int, int], Any] = {}  # (every, rounds) -> the full split's P
         for name in runs:
             rec: dict[str, Any] = {
                 "mode": name, "s_per_round": wall[name] / rounds,
@@ -121,15 +133,22 @@ def bench_proximal(
             opts = modes.get(name)
             if opts is not None and opts.track_every and opts.defense is None \
                     and opts.readout == "pre" and name not in slow:
-                P = runs[name]().tracker.cum
-                if opts.test_batch is None:
-                    full[opts.track_every] = P
-                else:
-                    rec["error_vs_full_test_set"] = score_error(P, full[opts.track_every])
+                rec["test_batch_order"] = opts.test_batch_order if opts.test_batch else None
+                by: dict[str, Any] = {}
+                for R in sorted({rounds, *error_rounds}):
+                    P = guarded_train(problem, None, opts, rounds=R).tracker.cum
+                    if opts.test_batch is None:
+                        full[opts.track_every, R] = P
+                    else:
+                        by[str(R)] = score_error(P, full[opts.track_every, R])
+                if by:
+                    rec["error_vs_full_test_set"] = by[str(rounds)]
+                    rec["error_vs_full_test_set_by_rounds"] = by
             results.append(rec)
     doc = {
         "benchmark": "proximal",
         "command": "dice bench proximal --json benchmarks/bench-proximal.json",
+        "error_rounds": list(error_rounds),
         "loadavg": {"before": load0, "after": list(os.getloadavg())},
         "config": str(path.relative_to(DEFAULT_CONFIG.parents[1]))
         if path.resolve().is_relative_to(DEFAULT_CONFIG.parents[1]) else str(path),

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .._util import atomic_path, atomic_write_text, json_safe, write_json
 from ..config import ConfigError, RunConfig, dump_config
 from ..gossip import loss_grads, node_grads, param_views
-from ..loop import Gossip, RoundView, local_step_
+from ..loop import Gossip, RoundView, local_step_, readout_observer, readout_rows
 from ..manifest import RunDirError, RunIdentity
 from ..plugins import build, pack_states, unpack_states
 from ..problem import peer_source_files
@@ -112,12 +112,14 @@ class Peer:
         self.out = Path(out) / f"peer-{rank}"
         pcfg = peer_plugin_config(cfg)
         self.prox_cfg = next(o for o in pcfg.observers if o["kind"] == "proximal")
-        self.lp: LocalProblem = build_local(cfg, rank,
-                                            test_set=self.prox_cfg.get("test_set", "auto"),
+        # z'_k as the simulator reads it: the first observer that names a test set
+        reader = next(o for o in pcfg.observers if o["kind"] in ("proximal", "contribution"))
+        self.lp: LocalProblem = build_local(cfg, rank, test_set=reader.get("test_set", "auto"),
                                             device=device)
         self.n = self.lp.n
         self.plugins = build(pcfg, self.lp)
         self.prox = self.plugins.find("proximal")
+        self.reader = readout_observer(self.plugins.observers)  # test_batch, order, every
         self.policy = self.plugins.policy
         self.aggregator = self.lp.aggregator or Gossip()
         # a final prune (no re-admission) is told to the sender, which then stops sending
@@ -169,16 +171,23 @@ class Peer:
         theta = self.lp.init_theta()
         x, y = self.lp.batch(0)
         node_grads(self.lp.fm, theta, x, y)
-        self._test_grad(theta)
+        self._test_grad(theta, 0)
         self.lp.evaluate(theta)
 
     # ------------------------------------------------------------------------------ the round
 
-    def _test_grad(self, theta: torch.Tensor) -> torch.Tensor:
+    def _test_grad(self, theta: torch.Tensor, t: int) -> torch.Tensor:
+        """This peer's test-loss gradient at ``theta`` on the test rows round ``t`` reads (the
+        simulator's rule, :func:`~dice_influence.loop.readout_rows`)."""
         x, y = self.lp.test_x, self.lp.test_y
-        tb = getattr(self.prox, "test_batch", None)
-        if tb is not None and tb < y.shape[0]:
-            x, y = x[:tb], y[:tb]
+        rows = None  # the whole split; the shared validation set is never cut (as the simulator)
+        if self.lp.own_test:
+            o = self.reader
+            rows = readout_rows(t, int(y.shape[0]), getattr(o, "test_batch", None),
+                                getattr(o, "test_batch_order", "rotate"), getattr(o, "every", 1))
+        if rows is not None:
+            r = rows.to(y.device)
+            x, y = x.index_select(0, r), y.index_select(0, r)
         return loss_grads(self.lp.fm, theta, x[None], y[None])[1]
 
     def _final_row(self) -> np.ndarray:
@@ -217,7 +226,7 @@ class Peer:
         bufs, work = self.transport.exchange_packets(t, packet, outs, ins)
         pre = None
         if any(getattr(o, "readout", "") in ("pre", "midpoint") for o in busy):
-            pre = self._test_grad(prev)  # overlaps the wait
+            pre = self._test_grad(prev, t)  # overlaps the wait
         deadline = time.monotonic() + self.s.timeout_s
         self.transport.wait(t, [w for w in work if w[1].startswith("receive")], deadline)
         recv = {j: self.transport.unpack(bufs[j], j, t) for j in ins}
@@ -226,7 +235,8 @@ class Peer:
             rows = torch.cat([half if j == k else recv[j][0] for j in senders])
             us = torch.cat([u if j == k else recv[j][1] for j in senders])
             view = RoundView(t, self.n, np.array([k]), np.array(senders), prev, rows, W,
-                             update=us, test_grad_fn=self._test_grad, pre_grad=pre, lr=lr)
+                             update=us, test_grad_fn=lambda th: self._test_grad(th, t),
+                             pre_grad=pre, lr=lr)
             for o in busy:
                 o.before_gossip(view)
             W_used = self.policy.decide(view) if decide else W

@@ -52,6 +52,7 @@ class TrackingConfig(_S):
     history: bool = True
     q: Literal["uniform", "one"] = "uniform"
     test_batch: int | None = Field(None, ge=1)
+    test_batch_order: Literal["rotate", "first"] = "rotate"
 
 
 class DetectionConfig(_S):
@@ -125,7 +126,8 @@ def _with_plugin_sections(cfg: RunConfig, ex: AnomalyConfig) -> AnomalyConfig:
     if prox:
         o = prox[0]
         upd["tracking"] = TrackingConfig(every=o.every, readout=o.readout, window=o.window,
-                                         history=o.history, q=o.q, test_batch=o.test_batch)
+                                         history=o.history, q=o.q, test_batch=o.test_batch,
+                                         test_batch_order=o.test_batch_order)
     if cfg.policy is not None:
         pol = parse("policy", cfg.policy, "policy")
         if pol.kind != "prune":
@@ -172,6 +174,7 @@ def _options(ex: AnomalyConfig, arm: str, eval_every: int) -> GuardOptions:
         trim=bl.trim,
         eval_every=eval_every,
         test_batch=tr.test_batch,
+        test_batch_order=tr.test_batch_order,
     )
 
 
