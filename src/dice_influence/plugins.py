@@ -40,7 +40,19 @@ class PluginSettings(BaseModel):
 # ----------------------------------------------------------------------------- observers
 
 
-class ProximalSettings(PluginSettings):
+class _TestRowSettings(PluginSettings):
+    """Which of a receiver's test samples a tracked round reads (the observers that take test
+    gradients online; one rule, ``dice_influence.loop.readout_rows``)."""
+
+    test_batch: int | None = Field(
+        None, ge=1, description="read m test samples per tracked round (default: the whole "
+        "split; more than the split: the whole split)")
+    test_batch_order: Literal["rotate", "first"] = Field(
+        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
+        "tracked rounds, wrapping around (every sample equally often), or always the first m")
+
+
+class ProximalSettings(_TestRowSettings):
     """Online proximal influence ``I_prox(j → k)`` on every edge (positive = harmful)."""
 
     kind: Literal["proximal"] = "proximal"
@@ -54,15 +66,9 @@ class ProximalSettings(PluginSettings):
     test_set: Literal["auto", "own", "shared"] = Field(
         "auto", description="z'_k: each node's own split (auto: when "
         "data.test_samples_per_node is set) or the shared validation set")
-    test_batch: int | None = Field(
-        None, ge=1, description="read m test samples per tracked round (default: the whole "
-        "split; more than the split: the whole split)")
-    test_batch_order: Literal["rotate", "first"] = Field(
-        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
-        "tracked rounds, wrapping around (every sample equally often), or always the first m")
 
 
-class ContributionSettings(PluginSettings):
+class ContributionSettings(_TestRowSettings):
     """Node contribution: proximal outflow (a), adjoint contribution (b), reciprocity and
     free-rider statistics (negative = helpful; docs/contribution.md)."""
 
@@ -83,12 +89,6 @@ class ContributionSettings(PluginSettings):
         "shared", description="z' of (b): the shared validation set or each node's own split")
     q: Literal["uniform", "one"] = Field("uniform", description="node weight q_k: 1/n or 1")
     test_set: Literal["auto", "own", "shared"] = Field("auto", description="z'_k of (a)")
-    test_batch: int | None = Field(
-        None, ge=1, description="read m test samples per tracked round (default: the whole "
-        "split; more than the split: the whole split)")
-    test_batch_order: Literal["rotate", "first"] = Field(
-        "rotate", description="with test_batch: consecutive slices of m samples, each for two "
-        "tracked rounds, wrapping around (every sample equally often), or always the first m")
     free_rider_rule: Literal["rms", "t"] = Field(
         "rms", description="flag a neighbour whose updates' alignment with the receiver's "
         "descent direction is noise-sized (rms) or has no consistent sign (t)")
