@@ -111,7 +111,6 @@ class Peer:
         self.k = rank
         self.out = Path(out) / f"peer-{rank}"
         pcfg = peer_plugin_config(cfg)
-        self.prox_cfg = next(o for o in pcfg.observers if o["kind"] == "proximal")
         # z'_k as the simulator reads it: the first observer that names a test set
         reader = next(o for o in pcfg.observers if o["kind"] in ("proximal", "contribution"))
         self.lp: LocalProblem = build_local(cfg, rank, test_set=reader.get("test_set", "auto"),
